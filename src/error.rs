@@ -1,0 +1,89 @@
+//! The library's error type. Every variant names what went wrong, where, and what to do;
+//! the CLI maps each class to a documented exit code (see `Error::exit_code`).
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The source data is wrong: a damaged archive, a malformed npy file, an inconsistent dataset.
+    #[error("{location}: {problem}\n  hint: {hint}")]
+    BadInput {
+        location: String,
+        problem: String,
+        hint: String,
+    },
+
+    /// The pipeline file is wrong: YAML syntax, unknown keys, wrong types, impossible settings.
+    #[error("{file}{line}: {problem}\n  hint: {hint}", line = line.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+    BadPipeline {
+        file: String,
+        line: Option<(usize, usize)>,
+        problem: String,
+        hint: String,
+    },
+
+    /// Reading or writing the file system failed.
+    #[error("{}: {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The dataset already exists in the store and `--force` was not given.
+    #[error("{}: dataset already exists\n  hint: pass --force to replace it, or --name to write it under another name", path.display())]
+    Exists { path: PathBuf },
+
+    /// A check of our own output failed: a bug in this tool, not in the input.
+    #[error("internal error: {0}\n  hint: this is a bug in sensorium-ingest; please report it with the command line")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn bad_input(
+        location: impl Into<String>,
+        problem: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        Error::BadInput {
+            location: location.into(),
+            problem: problem.into(),
+            hint: hint.into(),
+        }
+    }
+
+    pub fn bad_pipeline(
+        file: impl Into<String>,
+        problem: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        Error::BadPipeline {
+            file: file.into(),
+            line: None,
+            problem: problem.into(),
+            hint: hint.into(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            action,
+            source,
+        }
+    }
+
+    /// Exit codes follow BSD `sysexits.h`, so shell scripts and schedulers can tell classes apart.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::BadInput { .. } => 65,    // EX_DATAERR
+            Error::BadPipeline { .. } => 78, // EX_CONFIG
+            Error::Io { .. } => 74,          // EX_IOERR
+            Error::Exists { .. } => 73,      // EX_CANTCREAT
+            Error::Internal(_) => 70,        // EX_SOFTWARE
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! sensorium-ingest: Sensorium 2023 mouse datasets (per-trial `.npy` files in zip archives)
+//! into analysis-ready Zarr v3 arrays and Parquet tables, through YAML-declared stages.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library:
+//! - [`source`]: reading archives and folders, entry by entry, checked against the container;
+//! - [`npy`]: `.npy` headers and payloads;
+//! - [`pipeline`]: the pipeline file ([`pipeline::spec`]), the plan for one source, the runner;
+//! - [`stages`]: one module per stage kind;
+//! - [`writers`]: Zarr and Parquet;
+//! - [`validate`]: read-back checks, output contracts and checksums; [`manifest`].
+
+pub mod error;
+pub mod inspect;
+pub mod manifest;
+pub mod npy;
+pub mod pipeline;
+pub mod source;
+pub mod stages;
+pub mod validate;
+pub mod writers;
+
+pub use error::{Error, Result};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,121 @@
+//! The `sensorium-ingest` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sensorium_ingest::inspect::inspect;
+use sensorium_ingest::pipeline::runner::{convert, ConvertOptions};
+use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPELINE_NAME};
+use sensorium_ingest::source::Source;
+use sensorium_ingest::Error;
+
+#[derive(Parser)]
+#[command(name = "sensorium-ingest", version, about = "Convert Sensorium 2023 mouse datasets into Zarr v3 arrays and Parquet tables")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert one mouse (a zip archive, read in place, or its extracted folder) into STORE/<name>/.
+    #[command(after_help = "Examples:\n  sensorium-ingest convert dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip --out store/\n  sensorium-ingest convert extracted/dynamic29515-10-12/ --out store/ --pipeline my.yaml --threads 8")]
+    Convert {
+        /// The mouse's zip archive or extracted folder.
+        source: PathBuf,
+        /// The store folder; the dataset is written to STORE/<name>/.
+        #[arg(long = "out", value_name = "STORE")]
+        out: PathBuf,
+        /// Pipeline file; default: the embedded pipelines/sensorium2023.yaml.
+        #[arg(long, value_name = "FILE")]
+        pipeline: Option<PathBuf>,
+        /// Dataset name; default: the source's name without `-Video-<32 hex>`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace an existing dataset of the same name.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads (default: all cores). Output is identical for any value.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Describe a source before converting it: name, trials per tier, N, T, dtypes, junk.
+    Inspect {
+        source: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "FILE")]
+        pipeline: Option<PathBuf>,
+    },
+    /// Print the embedded default pipeline (a starting point for your own).
+    DefaultPipeline,
+}
+
+fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
+    match path {
+        None => Ok((DEFAULT_PIPELINE.to_string(), DEFAULT_PIPELINE_NAME.to_string())),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, "cannot read the pipeline file", e))?;
+            Ok((text, p.display().to_string()))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Convert { source, out, pipeline, name, force, threads } => {
+            let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
+            let report = convert(&ConvertOptions { source, store: out, name, pipeline_text, pipeline_file, force, threads })?;
+            let mb = |b: u64| b as f64 / 1e6;
+            println!(
+                "converted {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
+                report.dataset,
+                report.trials,
+                report.dataset_dir.display(),
+                mb(report.source_bytes),
+                mb(report.output_bytes),
+                report.source_bytes as f64 / report.output_bytes.max(1) as f64,
+                report.seconds,
+                mb(report.stages.iter().map(|s| s.bytes).sum()) / report.seconds.max(1e-9),
+                report.threads
+            );
+            for s in &report.stages {
+                println!("  {:<14} {:<12} {:>6} entries {:>10.1} MB {:>7.2} s", s.id, s.kind, s.entries, mb(s.bytes), s.seconds);
+            }
+            Ok(())
+        }
+        Command::Inspect { source, json, pipeline } => {
+            let (text, file) = load_pipeline(&pipeline)?;
+            let pipeline = Pipeline::parse(&text, &file)?;
+            let source = Source::open(&source)?;
+            let report = inspect(&source, &pipeline)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::DefaultPipeline => {
+            print!("{DEFAULT_PIPELINE}");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SENSORIUM_INGEST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The pipeline: its file (`spec`), the plan it makes for one source (`plan`) and the runner.
+
+pub mod plan;
+pub mod runner;
+pub mod spec;

@@ -1,0 +1,157 @@
+//! Zip archives, read in place. Each reader shares the parsed central directory and reads the
+//! file with positioned reads, so any number of threads read one archive without a lock.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use zip::ZipArchive;
+
+use super::{check_entry_name, Entry, EntryReader};
+use crate::error::{Error, Result};
+
+/// Deflate cannot expand data by more than ~1032:1; anything claiming more is a zip bomb.
+const MAX_COMPRESSION_RATIO: u64 = 1100;
+
+/// A file handle with its own position, cheap to clone (positioned reads on a shared file).
+#[derive(Clone)]
+struct SharedFile {
+    file: Arc<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for SharedFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for SharedFile {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
+        Ok(self.pos)
+    }
+}
+
+pub struct ArchiveSource {
+    path: PathBuf,
+    archive: ZipArchive<SharedFile>,
+}
+
+impl ArchiveSource {
+    pub fn open(path: &Path) -> Result<ArchiveSource> {
+        let file = File::open(path).map_err(|e| Error::io(path, "cannot open the archive", e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, "cannot read the archive's size", e))?.len();
+        let shared = SharedFile { file: Arc::new(file), pos: 0, len };
+        let archive = ZipArchive::new(shared).map_err(|e| {
+            Error::bad_input(
+                path.display().to_string(),
+                format!("not a readable zip archive: {e}"),
+                "the download is probably truncated or damaged; download it again and compare its checksum",
+            )
+        })?;
+        Ok(ArchiveSource { path: path.to_path_buf(), archive })
+    }
+
+    /// (name, declared size, index) of every file entry.
+    pub fn list(&self) -> Result<Vec<(String, u64, usize)>> {
+        let mut archive = self.archive.clone();
+        let mut out = Vec::with_capacity(archive.len());
+        for index in 0..archive.len() {
+            let file = archive.by_index_raw(index).map_err(|e| self.damaged(&format!("entry #{index}"), e))?;
+            let name = std::str::from_utf8(file.name_raw())
+                .map_err(|_| {
+                    Error::bad_input(
+                        format!("{}: entry #{index} ({})", self.path.display(), String::from_utf8_lossy(file.name_raw())),
+                        "entry name is not valid UTF-8",
+                        "rebuild the archive with UTF-8 file names",
+                    )
+                })?
+                .to_string();
+            if file.is_dir() || name.ends_with('/') {
+                continue;
+            }
+            check_entry_name(&self.path, &name)?;
+            let (size, compressed) = (file.size(), file.compressed_size());
+            if size > compressed.max(1).saturating_mul(MAX_COMPRESSION_RATIO) {
+                return Err(Error::bad_input(
+                    format!("{}: {name}", self.path.display()),
+                    format!("entry claims {size} bytes from {compressed} compressed bytes, beyond what deflate can produce"),
+                    "this looks like a zip bomb; do not process this archive",
+                ));
+            }
+            out.push((name, size, index));
+        }
+        Ok(out)
+    }
+
+    pub fn reader(&self) -> ArchiveReader {
+        ArchiveReader { path: self.path.clone(), archive: self.archive.clone() }
+    }
+
+    fn damaged(&self, what: &str, e: zip::result::ZipError) -> Error {
+        Error::bad_input(
+            format!("{}: {what}", self.path.display()),
+            format!("cannot read the archive: {e}"),
+            "the download is probably truncated or damaged; download it again",
+        )
+    }
+}
+
+pub struct ArchiveReader {
+    path: PathBuf,
+    archive: ZipArchive<SharedFile>,
+}
+
+impl ArchiveReader {
+    fn read_limited(&mut self, entry: &Entry, limit: Option<usize>) -> Result<Vec<u8>> {
+        let path = self.path.clone();
+        let located = || format!("{}: {}", path.display(), entry.raw_path);
+        let damaged = |e: &dyn std::fmt::Display| {
+            Error::bad_input(
+                located(),
+                format!("cannot read the entry: {e}"),
+                "the archive is damaged (bad CRC, truncated or corrupt data); download it again",
+            )
+        };
+        let file = self.archive.by_index(entry.index).map_err(|e| damaged(&e))?;
+        let want = match limit {
+            Some(l) => (l as u64).min(entry.size),
+            None => entry.size,
+        };
+        // Read at most one byte past the declared size, so an entry that inflates beyond it is
+        // caught without ever holding more than the declared size in memory.
+        let mut buf = Vec::with_capacity(want as usize);
+        let take = if limit.is_some() { want } else { want + 1 };
+        file.take(take).read_to_end(&mut buf).map_err(|e| damaged(&e))?;
+        if limit.is_none() && buf.len() as u64 != entry.size {
+            return Err(Error::bad_input(
+                located(),
+                format!("entry declares {} bytes but holds {}", entry.size, buf.len()),
+                "the archive is damaged; download it again",
+            ));
+        }
+        Ok(buf)
+    }
+}
+
+impl EntryReader for ArchiveReader {
+    fn read(&mut self, entry: &Entry) -> Result<Vec<u8>> {
+        // zip verifies the CRC-32 when the entry is read to its end.
+        self.read_limited(entry, None)
+    }
+
+    fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>> {
+        self.read_limited(entry, Some(len))
+    }
+}

@@ -1,0 +1,98 @@
+//! An extracted dataset folder.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::{Entry, EntryReader};
+use crate::error::{Error, Result};
+
+pub struct FolderSource {
+    root: PathBuf,
+}
+
+impl FolderSource {
+    pub fn open(path: &Path) -> Result<FolderSource> {
+        let root = std::fs::canonicalize(path).map_err(|e| Error::io(path, "cannot open the source folder", e))?;
+        Ok(FolderSource { root })
+    }
+
+    /// (relative path, size, index) of every file below the folder, sorted by path.
+    pub fn list(&self) -> Result<Vec<(String, u64, usize)>> {
+        let mut files = Vec::new();
+        self.walk(&self.root, &mut files)?;
+        files.sort();
+        Ok(files.into_iter().enumerate().map(|(i, (p, s))| (p, s, i)).collect())
+    }
+
+    fn walk(&self, dir: &Path, out: &mut Vec<(String, u64)>) -> Result<()> {
+        let listing = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list the folder", e))?;
+        for item in listing {
+            let item = item.map_err(|e| Error::io(dir, "cannot list the folder", e))?;
+            let path = item.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?;
+            let meta = if meta.file_type().is_symlink() {
+                let target = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, "cannot follow the symbolic link", e))?;
+                if !target.starts_with(&self.root) {
+                    return Err(Error::bad_input(
+                        path.display().to_string(),
+                        format!("symbolic link points outside the source folder (to {})", target.display()),
+                        "copy the file into the folder instead of linking to it",
+                    ));
+                }
+                std::fs::metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?
+            } else {
+                meta
+            };
+            if meta.is_dir() {
+                self.walk(&path, out)?;
+            } else if meta.is_file() {
+                let rel = path.strip_prefix(&self.root).map_err(|_| Error::Internal(format!("{} escaped the source root", path.display())))?;
+                let rel = rel.to_str().ok_or_else(|| {
+                    Error::bad_input(path.display().to_string(), "file name is not valid UTF-8", "rename the file")
+                })?;
+                out.push((rel.replace(std::path::MAIN_SEPARATOR, "/"), meta.len()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn reader(&self) -> FolderReader {
+        FolderReader { root: self.root.clone() }
+    }
+}
+
+pub struct FolderReader {
+    root: PathBuf,
+}
+
+impl FolderReader {
+    fn open(&self, entry: &Entry) -> Result<(File, PathBuf)> {
+        let path = self.root.join(&entry.raw_path);
+        let file = File::open(&path).map_err(|e| Error::io(&path, "cannot open", e))?;
+        Ok((file, path))
+    }
+}
+
+impl EntryReader for FolderReader {
+    fn read(&mut self, entry: &Entry) -> Result<Vec<u8>> {
+        let (file, path) = self.open(entry)?;
+        let mut buf = Vec::with_capacity(entry.size as usize);
+        file.take(entry.size + 1).read_to_end(&mut buf).map_err(|e| Error::io(&path, "cannot read", e))?;
+        if buf.len() as u64 != entry.size {
+            return Err(Error::bad_input(
+                path.display().to_string(),
+                format!("file changed while reading: it was {} bytes when listed, {} now", entry.size, buf.len()),
+                "wait until the folder is fully copied, then run again",
+            ));
+        }
+        Ok(buf)
+    }
+
+    fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>> {
+        let (file, path) = self.open(entry)?;
+        let mut buf = Vec::with_capacity(len);
+        file.take(len as u64).read_to_end(&mut buf).map_err(|e| Error::io(&path, "cannot read", e))?;
+        Ok(buf)
+    }
+}

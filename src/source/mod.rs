@@ -1,0 +1,222 @@
+//! Reading a source: a mouse's zip archive (read in place) or its extracted folder.
+//!
+//! Both present the same thing: a sorted list of entries with paths relative to the dataset root
+//! (the top-level `<name>/` folder removed), and readers that return an entry's bytes after
+//! checking them against what the container declared (size, and CRC-32 for archives).
+
+mod archive;
+mod folder;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::npy;
+
+pub use archive::ArchiveSource;
+pub use folder::FolderSource;
+
+/// One file of the source.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Path relative to the dataset root, `/`-separated (junk outside the root keeps its full path).
+    pub path: String,
+    /// Path as stored in the container, for messages.
+    pub raw_path: String,
+    /// Size declared by the container (checked against the bytes when read).
+    pub size: u64,
+    /// Index in the container (archive entry number, or position in the folder listing).
+    pub index: usize,
+}
+
+/// Reads entries' bytes. Each thread uses its own reader, so reads never contend on a lock.
+pub trait EntryReader: Send {
+    /// The whole entry, verified against its declared size (and CRC-32 in archives).
+    fn read(&mut self, entry: &Entry) -> Result<Vec<u8>>;
+    /// The first bytes of an entry (at most `len`), for headers.
+    fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>>;
+}
+
+/// What kind of container the source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Zip,
+    Folder,
+}
+
+pub struct Source {
+    pub path: PathBuf,
+    pub kind: SourceKind,
+    /// The source's name: the zip's stem or the dataset folder's name.
+    pub name: String,
+    /// Every file entry, sorted by `path`.
+    pub entries: Vec<Entry>,
+    inner: Inner,
+}
+
+enum Inner {
+    Archive(ArchiveSource),
+    Folder(FolderSource),
+}
+
+impl Source {
+    pub fn open(path: &Path) -> Result<Source> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open the source", e))?;
+        let (kind, inner, raw_entries, container_name) = if meta.is_dir() {
+            let folder = FolderSource::open(path)?;
+            let entries = folder.list()?;
+            let name = file_name(path);
+            (SourceKind::Folder, Inner::Folder(folder), entries, name)
+        } else {
+            let archive = ArchiveSource::open(path)?;
+            let entries = archive.list()?;
+            let name = file_name(path);
+            let name = name.strip_suffix(".zip").map(str::to_string).unwrap_or(name);
+            (SourceKind::Zip, Inner::Archive(archive), entries, name)
+        };
+        let (root, mut entries) = locate_root(path, raw_entries)?;
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        for pair in entries.windows(2) {
+            if pair[0].path == pair[1].path {
+                return Err(Error::bad_input(
+                    format!("{}: {}", path.display(), pair[0].raw_path),
+                    "the source holds this entry twice",
+                    "rebuild the archive so that every entry name is unique",
+                ));
+            }
+        }
+        // A folder that merely wraps the dataset folder is named after the dataset folder, so that
+        // a zip and its extraction get the same name.
+        let name = match (&kind, root.as_str()) {
+            (SourceKind::Folder, r) if !r.is_empty() => r.trim_end_matches('/').rsplit('/').next().unwrap_or(r).to_string(),
+            _ => container_name,
+        };
+        Ok(Source { path: path.to_path_buf(), kind, name, entries, inner })
+    }
+
+    pub fn reader(&self) -> Result<Box<dyn EntryReader>> {
+        match &self.inner {
+            Inner::Archive(a) => Ok(Box::new(a.reader())),
+            Inner::Folder(f) => Ok(Box::new(f.reader())),
+        }
+    }
+
+    /// Where an entry is, for messages: `SOURCE: raw/path`.
+    pub fn locate(&self, entry: &Entry) -> String {
+        format!("{}: {}", self.path.display(), entry.raw_path)
+    }
+
+    /// The default dataset name: the source name without a trailing `-Video-<32 hex>`.
+    pub fn dataset_name(&self) -> String {
+        default_dataset_name(&self.name)
+    }
+
+    /// Total declared size of all entries.
+    pub fn total_size(&self) -> u64 {
+        self.entries.iter().map(|e| e.size).sum()
+    }
+}
+
+pub fn default_dataset_name(source_name: &str) -> String {
+    if let Some(pos) = source_name.rfind("-Video-") {
+        let tail = &source_name[pos + 7..];
+        if tail.len() == 32 && tail.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return source_name[..pos].to_string();
+        }
+    }
+    source_name.to_string()
+}
+
+fn file_name(path: &Path) -> String {
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "source".to_string())
+}
+
+/// Junk that archivers and file managers add; never part of a dataset.
+pub fn is_platform_junk(path: &str) -> bool {
+    path.starts_with("__MACOSX/")
+        || path.split('/').any(|part| part.starts_with("._") || part == ".DS_Store" || part == "Thumbs.db")
+}
+
+/// Finds the dataset root (the folder holding `data/` and `meta/`) and makes paths relative to it.
+fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String, Vec<Entry>)> {
+    let has = |prefix: &str| {
+        raw.iter().any(|(p, _, _)| {
+            p.strip_prefix(prefix).is_some_and(|rest| rest.starts_with("data/") || rest.starts_with("meta/"))
+        })
+    };
+    let root = if has("") {
+        String::new()
+    } else {
+        let mut tops: Vec<&str> = raw
+            .iter()
+            .filter(|(p, _, _)| !is_platform_junk(p))
+            .filter_map(|(p, _, _)| p.split_once('/').map(|(top, _)| top))
+            .collect();
+        tops.sort_unstable();
+        tops.dedup();
+        match tops.as_slice() {
+            [top] if has(&format!("{top}/")) => format!("{top}/"),
+            _ => {
+                return Err(Error::bad_input(
+                    source.display().to_string(),
+                    "no dataset found: neither `data/` nor `meta/` exists at the top or inside one top-level folder",
+                    "point the tool at a Sensorium mouse archive or at the folder that holds `data/` and `meta/`",
+                ))
+            }
+        }
+    };
+    let entries = raw
+        .into_iter()
+        .map(|(raw_path, size, index)| {
+            let path = raw_path.strip_prefix(&root).unwrap_or(&raw_path).to_string();
+            Entry { path, raw_path, size, index }
+        })
+        .collect();
+    Ok((root, entries))
+}
+
+/// Checks an entry name for things that have no place in a dataset path.
+pub(crate) fn check_entry_name(source: &Path, name: &str) -> Result<()> {
+    let bad = |problem: &str| {
+        Err(Error::bad_input(
+            format!("{}: {name:?}", source.display()),
+            problem.to_string(),
+            "the archive was not written by a normal zip tool; rebuild it from the original files",
+        ))
+    };
+    if name.starts_with('/') || name.contains('\\') || name.contains('\0') || name.as_bytes().get(1) == Some(&b':') {
+        return bad("entry name is absolute or uses backslashes");
+    }
+    if name.split('/').any(|part| part == ".." || part == ".") {
+        return bad("entry name contains `..` or `.` components");
+    }
+    Ok(())
+}
+
+/// Reads and parses the npy header of an entry, checking it against the entry's size.
+pub fn read_npy_header(source: &Source, reader: &mut dyn EntryReader, entry: &Entry) -> Result<npy::Header> {
+    let prefix = reader.read_prefix(entry, npy::HEADER_PROBE_LEN)?;
+    let header = npy::parse_header(&prefix).map_err(|problem| {
+        Error::bad_input(source.locate(entry), problem, "the file is not a readable NumPy array; re-export it with numpy.save")
+    })?;
+    header.check_file_len(entry.size).map_err(|problem| {
+        Error::bad_input(source.locate(entry), problem, "the file is truncated or its header is wrong; re-download the archive")
+    })?;
+    Ok(header)
+}
+
+/// Reads an entry whole and returns its header and payload, checked against each other.
+pub fn read_npy(source: &Source, reader: &mut dyn EntryReader, entry: &Entry) -> Result<(npy::Header, Vec<u8>)> {
+    let bytes = reader.read(entry)?;
+    let header = npy::parse_header(&bytes).map_err(|problem| {
+        Error::bad_input(source.locate(entry), problem, "the file is not a readable NumPy array; re-export it with numpy.save")
+    })?;
+    header.check_file_len(bytes.len() as u64).map_err(|problem| {
+        Error::bad_input(source.locate(entry), problem, "the file is truncated or its header is wrong; re-download the archive")
+    })?;
+    Ok((header, bytes))
+}

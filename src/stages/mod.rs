@@ -1,0 +1,79 @@
+//! One module per stage kind. Each takes its checked plan and the shared context, writes its
+//! outputs into the dataset's staging folder and reports every source entry it read.
+
+pub mod meta_table;
+pub mod statistics;
+pub mod trial_array;
+pub mod trial_table;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::pipeline::plan::{ArrayEntry, Plan};
+use crate::pipeline::spec::{Measure, Pipeline};
+use crate::source::{read_npy, EntryReader, Source};
+use crate::writers::Provenance;
+use crate::error::{Error, Result};
+use crate::npy::Header;
+
+/// What every stage sees.
+pub struct StageContext<'a> {
+    pub source: &'a Source,
+    pub pipeline: &'a Pipeline,
+    pub plan: &'a Plan<'a>,
+    /// The dataset's staging folder; outputs are paths inside it.
+    pub dataset_dir: &'a Path,
+    pub provenance: &'a Provenance,
+    /// Measures computed by earlier stages, by (stage id, measure).
+    pub measures: &'a BTreeMap<(String, Measure), MeasureValues>,
+    /// The pipeline file's name, for errors about settings that only the data reveals.
+    pub pipeline_file: &'a str,
+}
+
+/// Per-trial facts computed while copying trials, in trial-axis order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MeasureValues {
+    Int32(Vec<i32>),
+    Bool(Vec<bool>),
+}
+
+/// One source entry read by a stage.
+#[derive(Debug, Clone)]
+pub struct EntryRecord {
+    /// Index into `Source::entries`.
+    pub entry: usize,
+    /// BLAKE3 of the entry's bytes as stored in the source.
+    pub blake3: String,
+    /// The output it went to (a Zarr array or a table, relative to the dataset folder).
+    pub output: String,
+}
+
+#[derive(Debug, Default)]
+pub struct StageResult {
+    pub entries: Vec<EntryRecord>,
+    pub measures: Vec<(Measure, MeasureValues)>,
+    /// Decoded payload bytes handled, for throughput figures.
+    pub bytes: u64,
+}
+
+/// Reads an entry the plan has checked, verifies it still matches the planned header, and
+/// returns the header, whole file bytes and its BLAKE3.
+pub(crate) fn read_planned(source: &Source, reader: &mut dyn EntryReader, planned: &ArrayEntry) -> Result<(Header, Vec<u8>, String)> {
+    let entry = &source.entries[planned.entry];
+    let (header, bytes) = read_npy(source, reader, entry)?;
+    if header != planned.header {
+        return Err(Error::bad_input(
+            source.locate(entry),
+            "the entry changed between reading its header and reading its data",
+            "the source is being modified while converting; wait until it is complete and run again",
+        ));
+    }
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    Ok((header, bytes, hash))
+}
+
+/// How many items to hand to the thread pool at once: enough to keep every thread busy,
+/// few enough that memory stays bounded whatever the number of trials.
+pub(crate) fn window_len() -> usize {
+    rayon::current_num_threads() * 2
+}

@@ -1,0 +1,127 @@
+//! Zarr v3 through `zarrs`, on the local file system.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use zarrs::array::codec::api::{BytesToBytesCodecTraits, CodecSpecificOptions};
+use zarrs::array::codec::{GzipCodec, ShardingCodecOptions, SubchunkWriteOrder, ZstdCodec};
+use zarrs::array::{Array, ArrayBuilder, ArrayBytes, FillValue};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::GroupBuilder;
+
+use crate::error::{Error, Result};
+use crate::npy::{Dtype, Kind};
+use crate::pipeline::spec::{Codec, Compression};
+
+pub type ZarrArray = Array<FilesystemStore>;
+
+/// A Zarr v3 store rooted at a `.zarr` folder.
+#[derive(Clone)]
+pub struct ZarrStore {
+    pub root: std::path::PathBuf,
+    store: Arc<FilesystemStore>,
+}
+
+/// How to create one array.
+pub struct ArraySpec<'a> {
+    /// Path inside the store, starting with `/`.
+    pub path: &'a str,
+    pub shape: Vec<u64>,
+    pub dtype: Dtype,
+    /// Shard (storage object) shape; `None` for an unsharded array whose chunks are `chunk_shape`.
+    pub shard_shape: Option<Vec<u64>>,
+    pub chunk_shape: Vec<u64>,
+    pub dimension_names: Vec<String>,
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    pub compression: &'a Compression,
+}
+
+impl ZarrStore {
+    pub fn open(root: &Path) -> Result<ZarrStore> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "cannot create the Zarr store", e))?;
+        let store = FilesystemStore::new(root).map_err(|e| Error::Internal(format!("cannot open Zarr store {}: {e}", root.display())))?;
+        Ok(ZarrStore { root: root.to_path_buf(), store: Arc::new(store) })
+    }
+
+    fn err(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::io(&self.root, "cannot write the Zarr store", std::io::Error::other(format!("{what}: {e}")))
+    }
+
+    pub fn write_group(&self, path: &str, attributes: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        let mut builder = GroupBuilder::new();
+        builder.attributes(attributes);
+        let group = builder.build(self.store.clone(), path).map_err(|e| self.err(path, e))?;
+        group.store_metadata().map_err(|e| self.err(path, e))
+    }
+
+    pub fn create_array(&self, spec: &ArraySpec) -> Result<ZarrArray> {
+        let (grid, inner) = match &spec.shard_shape {
+            Some(shard) => (shard.clone(), Some(spec.chunk_shape.clone())),
+            None => (spec.chunk_shape.clone(), None),
+        };
+        let mut builder = ArrayBuilder::new(spec.shape.clone(), grid, zarr_data_type(spec.dtype)?, FillValue::new(fill_value(spec.dtype)));
+        builder
+            .subchunk_shape(inner)
+            .bytes_to_bytes_codecs(codecs(spec.compression)?)
+            .dimension_names(Some(spec.dimension_names.clone()))
+            .attributes(spec.attributes.clone())
+            // Inner chunks are written in C order, not in the order threads finish them, so a
+            // shard's bytes are the same whatever the thread count (determinism).
+            .codec_specific_options(CodecSpecificOptions::default().with_option(
+                ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
+            ));
+        let array = builder.build(self.store.clone(), spec.path).map_err(|e| self.err(spec.path, e))?;
+        array.store_metadata().map_err(|e| self.err(spec.path, e))?;
+        Ok(array)
+    }
+}
+
+/// Stores one chunk (a whole shard for sharded arrays) from little-endian C-order bytes.
+pub fn store_chunk(array: &ZarrArray, indices: &[u64], bytes: Vec<u8>) -> Result<()> {
+    array
+        .store_chunk(indices, ArrayBytes::from(bytes))
+        .map_err(|e| Error::io(array.path().as_str(), "cannot write a Zarr chunk", std::io::Error::other(e.to_string())))
+}
+
+fn zarr_data_type(dtype: Dtype) -> Result<&'static str> {
+    Ok(match (dtype.kind, dtype.size) {
+        (Kind::Float, 2) => "float16",
+        (Kind::Float, 4) => "float32",
+        (Kind::Float, 8) => "float64",
+        (Kind::Int, 1) => "int8",
+        (Kind::Int, 2) => "int16",
+        (Kind::Int, 4) => "int32",
+        (Kind::Int, 8) => "int64",
+        (Kind::UInt, 1) => "uint8",
+        (Kind::UInt, 2) => "uint16",
+        (Kind::UInt, 4) => "uint32",
+        (Kind::UInt, 8) => "uint64",
+        (Kind::Bool, 1) => "bool",
+        _ => return Err(Error::Internal(format!("dtype {dtype} has no Zarr array form"))),
+    })
+}
+
+/// NaN for floats (so a padded trial reads as missing), zero otherwise. Native-endian bytes.
+fn fill_value(dtype: Dtype) -> Vec<u8> {
+    match (dtype.kind, dtype.size) {
+        (Kind::Float, 2) => vec![0x00, 0x7e],
+        (Kind::Float, 4) => f32::NAN.to_ne_bytes().to_vec(),
+        (Kind::Float, 8) => f64::NAN.to_ne_bytes().to_vec(),
+        (_, size) => vec![0; size],
+    }
+}
+
+/// The fill bytes of one element, as stored (little endian).
+pub fn fill_bytes(dtype: Dtype) -> Vec<u8> {
+    fill_value(dtype)
+}
+
+fn codecs(c: &Compression) -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>> {
+    Ok(match c.codec {
+        Codec::Zstd => vec![Arc::new(ZstdCodec::new(c.level.unwrap_or(3), false))],
+        Codec::Gzip => vec![Arc::new(
+            GzipCodec::new(c.level.unwrap_or(6) as u32).map_err(|e| Error::Internal(format!("gzip level: {e}")))?,
+        )],
+        Codec::None => vec![],
+    })
+}

@@ -1,0 +1,97 @@
+"""Same input, same output: zip vs extracted folder, repeated runs, thread counts."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+import gen_mouse
+import helpers
+from helpers import Source, assert_same_outputs, find_key, read_json, tree_files
+
+OPTS = dict(trials=12, neurons=50, frames=48, seed=101)
+
+
+@pytest.fixture(scope="module")
+def zipped(mouse):
+    return mouse("equivalence", **OPTS)
+
+
+def _convert(tmp_path_factory, label, source, *extra):
+    store = tmp_path_factory.mktemp(label)
+    proc = helpers.run("convert", source, "--out", store, *extra)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    ds = store / Source(source).dataset
+    assert (ds / "manifest.json").is_file(), \
+        f"exit 0 but no {ds}/manifest.json\n" + helpers.describe_run(proc)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def from_zip(ingest_bin, tmp_path_factory, zipped):
+    return _convert(tmp_path_factory, "eq-zip", zipped)
+
+
+def test_zip_and_extracted_folder_give_identical_outputs(tmp_path_factory, zipped, from_zip):
+    extract = tmp_path_factory.mktemp("extracted")
+    with zipfile.ZipFile(zipped) as zf:
+        zf.extractall(extract)
+    folder = extract / zipped.name[:-4]
+    assert (folder / "data" / "videos" / "10.npy").is_file()
+    from_folder = _convert(tmp_path_factory, "eq-folder", folder)
+    assert_same_outputs(from_zip, from_folder)
+    # the source checksum is over entry paths and bytes, so it matches too
+    assert read_json(from_zip / "manifest.json")["source"] == \
+        read_json(from_folder / "manifest.json")["source"]
+    # ...but run.json records where the data came from
+    assert read_json(from_zip / "run.json") != read_json(from_folder / "run.json")
+
+
+def test_generated_folder_matches_zip(tmp_path_factory, zipped, from_zip):
+    """The generator's --format folder output is the same dataset as its zip."""
+    folder = gen_mouse.generate(tmp_path_factory.mktemp("gen-folder"), format="folder", **OPTS)
+    assert folder.name == zipped.name[:-4]
+    assert_same_outputs(from_zip, _convert(tmp_path_factory, "eq-genfolder", folder))
+
+
+def test_folder_without_top_level_name_in_zip(tmp_path_factory, mouse):
+    """A zip with entries at its root converts like its extracted folder."""
+    z = mouse("equivalence-root", no_top_folder=True, **OPTS)
+    with zipfile.ZipFile(z) as zf:
+        assert all(n.startswith(("data/", "meta/")) for n in zf.namelist())
+        extract = tmp_path_factory.mktemp("root-extract") / z.name[:-4]
+        zf.extractall(extract)
+    a = _convert(tmp_path_factory, "eq-root-zip", z)
+    b = _convert(tmp_path_factory, "eq-root-folder", extract)
+    assert_same_outputs(a, b)
+
+
+def test_two_conversions_are_byte_identical(tmp_path_factory, zipped, from_zip):
+    again = _convert(tmp_path_factory, "eq-again", zipped)
+    assert_same_outputs(from_zip, again)
+    assert (again / "run.json").is_file()
+
+
+def test_thread_count_does_not_change_output(tmp_path_factory, zipped, from_zip):
+    one = _convert(tmp_path_factory, "eq-threads1", zipped, "--threads", "1")
+    assert_same_outputs(from_zip, one)
+    two = _convert(tmp_path_factory, "eq-threads2", zipped, "--threads", "2")
+    assert_same_outputs(from_zip, two)
+    assert find_key(read_json(one / "run.json"), "threads")
+
+
+def test_name_option(tmp_path_factory, zipped):
+    store = tmp_path_factory.mktemp("eq-name")
+    proc = helpers.run("convert", zipped, "--out", store, "--name", "mouse-a")
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    assert [p.name for p in store.iterdir()] == ["mouse-a"]
+    m = read_json(store / "mouse-a" / "manifest.json")
+    assert m["dataset"] == "mouse-a"
+    assert m["source"]["name"] == zipped.name[:-4]
+
+
+def test_outputs_are_not_empty(from_zip):
+    files = tree_files(from_zip)
+    assert any(k.startswith("data.zarr/videos/") for k in files)
+    assert all(len(v) > 0 for k, v in files.items() if k.endswith(".parquet"))
