@@ -70,7 +70,13 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
         match p {
             StagePlan::TrialArray(t) => {
                 dtype.get_or_insert_with(|| t.dtype.to_string());
-                variables.push(Variable { stage: stage.id().into(), source: stage.source().into(), dtype: t.dtype.to_string(), trial_shape: t.trial_shape.clone(), fortran_order: t.trials.iter().any(|a| a.header.fortran_order) });
+                variables.push(Variable {
+                    stage: stage.id().into(),
+                    source: stage.source().into(),
+                    dtype: t.dtype.to_string(),
+                    trial_shape: t.trial_shape.clone(),
+                    fortran_order: t.trials.iter().any(|a| a.header.fortran_order),
+                });
                 if t.config.measures.contains(&Measure::ValidFrames) {
                     let frames = *t.trial_shape.last().unwrap_or(&0) as usize;
                     let lengths: Vec<Result<usize>> = t
@@ -79,9 +85,15 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
                         .map_init(
                             || source.reader(),
                             |reader, a| {
-                                let reader = reader.as_mut().map_err(|e| Error::Internal(e.to_string()))?;
-                                let (header, bytes) = read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
-                                let le = npy::to_little_endian_c(&header, &bytes[header.payload_offset..]);
+                                let reader = reader
+                                    .as_mut()
+                                    .map_err(|e| Error::Internal(e.to_string()))?;
+                                let (header, bytes) =
+                                    read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
+                                let le = npy::to_little_endian_c(
+                                    &header,
+                                    &bytes[header.payload_offset..],
+                                );
                                 Ok(valid_frames(header.dtype, &le, frames))
                             },
                         )
@@ -92,16 +104,37 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
                 }
             }
             StagePlan::TrialTable(t) => {
-                variables.push(Variable { stage: stage.id().into(), source: stage.source().into(), dtype: t.dtype.to_string(), trial_shape: t.trial_shape.clone(), fortran_order: t.trials.iter().any(|a| a.header.fortran_order) });
+                variables.push(Variable {
+                    stage: stage.id().into(),
+                    source: stage.source().into(),
+                    dtype: t.dtype.to_string(),
+                    trial_shape: t.trial_shape.clone(),
+                    fortran_order: t.trials.iter().any(|a| a.header.fortran_order),
+                });
             }
-            StagePlan::Statistics(s) => statistics.extend(s.arrays.iter().map(|(n, a)| format!("{n} {} {:?}", a.header.dtype, a.header.shape))),
+            StagePlan::Statistics(s) => statistics.extend(
+                s.arrays
+                    .iter()
+                    .map(|(n, a)| format!("{n} {} {:?}", a.header.dtype, a.header.shape)),
+            ),
             StagePlan::MetaTable(m) => {
                 for (stem, a) in &m.files {
-                    meta_files.push(format!("{}/{stem}.npy {} {:?}", m.config.source, a.header.dtype, a.header.shape));
+                    meta_files.push(format!(
+                        "{}/{stem}.npy {} {:?}",
+                        m.config.source, a.header.dtype, a.header.shape
+                    ));
                     if m.config.axis == MetaAxis::Trial && stem == "tiers" {
                         let mut reader = source.reader()?;
-                        let (header, bytes) = read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
-                        let values = npy::decode_strings(&header, &bytes[header.payload_offset..]).map_err(|p| Error::bad_input(source.locate(&source.entries[a.entry]), p, "re-export tiers.npy"))?;
+                        let (header, bytes) =
+                            read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
+                        let values = npy::decode_strings(&header, &bytes[header.payload_offset..])
+                            .map_err(|p| {
+                                Error::bad_input(
+                                    source.locate(&source.entries[a.entry]),
+                                    p,
+                                    "re-export tiers.npy",
+                                )
+                            })?;
                         for v in values {
                             *tiers.entry(v).or_insert(0) += 1;
                         }
@@ -115,7 +148,10 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
         .iter()
         .zip(&plan.dispositions)
         .filter_map(|(e, d)| match d {
-            Disposition::Skipped(reason) => Some(Skipped { path: e.path.clone(), reason: reason.clone() }),
+            Disposition::Skipped(reason) => Some(Skipped {
+                path: e.path.clone(),
+                reason: reason.clone(),
+            }),
             _ => None,
         })
         .collect();
@@ -140,7 +176,11 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
         n_neurons: plan.dims.get("neuron").copied(),
         n_frames: plan.dims.get("frame").copied(),
         dtype,
-        trial_ids: TrialIds { first: ids.first().copied(), last: ids.last().copied(), gaps },
+        trial_ids: TrialIds {
+            first: ids.first().copied(),
+            last: ids.last().copied(),
+            gaps,
+        },
         tiers,
         variables,
         valid_frames: valid,
@@ -158,8 +198,22 @@ impl Inspection {
         let mut s = String::new();
         let opt = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
         let _ = writeln!(s, "dataset    {}", self.name);
-        let _ = writeln!(s, "source     {} ({:?}, {} entries, {:.1} MB uncompressed)", self.source, self.source_kind, self.entries, self.source_bytes as f64 / 1e6);
-        let _ = writeln!(s, "trials     {} (numbers {}..{}, {} gaps)", self.n_trials, self.trial_ids.first.map_or("?".into(), |v| v.to_string()), self.trial_ids.last.map_or("?".into(), |v| v.to_string()), self.trial_ids.gaps);
+        let _ = writeln!(
+            s,
+            "source     {} ({:?}, {} entries, {:.1} MB uncompressed)",
+            self.source,
+            self.source_kind,
+            self.entries,
+            self.source_bytes as f64 / 1e6
+        );
+        let _ = writeln!(
+            s,
+            "trials     {} (numbers {}..{}, {} gaps)",
+            self.n_trials,
+            self.trial_ids.first.map_or("?".into(), |v| v.to_string()),
+            self.trial_ids.last.map_or("?".into(), |v| v.to_string()),
+            self.trial_ids.gaps
+        );
         let _ = writeln!(s, "neurons    {}", opt(self.n_neurons));
         let _ = writeln!(s, "frames     {}", opt(self.n_frames));
         let _ = writeln!(s, "dtype      {}", self.dtype.as_deref().unwrap_or("?"));
@@ -169,7 +223,18 @@ impl Inspection {
         }
         let _ = writeln!(s, "\nper-trial variables");
         for v in &self.variables {
-            let _ = writeln!(s, "  {:<20} {:<6} {:?}{}", v.source, v.dtype, v.trial_shape, if v.fortran_order { " (Fortran order)" } else { "" });
+            let _ = writeln!(
+                s,
+                "  {:<20} {:<6} {:?}{}",
+                v.source,
+                v.dtype,
+                v.trial_shape,
+                if v.fortran_order {
+                    " (Fortran order)"
+                } else {
+                    ""
+                }
+            );
         }
         let _ = writeln!(s, "\nvalid frames (length: trials)");
         for (len, n) in &self.valid_frames {

@@ -11,7 +11,11 @@ use sensorium_ingest::source::Source;
 use sensorium_ingest::Error;
 
 #[derive(Parser)]
-#[command(name = "sensorium-ingest", version, about = "Convert Sensorium 2023 mouse datasets into Zarr v3 arrays and Parquet tables")]
+#[command(
+    name = "sensorium-ingest",
+    version,
+    about = "Convert Sensorium 2023 mouse datasets into Zarr v3 arrays and Parquet tables"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Convert one mouse (a zip archive, read in place, or its extracted folder) into STORE/<name>/.
-    #[command(after_help = "Examples:\n  sensorium-ingest convert dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip --out store/\n  sensorium-ingest convert extracted/dynamic29515-10-12/ --out store/ --pipeline my.yaml --threads 8")]
+    #[command(
+        after_help = "Examples:\n  sensorium-ingest convert dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip --out store/\n  sensorium-ingest convert extracted/dynamic29515-10-12/ --out store/ --pipeline my.yaml --threads 8"
+    )]
     Convert {
         /// The mouse's zip archive or extracted folder.
         source: PathBuf,
@@ -51,13 +57,19 @@ enum Command {
     },
     /// Print the embedded default pipeline (a starting point for your own).
     DefaultPipeline,
+    /// Print the JSON Schema of pipeline files (schemas/pipeline.schema.json).
+    PipelineSchema,
 }
 
 fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
     match path {
-        None => Ok((DEFAULT_PIPELINE.to_string(), DEFAULT_PIPELINE_NAME.to_string())),
+        None => Ok((
+            DEFAULT_PIPELINE.to_string(),
+            DEFAULT_PIPELINE_NAME.to_string(),
+        )),
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, "cannot read the pipeline file", e))?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::io(p, "cannot read the pipeline file", e))?;
             Ok((text, p.display().to_string()))
         }
     }
@@ -65,9 +77,24 @@ fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Convert { source, out, pipeline, name, force, threads } => {
+        Command::Convert {
+            source,
+            out,
+            pipeline,
+            name,
+            force,
+            threads,
+        } => {
             let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
-            let report = convert(&ConvertOptions { source, store: out, name, pipeline_text, pipeline_file, force, threads })?;
+            let report = convert(&ConvertOptions {
+                source,
+                store: out,
+                name,
+                pipeline_text,
+                pipeline_file,
+                force,
+                threads,
+            })?;
             let mb = |b: u64| b as f64 / 1e6;
             println!(
                 "converted {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
@@ -82,20 +109,39 @@ fn run(cli: Cli) -> Result<(), Error> {
                 report.threads
             );
             for s in &report.stages {
-                println!("  {:<14} {:<12} {:>6} entries {:>10.1} MB {:>7.2} s", s.id, s.kind, s.entries, mb(s.bytes), s.seconds);
+                println!(
+                    "  {:<14} {:<12} {:>6} entries {:>10.1} MB {:>7.2} s",
+                    s.id,
+                    s.kind,
+                    s.entries,
+                    mb(s.bytes),
+                    s.seconds
+                );
             }
             Ok(())
         }
-        Command::Inspect { source, json, pipeline } => {
+        Command::Inspect {
+            source,
+            json,
+            pipeline,
+        } => {
             let (text, file) = load_pipeline(&pipeline)?;
             let pipeline = Pipeline::parse(&text, &file)?;
             let source = Source::open(&source)?;
             let report = inspect(&source, &pipeline)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                );
             } else {
                 print!("{}", report.to_text());
             }
+            Ok(())
+        }
+        Command::PipelineSchema => {
+            print!("{}", Pipeline::json_schema());
             Ok(())
         }
         Command::DefaultPipeline => {
@@ -108,7 +154,10 @@ fn run(cli: Cli) -> Result<(), Error> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SENSORIUM_INGEST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SENSORIUM_INGEST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {

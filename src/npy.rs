@@ -43,6 +43,11 @@ impl Dtype {
             _ => (b'=', descr),
         };
         let code = rest.as_bytes()[0];
+        if code == b'O' {
+            return Err(format!(
+                "dtype {descr:?} is a pickled object array; refusing to unpickle it"
+            ));
+        }
         let count: usize = rest[1..]
             .parse()
             .map_err(|_| format!("dtype {descr:?} is not a numpy type string"))?;
@@ -51,17 +56,19 @@ impl Dtype {
             b'i' if matches!(count, 1 | 2 | 4 | 8) => (Kind::Int, count),
             b'u' if matches!(count, 1 | 2 | 4 | 8) => (Kind::UInt, count),
             b'b' if count == 1 => (Kind::Bool, 1),
-            b'U' if count > 0 => (Kind::Unicode, count.checked_mul(4).ok_or("string width overflows")?),
+            b'U' if count > 0 => (
+                Kind::Unicode,
+                count.checked_mul(4).ok_or("string width overflows")?,
+            ),
             b'S' | b'a' if count > 0 => (Kind::Bytes, count),
-            b'O' => {
-                return Err(format!(
-                    "dtype {descr:?} is a pickled object array; refusing to unpickle it"
-                ))
-            }
             _ => return Err(format!("dtype {descr:?} is not supported")),
         };
         // `=` is the writer's native order; every machine numpy runs on in practice is little endian.
-        Ok(Dtype { kind, size, big_endian: order == b'>' && size > 1 })
+        Ok(Dtype {
+            kind,
+            size,
+            big_endian: order == b'>' && size > 1,
+        })
     }
 
     pub fn is_numeric(&self) -> bool {
@@ -70,7 +77,11 @@ impl Dtype {
 
     /// The numpy descr of the little-endian form this tool writes, e.g. `<f4`.
     pub fn little_endian_descr(&self) -> String {
-        Dtype { big_endian: false, ..*self }.to_string()
+        Dtype {
+            big_endian: false,
+            ..*self
+        }
+        .to_string()
     }
 }
 
@@ -106,7 +117,9 @@ pub struct Header {
 
 impl Header {
     pub fn element_count(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// Payload size the header promises, or None when it overflows.
@@ -155,11 +168,16 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
         u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize
     };
     if header_len > MAX_HEADER_LEN {
-        return Err(format!("header length {header_len} is absurd (limit {MAX_HEADER_LEN})"));
+        return Err(format!(
+            "header length {header_len} is absurd (limit {MAX_HEADER_LEN})"
+        ));
     }
     let end = start + header_len;
     let raw = bytes.get(start..end).ok_or_else(|| {
-        format!("truncated .npy header: it declares {header_len} bytes, only {} present", bytes.len().saturating_sub(start))
+        format!(
+            "truncated .npy header: it declares {header_len} bytes, only {} present",
+            bytes.len().saturating_sub(start)
+        )
     })?;
     let text = if utf8 {
         std::str::from_utf8(raw).map_err(|_| "header is not valid UTF-8".to_string())?
@@ -172,7 +190,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     let dict = parse_dict(text.trim_end_matches(['\n', ' ', '\0']))?;
     let descr = match dict.get("descr") {
         Some(Value::Str(s)) => s.clone(),
-        Some(_) => return Err("structured dtypes (descr is not a string) are not supported".into()),
+        Some(_) => {
+            return Err("structured dtypes (descr is not a string) are not supported".into())
+        }
         None => return Err("header has no 'descr'".into()),
     };
     let fortran_order = match dict.get("fortran_order") {
@@ -187,9 +207,17 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
         return Err("header has keys other than descr, fortran_order and shape".into());
     }
     let dtype = Dtype::parse(&descr)?;
-    let header = Header { dtype, fortran_order, shape, payload_offset: end };
+    let header = Header {
+        dtype,
+        fortran_order,
+        shape,
+        payload_offset: end,
+    };
     if header.payload_len().is_none() {
-        return Err(format!("shape {:?} overflows a 64-bit byte count", header.shape));
+        return Err(format!(
+            "shape {:?} overflows a 64-bit byte count",
+            header.shape
+        ));
     }
     Ok(header)
 }
@@ -203,8 +231,16 @@ enum Value {
 
 /// A parser for exactly the Python dict literal numpy writes; anything else is refused.
 fn parse_dict(text: &str) -> Result<std::collections::BTreeMap<String, Value>, String> {
-    let bad = || format!("header is not a valid numpy header dict: {:?}", truncate(text, 120));
-    let mut p = Cursor { s: text.as_bytes(), i: 0 };
+    let bad = || {
+        format!(
+            "header is not a valid numpy header dict: {:?}",
+            truncate(text, 120)
+        )
+    };
+    let mut p = Cursor {
+        s: text.as_bytes(),
+        i: 0,
+    };
     let mut out = std::collections::BTreeMap::new();
     p.ws();
     if !p.eat(b'{') {
@@ -314,7 +350,10 @@ impl Cursor<'_> {
             self.i += 1;
         }
         // Python 2 era files may write `36L`.
-        let n = std::str::from_utf8(&self.s[start..self.i]).ok()?.parse().ok();
+        let n = std::str::from_utf8(&self.s[start..self.i])
+            .ok()?
+            .parse()
+            .ok();
         self.eat(b'L');
         n
     }
@@ -332,7 +371,8 @@ pub fn to_little_endian_c(header: &Header, payload: &[u8]) -> Vec<u8> {
 pub fn append_little_endian_c(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
     let size = header.dtype.size;
     let swap = header.dtype.big_endian && header.dtype.is_numeric();
-    let needs_transpose = header.fortran_order && header.shape.iter().filter(|&&d| d > 1).count() > 1;
+    let needs_transpose =
+        header.fortran_order && header.shape.iter().filter(|&&d| d > 1).count() > 1;
     if !needs_transpose {
         let start = out.len();
         out.extend_from_slice(payload);
@@ -356,7 +396,12 @@ pub fn append_little_endian_c(header: &Header, payload: &[u8], out: &mut Vec<u8>
     let mut index = vec![0usize; shape.len()];
     out.reserve(count * size);
     for _ in 0..count {
-        let offset: usize = index.iter().zip(&fortran_strides).map(|(i, s)| i * s).sum::<usize>() * size;
+        let offset: usize = index
+            .iter()
+            .zip(&fortran_strides)
+            .map(|(i, s)| i * s)
+            .sum::<usize>()
+            * size;
         let element = &payload[offset..offset + size];
         if swap {
             out.extend(element.iter().rev());
@@ -388,7 +433,9 @@ pub fn decode_strings(header: &Header, payload: &[u8]) -> Result<Vec<String>, St
                     } else {
                         u32::from_le_bytes([unit[0], unit[1], unit[2], unit[3]])
                     };
-                    s.push(char::from_u32(code).ok_or_else(|| format!("invalid code point {code:#x} in a unicode string"))?);
+                    s.push(char::from_u32(code).ok_or_else(|| {
+                        format!("invalid code point {code:#x} in a unicode string")
+                    })?);
                 }
                 s.truncate(s.trim_end_matches('\0').len());
                 s
@@ -410,7 +457,10 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, fortran: bool, shape: &str, payload: &[u8]) -> Vec<u8> {
-        let dict = format!("{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}", if fortran { "True" } else { "False" });
+        let dict = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
         let mut header = dict.into_bytes();
         while (10 + header.len() + 1) % 64 != 0 {
             header.push(b' ');
@@ -430,7 +480,8 @@ mod tests {
         let h = parse_header(&file).unwrap();
         assert_eq!(h.shape, vec![2, 3]);
         assert_eq!(h.dtype.to_string(), "<f4");
-        assert_eq!(h.payload_offset, 64);
+        assert_eq!(h.payload_offset, file.len() - 24);
+        assert_eq!(h.payload_offset % 64, 0);
         h.check_file_len(file.len() as u64).unwrap();
         assert!(h.check_file_len(file.len() as u64 - 1).is_err());
         assert!(h.check_file_len(file.len() as u64 + 1).is_err());
@@ -438,14 +489,28 @@ mod tests {
 
     #[test]
     fn scalar_and_one_dimensional_shapes() {
-        assert_eq!(parse_header(&npy("<i8", false, "()", &[0; 8])).unwrap().shape, Vec::<u64>::new());
-        assert_eq!(parse_header(&npy("<i8", false, "(5,)", &[0; 40])).unwrap().shape, vec![5]);
+        assert_eq!(
+            parse_header(&npy("<i8", false, "()", &[0; 8]))
+                .unwrap()
+                .shape,
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            parse_header(&npy("<i8", false, "(5,)", &[0; 40]))
+                .unwrap()
+                .shape,
+            vec![5]
+        );
     }
 
     #[test]
     fn refuses_object_and_bad_headers() {
-        assert!(parse_header(&npy("|O", false, "(2,)", &[0; 16])).unwrap_err().contains("pickled"));
-        assert!(parse_header(b"NOTNUMPY..........").unwrap_err().contains("magic"));
+        assert!(parse_header(&npy("|O", false, "(2,)", &[0; 16]))
+            .unwrap_err()
+            .contains("pickled"));
+        assert!(parse_header(b"NOTNUMPY..........")
+            .unwrap_err()
+            .contains("magic"));
         let mut v9 = npy("<f4", false, "(1,)", &[0; 4]);
         v9[6] = 9;
         assert!(parse_header(&v9).unwrap_err().contains("version"));
@@ -462,7 +527,10 @@ mod tests {
         let file = npy(">i2", true, "(2, 3)", &payload);
         let h = parse_header(&file).unwrap();
         let out = to_little_endian_c(&h, &file[h.payload_offset..]);
-        let got: Vec<i16> = out.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+        let got: Vec<i16> = out
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]))
+            .collect();
         assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
     }
 
@@ -476,9 +544,15 @@ mod tests {
         }
         let file = npy("<U6", false, "(2,)", &payload);
         let h = parse_header(&file).unwrap();
-        assert_eq!(decode_strings(&h, &file[h.payload_offset..]).unwrap(), vec!["train", "oracle"]);
+        assert_eq!(
+            decode_strings(&h, &file[h.payload_offset..]).unwrap(),
+            vec!["train", "oracle"]
+        );
         let file = npy("|S4", false, "(2,)", b"L2/3L4\0\0");
         let h = parse_header(&file).unwrap();
-        assert_eq!(decode_strings(&h, &file[h.payload_offset..]).unwrap(), vec!["L2/3", "L4"]);
+        assert_eq!(
+            decode_strings(&h, &file[h.payload_offset..]).unwrap(),
+            vec!["L2/3", "L4"]
+        );
     }
 }

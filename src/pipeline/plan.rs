@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use globset::{Glob, GlobMatcher};
 
-use super::spec::{MetaAxis, MetaTableConfig, Pipeline, Stage, StatisticsConfig, TrialArrayConfig, TrialTableConfig};
+use super::spec::{
+    MetaAxis, MetaTableConfig, Pipeline, Stage, StatisticsConfig, TrialArrayConfig,
+    TrialTableConfig,
+};
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Header};
 use crate::source::{read_npy_header, Source};
@@ -97,12 +100,18 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
         .collect::<Result<_>>()?;
     for entry in &source.entries {
         if let Some((_, reason)) = skips.iter().find(|(m, _)| m.is_match(&entry.path)) {
-            dispositions.push(Disposition::Skipped(format!("skipped by the pipeline: {reason}")));
+            dispositions.push(Disposition::Skipped(format!(
+                "skipped by the pipeline: {reason}"
+            )));
             continue;
         }
         let mut claim = None;
         for (i, stage) in pipeline.stages.iter().enumerate() {
-            let Some(rest) = entry.path.strip_prefix(stage.source()).and_then(|r| r.strip_prefix('/')) else {
+            let Some(rest) = entry
+                .path
+                .strip_prefix(stage.source())
+                .and_then(|r| r.strip_prefix('/'))
+            else {
                 continue;
             };
             let claimed = match stage {
@@ -148,7 +157,10 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
     for (index, d) in dispositions.iter().enumerate() {
         if let Disposition::Stage(s) = d {
             let header = read_npy_header(source, reader.as_mut(), &source.entries[index])?;
-            per_stage[*s].push(ArrayEntry { entry: index, header });
+            per_stage[*s].push(ArrayEntry {
+                entry: index,
+                header,
+            });
         }
     }
 
@@ -167,7 +179,12 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
                         "fix `dimension_names` in the pipeline, or check the source",
                     ));
                 }
-                dims.add(&c.dimension_names[0], p.trials.len() as u64, &c.source, source)?;
+                dims.add(
+                    &c.dimension_names[0],
+                    p.trials.len() as u64,
+                    &c.source,
+                    source,
+                )?;
                 for (name, &len) in c.dimension_names[1..].iter().zip(&p.trial_shape) {
                     dims.add(name, len, &c.source, source)?;
                 }
@@ -189,9 +206,18 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
                 let mut arrays = Vec::new();
                 for a in entries {
                     let path = &source.entries[a.entry].path;
-                    let name = path[c.source.len() + 1..].trim_end_matches(".npy").to_string();
+                    let name = path[c.source.len() + 1..]
+                        .trim_end_matches(".npy")
+                        .to_string();
                     if !a.header.dtype.is_numeric() {
-                        return Err(Error::bad_input(source.locate(&source.entries[a.entry]), format!("statistic has dtype {}; statistics must be numeric", a.header.dtype), "skip it in the pipeline (`exclude`) or fix the file"));
+                        return Err(Error::bad_input(
+                            source.locate(&source.entries[a.entry]),
+                            format!(
+                                "statistic has dtype {}; statistics must be numeric",
+                                a.header.dtype
+                            ),
+                            "skip it in the pipeline (`exclude`) or fix the file",
+                        ));
                     }
                     let var = name.split('/').next().unwrap_or_default();
                     if let Some(names) = c.dimension_names.get(var) {
@@ -206,18 +232,35 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
                 arrays.sort_by(|a, b| a.0.cmp(&b.0));
                 StagePlan::Statistics(StatisticsPlan { config: c, arrays })
             }
-            Stage::MetaTable(c) => StagePlan::MetaTable(meta_plan(source, c, entries, &mut dims, trial_ids.as_ref().map(|t| t.0.len() as u64))?),
+            Stage::MetaTable(c) => StagePlan::MetaTable(meta_plan(
+                source,
+                c,
+                entries,
+                &mut dims,
+                trial_ids.as_ref().map(|t| t.0.len() as u64),
+            )?),
         };
         stages.push(plan);
     }
     let trial_ids = trial_ids.map(|t| t.0).unwrap_or_default();
-    Ok(Plan { trial_ids, dims: dims.0, stages, dispositions })
+    Ok(Plan {
+        trial_ids,
+        dims: dims.0,
+        stages,
+        dispositions,
+    })
 }
 
 fn compile(pattern: &str) -> Result<GlobMatcher> {
     Glob::new(pattern)
         .map(|g| g.compile_matcher())
-        .map_err(|e| Error::bad_pipeline("pipeline", format!("pattern {pattern:?}: {e}"), "use `*` within a path part and `**` across parts"))
+        .map_err(|e| {
+            Error::bad_pipeline(
+                "pipeline",
+                format!("pattern {pattern:?}: {e}"),
+                "use `*` within a path part and `**` across parts",
+            )
+        })
 }
 
 /// `<digits>.npy` -> the trial number.
@@ -261,7 +304,16 @@ fn trial_plan<'p, C>(
 where
     C: 'p,
 {
-    let number = |a: &ArrayEntry| trial_number(source.entries[a.entry].path.rsplit('/').next().unwrap_or_default()).unwrap_or(u32::MAX);
+    let number = |a: &ArrayEntry| {
+        trial_number(
+            source.entries[a.entry]
+                .path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default(),
+        )
+        .unwrap_or(u32::MAX)
+    };
     entries.sort_by_key(number);
     let Some(first) = entries.first() else {
         return Err(Error::bad_input(
@@ -275,7 +327,10 @@ where
         if pair[0] == pair[1] {
             return Err(Error::bad_input(
                 format!("{}: {folder}", source.path.display()),
-                format!("trial {} appears twice (numbers with leading zeros?)", pair[0]),
+                format!(
+                    "trial {} appears twice (numbers with leading zeros?)",
+                    pair[0]
+                ),
                 "keep one file per trial number",
             ));
         }
@@ -298,7 +353,11 @@ where
     }
     let (dtype, shape) = (first.header.dtype, first.header.shape.clone());
     if !dtype.is_numeric() {
-        return Err(Error::bad_input(source.locate(&source.entries[first.entry]), format!("per-trial arrays must be numeric, this one is {dtype}"), "check the source"));
+        return Err(Error::bad_input(
+            source.locate(&source.entries[first.entry]),
+            format!("per-trial arrays must be numeric, this one is {dtype}"),
+            "check the source",
+        ));
     }
     for a in &entries {
         if a.header.dtype != dtype || a.header.shape != shape {
@@ -309,12 +368,29 @@ where
             ));
         }
     }
-    Ok(TrialPlan { config, trials: entries, dtype, trial_shape: shape })
+    Ok(TrialPlan {
+        config,
+        trials: entries,
+        dtype,
+        trial_shape: shape,
+    })
 }
 
-fn meta_plan<'p>(source: &Source, c: &'p MetaTableConfig, entries: Vec<ArrayEntry>, dims: &mut Dims, n_trials: Option<u64>) -> Result<MetaPlan<'p>> {
+fn meta_plan<'p>(
+    source: &Source,
+    c: &'p MetaTableConfig,
+    entries: Vec<ArrayEntry>,
+    dims: &mut Dims,
+    n_trials: Option<u64>,
+) -> Result<MetaPlan<'p>> {
     let stem = |a: &ArrayEntry| {
-        source.entries[a.entry].path.rsplit('/').next().unwrap_or_default().trim_end_matches(".npy").to_string()
+        source.entries[a.entry]
+            .path
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches(".npy")
+            .to_string()
     };
     let mut files: Vec<(String, ArrayEntry)> = entries.into_iter().map(|a| (stem(&a), a)).collect();
     for req in &c.required {
@@ -344,7 +420,14 @@ fn meta_plan<'p>(source: &Source, c: &'p MetaTableConfig, entries: Vec<ArrayEntr
                 Some(cols) => format!("(rows, {})", cols.len()),
                 None => "(rows,)".to_string(),
             };
-            return Err(Error::bad_input(located, format!("shape {shape:?} does not fit table {}: expected {want}", c.output), "list 2-D files under `split` in the pipeline, or skip the file with a `skip` rule"));
+            return Err(Error::bad_input(
+                located,
+                format!(
+                    "shape {shape:?} does not fit table {}: expected {want}",
+                    c.output
+                ),
+                "list 2-D files under `split` in the pipeline, or skip the file with a `skip` rule",
+            ));
         }
         let len = shape[0];
         match rows {
@@ -362,5 +445,9 @@ fn meta_plan<'p>(source: &Source, c: &'p MetaTableConfig, entries: Vec<ArrayEntr
     if c.axis == MetaAxis::Neuron {
         dims.add("neuron", rows, &c.source, source)?;
     }
-    Ok(MetaPlan { config: c, files, rows })
+    Ok(MetaPlan {
+        config: c,
+        files,
+        rows,
+    })
 }

@@ -71,7 +71,10 @@ impl Drop for Staging {
 
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let started = Instant::now();
-    let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
     let source = Source::open(&opts.source)?;
     let name = opts.name.clone().unwrap_or_else(|| source.dataset_name());
@@ -80,7 +83,14 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     if dataset_dir.exists() && !opts.force {
         return Err(Error::Exists { path: dataset_dir });
     }
-    let threads = opts.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -89,13 +99,19 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let plan = plan(&pipeline, &source)?;
     tracing::info!(dataset = %name, trials = plan.n_trials(), "plan checked");
 
-    std::fs::create_dir_all(&opts.store).map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
-    let mut staging = Staging { dir: opts.store.join(format!(".{name}.partial")), keep: false };
+    std::fs::create_dir_all(&opts.store)
+        .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
+    let mut staging = Staging {
+        dir: opts.store.join(format!(".{name}.partial")),
+        keep: false,
+    };
     if staging.dir.exists() {
         // Left by a run that was killed: nothing in it is trusted.
-        std::fs::remove_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, "cannot remove a stale staging folder", e))?;
+        std::fs::remove_dir_all(&staging.dir)
+            .map_err(|e| Error::io(&staging.dir, "cannot remove a stale staging folder", e))?;
     }
-    std::fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, "cannot create the staging folder", e))?;
+    std::fs::create_dir_all(&staging.dir)
+        .map_err(|e| Error::io(&staging.dir, "cannot create the staging folder", e))?;
 
     let provenance = Provenance {
         tool_version: crate::VERSION.to_string(),
@@ -128,8 +144,20 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         // Validation between stages: what this stage wrote, read back from disk.
         check_stage_output(&staging.dir, &plan, stage, stage_plan)?;
         let seconds = t0.elapsed().as_secs_f64();
-        tracing::info!(stage = stage.id(), entries = result.entries.len(), bytes = result.bytes, seconds, "stage finished");
-        reports.push(StageReport { id: stage.id().to_string(), kind: stage.name().to_string(), entries: result.entries.len(), bytes: result.bytes, seconds });
+        tracing::info!(
+            stage = stage.id(),
+            entries = result.entries.len(),
+            bytes = result.bytes,
+            seconds,
+            "stage finished"
+        );
+        reports.push(StageReport {
+            id: stage.id().to_string(),
+            kind: stage.name().to_string(),
+            entries: result.entries.len(),
+            bytes: result.bytes,
+            seconds,
+        });
         for (m, values) in result.measures {
             measures.insert((stage.id().to_string(), m), values);
         }
@@ -138,7 +166,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
 
     write_groups(&staging.dir, &pipeline, &provenance)?;
     if let Some(name) = &pipeline.contract {
-        let c = contract::load(name).ok_or_else(|| Error::Internal(format!("contract {name} vanished")))?;
+        let c = contract::load(name)
+            .ok_or_else(|| Error::Internal(format!("contract {name} vanished")))?;
         contract::check(&c, &staging.dir, &plan.dims)?;
     }
 
@@ -147,11 +176,27 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let output_bytes = outputs.iter().map(|o| o.bytes).sum();
     let manifest = Manifest {
         format: manifest::FORMAT.to_string(),
-        tool: Tool { name: "sensorium-ingest".into(), version: crate::VERSION.into() },
+        tool: Tool {
+            name: "sensorium-ingest".into(),
+            version: crate::VERSION.into(),
+        },
         dataset: name.clone(),
-        source: SourceInfo { name: source.name.clone(), checksum: manifest::source_checksum(&entries), entries: entries.len(), bytes: source.total_size() },
-        pipeline: PipelineInfo { name: pipeline.pipeline.clone(), hash: provenance.pipeline_hash.clone(), text: opts.pipeline_text.clone() },
-        counts: Counts { trials: plan.n_trials(), neurons: plan.dims.get("neuron").copied(), frames: plan.dims.get("frame").copied() },
+        source: SourceInfo {
+            name: source.name.clone(),
+            checksum: manifest::source_checksum(&entries),
+            entries: entries.len(),
+            bytes: source.total_size(),
+        },
+        pipeline: PipelineInfo {
+            name: pipeline.pipeline.clone(),
+            hash: provenance.pipeline_hash.clone(),
+            text: opts.pipeline_text.clone(),
+        },
+        counts: Counts {
+            trials: plan.n_trials(),
+            neurons: plan.dims.get("neuron").copied(),
+            frames: plan.dims.get("frame").copied(),
+        },
         dimensions: plan.dims.clone(),
         entries,
         outputs,
@@ -161,7 +206,15 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         dataset_dir: dataset_dir.clone(),
         trials: plan.n_trials(),
         dimensions: plan.dims.clone(),
-        source_bytes: std::fs::metadata(&opts.source).map(|m| if m.is_file() { m.len() } else { source.total_size() }).unwrap_or(0),
+        source_bytes: std::fs::metadata(&opts.source)
+            .map(|m| {
+                if m.is_file() {
+                    m.len()
+                } else {
+                    source.total_size()
+                }
+            })
+            .unwrap_or(0),
         output_bytes,
         seconds: started.elapsed().as_secs_f64(),
         threads,
@@ -189,7 +242,11 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
 
 fn check_dataset_name(name: &str) -> Result<()> {
     if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
-        return Err(Error::bad_input(format!("--name {name:?}"), "a dataset name must be a plain folder name", "use letters, digits, `-` and `_`"));
+        return Err(Error::bad_input(
+            format!("--name {name:?}"),
+            "a dataset name must be a plain folder name",
+            "use letters, digits, `-` and `_`",
+        ));
     }
     Ok(())
 }
@@ -204,23 +261,30 @@ fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, "cannot remove", e))?;
         }
-        std::fs::rename(dataset_dir, &old).map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
+        std::fs::rename(dataset_dir, &old)
+            .map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
     }
-    std::fs::rename(staging, dataset_dir).map_err(|e| Error::io(dataset_dir, "cannot move the new dataset into place", e))?;
+    std::fs::rename(staging, dataset_dir)
+        .map_err(|e| Error::io(dataset_dir, "cannot move the new dataset into place", e))?;
     if had_old {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, "cannot remove the replaced dataset", e))?;
+        std::fs::remove_dir_all(&old)
+            .map_err(|e| Error::io(&old, "cannot remove the replaced dataset", e))?;
     }
     Ok(())
 }
 
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| Error::io(path, "cannot write", e))
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).or_else(|_| std::env::var("HOSTNAME")).unwrap_or_default()
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
 }
 
 /// Every Zarr group on the way to an array gets its `zarr.json` (Zarr v3 has no implicit groups).
@@ -228,7 +292,9 @@ fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Res
     let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for stage in &pipeline.stages {
         let output = stage.output();
-        let Some(pos) = output.find(".zarr") else { continue };
+        let Some(pos) = output.find(".zarr") else {
+            continue;
+        };
         let store = output[..pos + 5].to_string();
         let inner = output[pos + 5..].trim_start_matches('/');
         let set = groups.entry(store).or_default();
@@ -243,7 +309,7 @@ fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Res
         }
         if let Stage::Statistics(_) = stage {
             // Every folder of statistics arrays (var, var/subset) is a group too.
-            let base = dir.join(&output);
+            let base = dir.join(output);
             add_statistics_groups(&base, &format!("/{}", parts.join("/")), set)?;
         }
     }
@@ -255,8 +321,14 @@ fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Res
                 attributes.insert("dataset".into(), provenance.dataset.clone().into());
                 attributes.insert("source".into(), provenance.source.clone().into());
                 attributes.insert("pipeline".into(), provenance.pipeline.clone().into());
-                attributes.insert("pipeline_hash".into(), provenance.pipeline_hash.clone().into());
-                attributes.insert("sensorium_ingest_version".into(), provenance.tool_version.clone().into());
+                attributes.insert(
+                    "pipeline_hash".into(),
+                    provenance.pipeline_hash.clone().into(),
+                );
+                attributes.insert(
+                    "sensorium_ingest_version".into(),
+                    provenance.tool_version.clone().into(),
+                );
                 attributes.insert("frame_rate_hz".into(), pipeline.frame_rate_hz.into());
             }
             store.write_group(&path, attributes)?;
@@ -266,11 +338,16 @@ fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Res
 }
 
 fn add_statistics_groups(base: &Path, prefix: &str, out: &mut BTreeSet<String>) -> Result<()> {
-    let Ok(listing) = std::fs::read_dir(base) else { return Ok(()) };
+    let Ok(listing) = std::fs::read_dir(base) else {
+        return Ok(());
+    };
     for item in listing {
         let path = item.map_err(|e| Error::io(base, "cannot list", e))?.path();
         if path.is_dir() && !path.join("zarr.json").exists() {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let group = format!("{prefix}/{name}");
             out.insert(group.clone());
             add_statistics_groups(&path, &group, out)?;
@@ -280,13 +357,23 @@ fn add_statistics_groups(base: &Path, prefix: &str, out: &mut BTreeSet<String>) 
 }
 
 /// Reads back what a stage wrote and compares it with the plan.
-fn check_stage_output(dir: &Path, plan: &Plan, stage: &Stage, stage_plan: &StagePlan) -> Result<()> {
+fn check_stage_output(
+    dir: &Path,
+    plan: &Plan,
+    stage: &Stage,
+    stage_plan: &StagePlan,
+) -> Result<()> {
     match (stage, stage_plan) {
         (Stage::TrialArray(c), StagePlan::TrialArray(p)) => {
             let mut shape = vec![p.trials.len() as u64];
             shape.extend(&p.trial_shape);
             let data_type = zarr_type_name(p.dtype);
-            validate::check_zarr_array(&ExpectedArray { path: &dir.join(&c.output), shape: &shape, data_type: &data_type, dimension_names: &c.dimension_names })?;
+            validate::check_zarr_array(&ExpectedArray {
+                path: &dir.join(&c.output),
+                shape: &shape,
+                data_type: &data_type,
+                dimension_names: &c.dimension_names,
+            })?;
         }
         (Stage::Statistics(c), StagePlan::Statistics(p)) => {
             for (name, a) in &p.arrays {
@@ -297,21 +384,47 @@ fn check_stage_output(dir: &Path, plan: &Plan, stage: &Stage, stage_plan: &Stage
                     _ => (0..rank).map(|i| format!("dim_{i}")).collect(),
                 };
                 let data_type = zarr_type_name(a.header.dtype);
-                validate::check_zarr_array(&ExpectedArray { path: &dir.join(&c.output).join(name), shape: &a.header.shape, data_type: &data_type, dimension_names: &names })?;
+                validate::check_zarr_array(&ExpectedArray {
+                    path: &dir.join(&c.output).join(name),
+                    shape: &a.header.shape,
+                    data_type: &data_type,
+                    dimension_names: &names,
+                })?;
             }
         }
         (Stage::TrialTable(c), StagePlan::TrialTable(p)) => {
             let value = arrow_type(p.dtype).unwrap_or(DataType::Null);
-            let mut columns = vec![(c.trial_column.clone(), DataType::Int32), (c.frame_column.clone(), DataType::Int32)];
+            let mut columns = vec![
+                (c.trial_column.clone(), DataType::Int32),
+                (c.frame_column.clone(), DataType::Int32),
+            ];
             columns.extend(c.columns.iter().map(|n| (n.clone(), value.clone())));
-            validate::check_parquet(&dir.join(&c.output), &columns, p.trials.len() as u64 * p.trial_shape[1])?;
+            validate::check_parquet(
+                &dir.join(&c.output),
+                &columns,
+                p.trials.len() as u64 * p.trial_shape[1],
+            )?;
         }
         (Stage::MetaTable(c), StagePlan::MetaTable(p)) => {
             let (columns, rows) = validate::read_parquet_schema(&dir.join(&c.output))?;
-            let want_rows = if c.axis == MetaAxis::Trial { plan.n_trials() as u64 } else { p.rows };
-            let want_columns = 1 + c.trial_id_column.iter().count() + p.files.iter().map(|(s, _)| c.split.get(s).map_or(1, |v| v.len())).sum::<usize>() + c.derived.len();
+            let want_rows = if c.axis == MetaAxis::Trial {
+                plan.n_trials() as u64
+            } else {
+                p.rows
+            };
+            let want_columns = 1
+                + c.trial_id_column.iter().count()
+                + p.files
+                    .iter()
+                    .map(|(s, _)| c.split.get(s).map_or(1, |v| v.len()))
+                    .sum::<usize>()
+                + c.derived.len();
             if rows != want_rows || columns.len() != want_columns {
-                return Err(Error::Internal(format!("{}: {rows} rows and {} columns, expected {want_rows} and {want_columns}", c.output, columns.len())));
+                return Err(Error::Internal(format!(
+                    "{}: {rows} rows and {} columns, expected {want_rows} and {want_columns}",
+                    c.output,
+                    columns.len()
+                )));
             }
         }
         _ => return Err(Error::Internal("stage and plan disagree".into())),
@@ -332,7 +445,12 @@ fn zarr_type_name(dtype: crate::npy::Dtype) -> String {
 
 /// One manifest line per source entry. Skipped entries are hashed here so the source checksum
 /// covers every byte; an entry that a stage claimed but did not report is a bug, caught here.
-fn entry_infos(source: &Source, pipeline: &Pipeline, plan: &Plan, records: Vec<(usize, EntryRecord)>) -> Result<Vec<EntryInfo>> {
+fn entry_infos(
+    source: &Source,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    records: Vec<(usize, EntryRecord)>,
+) -> Result<Vec<EntryInfo>> {
     let mut by_entry: BTreeMap<usize, (usize, EntryRecord)> = BTreeMap::new();
     for (stage, r) in records {
         by_entry.insert(r.entry, (stage, r));
@@ -344,8 +462,12 @@ fn entry_infos(source: &Source, pipeline: &Pipeline, plan: &Plan, records: Vec<(
             match s {
                 StagePlan::TrialArray(p) => p.trials.iter().map(|a| (a.entry, &a.header)).collect(),
                 StagePlan::TrialTable(p) => p.trials.iter().map(|a| (a.entry, &a.header)).collect(),
-                StagePlan::Statistics(p) => p.arrays.iter().map(|(_, a)| (a.entry, &a.header)).collect(),
-                StagePlan::MetaTable(p) => p.files.iter().map(|(_, a)| (a.entry, &a.header)).collect(),
+                StagePlan::Statistics(p) => {
+                    p.arrays.iter().map(|(_, a)| (a.entry, &a.header)).collect()
+                }
+                StagePlan::MetaTable(p) => {
+                    p.files.iter().map(|(_, a)| (a.entry, &a.header)).collect()
+                }
             }
         })
         .collect();
@@ -355,7 +477,13 @@ fn entry_infos(source: &Source, pipeline: &Pipeline, plan: &Plan, records: Vec<(
         let header = headers.get(&index);
         let info = match disposition {
             Disposition::Stage(s) => {
-                let (stage, record) = by_entry.remove(&index).ok_or_else(|| Error::Internal(format!("{} was claimed by stage {} but never read", entry.path, pipeline.stages[*s].id())))?;
+                let (stage, record) = by_entry.remove(&index).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{} was claimed by stage {} but never read",
+                        entry.path,
+                        pipeline.stages[*s].id()
+                    ))
+                })?;
                 EntryInfo {
                     path: entry.path.clone(),
                     status: "converted".into(),

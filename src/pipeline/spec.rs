@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
@@ -14,7 +15,7 @@ pub const DEFAULT_PIPELINE_NAME: &str = "pipelines/sensorium2023.yaml (embedded)
 
 const HINT: &str = "see docs/pipeline-reference.md for every key and its type";
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     /// Name recorded in outputs.
@@ -32,7 +33,7 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SkipRule {
     /// Glob over entry paths relative to the dataset root (`*` within a path part, `**` across).
@@ -40,7 +41,7 @@ pub struct SkipRule {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Stage {
     TrialArray(TrialArrayConfig),
@@ -88,7 +89,7 @@ impl Stage {
 }
 
 /// Per-trial arrays (`<source>/<trial>.npy`) stacked into one Zarr array with a leading trial axis.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrialArrayConfig {
     /// Unique name of the stage, used in messages, the manifest and `derived`.
@@ -111,7 +112,7 @@ pub struct TrialArrayConfig {
 }
 
 /// Per-trial `(channels, frames)` arrays written as a long table: one row per (trial, frame).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrialTableConfig {
     /// Unique name of the stage, used in messages, the manifest and `derived`.
@@ -128,7 +129,7 @@ pub struct TrialTableConfig {
 }
 
 /// Every `<source>/<var>/<subset>/<stat>.npy` copied unchanged to `<output>/<var>/<subset>/<stat>`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatisticsConfig {
     /// Unique name of the stage, used in messages, the manifest and `derived`.
@@ -145,7 +146,7 @@ pub struct StatisticsConfig {
 }
 
 /// Axis a meta table describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MetaAxis {
     Trial,
@@ -153,7 +154,7 @@ pub enum MetaAxis {
 }
 
 /// The 1-D (and listed 2-D) arrays of a meta folder as one Parquet table, one row per item.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetaTableConfig {
     /// Unique name of the stage, used in messages, the manifest and `derived`.
@@ -184,7 +185,7 @@ pub struct MetaTableConfig {
     pub compression: Compression,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DerivedColumn {
     pub column: String,
@@ -192,7 +193,9 @@ pub struct DerivedColumn {
     pub measure: Measure,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Measure {
     /// Frames before the trailing frames in which every value is NaN (int32).
@@ -210,7 +213,7 @@ impl fmt::Display for Measure {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Compression {
     pub codec: Codec,
@@ -218,7 +221,7 @@ pub struct Compression {
     pub level: Option<i32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Codec {
     Zstd,
@@ -239,6 +242,18 @@ impl Extent {
             Extent::Full => axis_len.max(1),
             Extent::Size(n) => n,
         }
+    }
+}
+
+impl JsonSchema for Extent {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Extent".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An axis extent: a positive integer, or `full` for the whole axis.",
+            "oneOf": [{"type": "integer", "minimum": 1}, {"const": "full"}]
+        })
     }
 }
 
@@ -266,13 +281,17 @@ impl<'de> Deserialize<'de> for Extent {
                 Ok(Extent::Size(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Extent, E> {
-                u64::try_from(v).map_err(|_| E::custom("a chunk or shard extent must be at least 1")).and_then(|v| self.visit_u64(v))
+                u64::try_from(v)
+                    .map_err(|_| E::custom("a chunk or shard extent must be at least 1"))
+                    .and_then(|v| self.visit_u64(v))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Extent, E> {
                 if v == "full" {
                     Ok(Extent::Full)
                 } else {
-                    Err(E::custom(format!("unknown extent {v:?}: expected a positive integer or `full`")))
+                    Err(E::custom(format!(
+                        "unknown extent {v:?}: expected a positive integer or `full`"
+                    )))
                 }
             }
         }
@@ -283,14 +302,26 @@ impl<'de> Deserialize<'de> for Extent {
 impl Pipeline {
     /// Parses and checks a pipeline file. `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
-        let pipeline: Pipeline = yaml_serde::from_str(text).map_err(|e| Error::BadPipeline {
-            file: file.to_string(),
-            line: e.location().map(|l| (l.line(), l.column())),
-            problem: e.to_string(),
-            hint: HINT.to_string(),
+        let pipeline: Pipeline = yaml_serde::from_str(text).map_err(|e| {
+            let problem = e.to_string();
+            let reported = e.location().map(|l| (l.line(), l.column()));
+            Error::BadPipeline {
+                file: file.to_string(),
+                line: refine_location(text, &problem, reported).or(reported),
+                problem,
+                hint: HINT.to_string(),
+            }
         })?;
         pipeline.check(file)?;
         Ok(pipeline)
+    }
+
+    /// The JSON Schema of pipeline files (`schemas/pipeline.schema.json` is this, committed).
+    pub fn json_schema() -> String {
+        let schema = schemars::schema_for!(Pipeline);
+        let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+        text.push('\n');
+        text
     }
 
     /// BLAKE3 of the pipeline's text, recorded in every output.
@@ -301,7 +332,10 @@ impl Pipeline {
     fn check(&self, file: &str) -> Result<()> {
         let bad = |problem: String, hint: &str| Err(Error::bad_pipeline(file, problem, hint));
         if self.version != 1 {
-            return bad(format!("version {} is not supported", self.version), "this tool reads pipeline files of version 1");
+            return bad(
+                format!("version {} is not supported", self.version),
+                "this tool reads pipeline files of version 1",
+            );
         }
         if !(self.frame_rate_hz.is_finite() && self.frame_rate_hz > 0.0) {
             return bad("frame_rate_hz must be a positive number".into(), HINT);
@@ -318,17 +352,31 @@ impl Pipeline {
         let mut outputs = std::collections::BTreeSet::new();
         for (i, stage) in self.stages.iter().enumerate() {
             let here = format!("stages[{i}] ({})", stage.id());
-            if !is_plain_name(&stage.id()) {
-                return bad(format!("{here}: id must be letters, digits, `_` or `-`"), HINT);
+            if !is_plain_name(stage.id()) {
+                return bad(
+                    format!("{here}: id must be letters, digits, `_` or `-`"),
+                    HINT,
+                );
             }
             if !ids.insert(stage.id()) {
-                return bad(format!("{here}: a second stage has the id {:?}", stage.id()), "give every stage its own id");
+                return bad(
+                    format!("{here}: a second stage has the id {:?}", stage.id()),
+                    "give every stage its own id",
+                );
             }
             let output = stage.output();
             check_relative_path(output).or_else(|p| bad(format!("{here}: output {output:?} {p}"), "outputs are paths inside the dataset folder, like `data.zarr/videos` or `trials.parquet`"))?;
-            check_relative_path(stage.source()).or_else(|p| bad(format!("{here}: source {:?} {p}", stage.source()), "sources are folders inside the dataset, like `data/videos`"))?;
+            check_relative_path(stage.source()).or_else(|p| {
+                bad(
+                    format!("{here}: source {:?} {p}", stage.source()),
+                    "sources are folders inside the dataset, like `data/videos`",
+                )
+            })?;
             if !outputs.insert(output.to_string()) {
-                return bad(format!("{here}: output {output:?} is written by an earlier stage too"), "give every stage its own output");
+                return bad(
+                    format!("{here}: output {output:?} is written by an earlier stage too"),
+                    "give every stage its own output",
+                );
             }
             match stage {
                 Stage::TrialArray(c) => {
@@ -340,19 +388,28 @@ impl Pipeline {
                         return bad(format!("{here}: chunk_shape and shard_shape need {rank} extents, one per dimension name"), HINT);
                     }
                     if !output.contains(".zarr/") {
-                        return bad(format!("{here}: output {output:?} is not inside a `.zarr` group"), "write arrays to e.g. `data.zarr/videos`");
+                        return bad(
+                            format!("{here}: output {output:?} is not inside a `.zarr` group"),
+                            "write arrays to e.g. `data.zarr/videos`",
+                        );
                     }
                     check_codec(&c.compression).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
                 }
                 Stage::Statistics(c) => {
                     if !output.contains(".zarr") {
-                        return bad(format!("{here}: output {output:?} is not inside a `.zarr` group"), "write statistics to e.g. `data.zarr/statistics`");
+                        return bad(
+                            format!("{here}: output {output:?} is not inside a `.zarr` group"),
+                            "write statistics to e.g. `data.zarr/statistics`",
+                        );
                     }
                     check_codec(&c.compression).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
                 }
                 Stage::TrialTable(c) => {
                     if !output.ends_with(".parquet") {
-                        return bad(format!("{here}: output {output:?} must end in .parquet"), HINT);
+                        return bad(
+                            format!("{here}: output {output:?} must end in .parquet"),
+                            HINT,
+                        );
                     }
                     let mut names = vec![&c.trial_column, &c.frame_column];
                     names.extend(c.columns.iter());
@@ -361,10 +418,20 @@ impl Pipeline {
                 }
                 Stage::MetaTable(c) => {
                     if !output.ends_with(".parquet") {
-                        return bad(format!("{here}: output {output:?} must end in .parquet"), HINT);
+                        return bad(
+                            format!("{here}: output {output:?} must end in .parquet"),
+                            HINT,
+                        );
                     }
-                    if c.axis == MetaAxis::Neuron && (c.trial_id_column.is_some() || !c.derived.is_empty()) {
-                        return bad(format!("{here}: trial_id_column and derived apply to trial tables only"), HINT);
+                    if c.axis == MetaAxis::Neuron
+                        && (c.trial_id_column.is_some() || !c.derived.is_empty())
+                    {
+                        return bad(
+                            format!(
+                                "{here}: trial_id_column and derived apply to trial tables only"
+                            ),
+                            HINT,
+                        );
                     }
                     for d in &c.derived {
                         let Some(pos) = self.stages.iter().position(|s| s.id() == d.stage) else {
@@ -391,15 +458,43 @@ impl Pipeline {
     }
 }
 
+/// Inside a stage (an internally tagged enum), the YAML parser can only point at the stage's
+/// first line; for an unknown key, point at the key itself.
+fn refine_location(
+    text: &str,
+    problem: &str,
+    reported: Option<(usize, usize)>,
+) -> Option<(usize, usize)> {
+    let key = problem
+        .split("unknown field `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())?;
+    let from = reported.map_or(0, |(line, _)| line.saturating_sub(1));
+    text.lines()
+        .enumerate()
+        .skip(from)
+        .find_map(|(i, line)| {
+            let trimmed = line.trim_start().trim_start_matches("- ");
+            trimmed
+                .starts_with(&format!("{key}:"))
+                .then(|| (i + 1, line.len() - trimmed.len() + 1))
+        })
+        .or(reported)
+}
+
 fn is_plain_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn check_relative_path(p: &str) -> std::result::Result<(), &'static str> {
     if p.is_empty() || p.starts_with('/') || p.contains('\\') || p.contains(':') {
         return Err("must be a relative path");
     }
-    if p.split('/').any(|part| part.is_empty() || part == ".." || part == ".") {
+    if p.split('/')
+        .any(|part| part.is_empty() || part == ".." || part == ".")
+    {
         return Err("must not contain `..`, `.` or empty parts");
     }
     Ok(())
@@ -420,8 +515,12 @@ fn check_column_names(names: &[&String]) -> std::result::Result<(), String> {
 
 fn check_codec(c: &Compression) -> std::result::Result<(), String> {
     match (c.codec, c.level) {
-        (Codec::Zstd, Some(l)) if !(-7..=22).contains(&l) => Err(format!("zstd level {l} is outside -7..=22")),
-        (Codec::Gzip, Some(l)) if !(0..=9).contains(&l) => Err(format!("gzip level {l} is outside 0..=9")),
+        (Codec::Zstd, Some(l)) if !(-7..=22).contains(&l) => {
+            Err(format!("zstd level {l} is outside -7..=22"))
+        }
+        (Codec::Gzip, Some(l)) if !(0..=9).contains(&l) => {
+            Err(format!("gzip level {l} is outside 0..=9"))
+        }
         (Codec::None, Some(_)) => Err("codec `none` takes no level".into()),
         _ => Ok(()),
     }

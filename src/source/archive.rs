@@ -38,7 +38,9 @@ impl Seek for SharedFile {
             SeekFrom::End(d) => self.len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = new.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
+        self.pos = new.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start")
+        })?;
         Ok(self.pos)
     }
 }
@@ -51,8 +53,15 @@ pub struct ArchiveSource {
 impl ArchiveSource {
     pub fn open(path: &Path) -> Result<ArchiveSource> {
         let file = File::open(path).map_err(|e| Error::io(path, "cannot open the archive", e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, "cannot read the archive's size", e))?.len();
-        let shared = SharedFile { file: Arc::new(file), pos: 0, len };
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "cannot read the archive's size", e))?
+            .len();
+        let shared = SharedFile {
+            file: Arc::new(file),
+            pos: 0,
+            len,
+        };
         let archive = ZipArchive::new(shared).map_err(|e| {
             Error::bad_input(
                 path.display().to_string(),
@@ -60,7 +69,10 @@ impl ArchiveSource {
                 "the download is probably truncated or damaged; download it again and compare its checksum",
             )
         })?;
-        Ok(ArchiveSource { path: path.to_path_buf(), archive })
+        Ok(ArchiveSource {
+            path: path.to_path_buf(),
+            archive,
+        })
     }
 
     /// (name, declared size, index) of every file entry.
@@ -68,11 +80,17 @@ impl ArchiveSource {
         let mut archive = self.archive.clone();
         let mut out = Vec::with_capacity(archive.len());
         for index in 0..archive.len() {
-            let file = archive.by_index_raw(index).map_err(|e| self.damaged(&format!("entry #{index}"), e))?;
+            let file = archive
+                .by_index_raw(index)
+                .map_err(|e| self.damaged(&format!("entry #{index}"), e))?;
             let name = std::str::from_utf8(file.name_raw())
                 .map_err(|_| {
                     Error::bad_input(
-                        format!("{}: entry #{index} ({})", self.path.display(), String::from_utf8_lossy(file.name_raw())),
+                        format!(
+                            "{}: entry #{index} ({})",
+                            self.path.display(),
+                            String::from_utf8_lossy(file.name_raw())
+                        ),
                         "entry name is not valid UTF-8",
                         "rebuild the archive with UTF-8 file names",
                     )
@@ -96,7 +114,10 @@ impl ArchiveSource {
     }
 
     pub fn reader(&self) -> ArchiveReader {
-        ArchiveReader { path: self.path.clone(), archive: self.archive.clone() }
+        ArchiveReader {
+            path: self.path.clone(),
+            archive: self.archive.clone(),
+        }
     }
 
     fn damaged(&self, what: &str, e: zip::result::ZipError) -> Error {
@@ -124,7 +145,10 @@ impl ArchiveReader {
                 "the archive is damaged (bad CRC, truncated or corrupt data); download it again",
             )
         };
-        let file = self.archive.by_index(entry.index).map_err(|e| damaged(&e))?;
+        let file = self
+            .archive
+            .by_index(entry.index)
+            .map_err(|e| damaged(&e))?;
         let want = match limit {
             Some(l) => (l as u64).min(entry.size),
             None => entry.size,
@@ -133,11 +157,17 @@ impl ArchiveReader {
         // caught without ever holding more than the declared size in memory.
         let mut buf = Vec::with_capacity(want as usize);
         let take = if limit.is_some() { want } else { want + 1 };
-        file.take(take).read_to_end(&mut buf).map_err(|e| damaged(&e))?;
+        file.take(take)
+            .read_to_end(&mut buf)
+            .map_err(|e| damaged(&e))?;
         if limit.is_none() && buf.len() as u64 != entry.size {
             return Err(Error::bad_input(
                 located(),
-                format!("entry declares {} bytes but holds {}", entry.size, buf.len()),
+                format!(
+                    "entry declares {} bytes but holds {}",
+                    entry.size,
+                    buf.len()
+                ),
                 "the archive is damaged; download it again",
             ));
         }

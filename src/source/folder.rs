@@ -13,7 +13,8 @@ pub struct FolderSource {
 
 impl FolderSource {
     pub fn open(path: &Path) -> Result<FolderSource> {
-        let root = std::fs::canonicalize(path).map_err(|e| Error::io(path, "cannot open the source folder", e))?;
+        let root = std::fs::canonicalize(path)
+            .map_err(|e| Error::io(path, "cannot open the source folder", e))?;
         Ok(FolderSource { root })
     }
 
@@ -22,21 +23,31 @@ impl FolderSource {
         let mut files = Vec::new();
         self.walk(&self.root, &mut files)?;
         files.sort();
-        Ok(files.into_iter().enumerate().map(|(i, (p, s))| (p, s, i)).collect())
+        Ok(files
+            .into_iter()
+            .enumerate()
+            .map(|(i, (p, s))| (p, s, i))
+            .collect())
     }
 
     fn walk(&self, dir: &Path, out: &mut Vec<(String, u64)>) -> Result<()> {
-        let listing = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list the folder", e))?;
+        let listing =
+            std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list the folder", e))?;
         for item in listing {
             let item = item.map_err(|e| Error::io(dir, "cannot list the folder", e))?;
             let path = item.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?;
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?;
             let meta = if meta.file_type().is_symlink() {
-                let target = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, "cannot follow the symbolic link", e))?;
+                let target = std::fs::canonicalize(&path)
+                    .map_err(|e| Error::io(&path, "cannot follow the symbolic link", e))?;
                 if !target.starts_with(&self.root) {
                     return Err(Error::bad_input(
                         path.display().to_string(),
-                        format!("symbolic link points outside the source folder (to {})", target.display()),
+                        format!(
+                            "symbolic link points outside the source folder (to {})",
+                            target.display()
+                        ),
                         "copy the file into the folder instead of linking to it",
                     ));
                 }
@@ -47,9 +58,15 @@ impl FolderSource {
             if meta.is_dir() {
                 self.walk(&path, out)?;
             } else if meta.is_file() {
-                let rel = path.strip_prefix(&self.root).map_err(|_| Error::Internal(format!("{} escaped the source root", path.display())))?;
+                let rel = path.strip_prefix(&self.root).map_err(|_| {
+                    Error::Internal(format!("{} escaped the source root", path.display()))
+                })?;
                 let rel = rel.to_str().ok_or_else(|| {
-                    Error::bad_input(path.display().to_string(), "file name is not valid UTF-8", "rename the file")
+                    Error::bad_input(
+                        path.display().to_string(),
+                        "file name is not valid UTF-8",
+                        "rename the file",
+                    )
                 })?;
                 out.push((rel.replace(std::path::MAIN_SEPARATOR, "/"), meta.len()));
             }
@@ -58,7 +75,9 @@ impl FolderSource {
     }
 
     pub fn reader(&self) -> FolderReader {
-        FolderReader { root: self.root.clone() }
+        FolderReader {
+            root: self.root.clone(),
+        }
     }
 }
 
@@ -78,11 +97,17 @@ impl EntryReader for FolderReader {
     fn read(&mut self, entry: &Entry) -> Result<Vec<u8>> {
         let (file, path) = self.open(entry)?;
         let mut buf = Vec::with_capacity(entry.size as usize);
-        file.take(entry.size + 1).read_to_end(&mut buf).map_err(|e| Error::io(&path, "cannot read", e))?;
+        file.take(entry.size + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(&path, "cannot read", e))?;
         if buf.len() as u64 != entry.size {
             return Err(Error::bad_input(
                 path.display().to_string(),
-                format!("file changed while reading: it was {} bytes when listed, {} now", entry.size, buf.len()),
+                format!(
+                    "file changed while reading: it was {} bytes when listed, {} now",
+                    entry.size,
+                    buf.len()
+                ),
                 "wait until the folder is fully copied, then run again",
             ));
         }
@@ -92,7 +117,9 @@ impl EntryReader for FolderReader {
     fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>> {
         let (file, path) = self.open(entry)?;
         let mut buf = Vec::with_capacity(len);
-        file.take(len as u64).read_to_end(&mut buf).map_err(|e| Error::io(&path, "cannot read", e))?;
+        file.take(len as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(&path, "cannot read", e))?;
         Ok(buf)
     }
 }

@@ -61,7 +61,8 @@ enum Inner {
 
 impl Source {
     pub fn open(path: &Path) -> Result<Source> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open the source", e))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open the source", e))?;
         let (kind, inner, raw_entries, container_name) = if meta.is_dir() {
             let folder = FolderSource::open(path)?;
             let entries = folder.list()?;
@@ -71,7 +72,10 @@ impl Source {
             let archive = ArchiveSource::open(path)?;
             let entries = archive.list()?;
             let name = file_name(path);
-            let name = name.strip_suffix(".zip").map(str::to_string).unwrap_or(name);
+            let name = name
+                .strip_suffix(".zip")
+                .map(str::to_string)
+                .unwrap_or(name);
             (SourceKind::Zip, Inner::Archive(archive), entries, name)
         };
         let (root, mut entries) = locate_root(path, raw_entries)?;
@@ -88,10 +92,21 @@ impl Source {
         // A folder that merely wraps the dataset folder is named after the dataset folder, so that
         // a zip and its extraction get the same name.
         let name = match (&kind, root.as_str()) {
-            (SourceKind::Folder, r) if !r.is_empty() => r.trim_end_matches('/').rsplit('/').next().unwrap_or(r).to_string(),
+            (SourceKind::Folder, r) if !r.is_empty() => r
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(r)
+                .to_string(),
             _ => container_name,
         };
-        Ok(Source { path: path.to_path_buf(), kind, name, entries, inner })
+        Ok(Source {
+            path: path.to_path_buf(),
+            kind,
+            name,
+            entries,
+            inner,
+        })
     }
 
     pub fn reader(&self) -> Result<Box<dyn EntryReader>> {
@@ -138,14 +153,17 @@ fn file_name(path: &Path) -> String {
 /// Junk that archivers and file managers add; never part of a dataset.
 pub fn is_platform_junk(path: &str) -> bool {
     path.starts_with("__MACOSX/")
-        || path.split('/').any(|part| part.starts_with("._") || part == ".DS_Store" || part == "Thumbs.db")
+        || path
+            .split('/')
+            .any(|part| part.starts_with("._") || part == ".DS_Store" || part == "Thumbs.db")
 }
 
 /// Finds the dataset root (the folder holding `data/` and `meta/`) and makes paths relative to it.
 fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String, Vec<Entry>)> {
     let has = |prefix: &str| {
         raw.iter().any(|(p, _, _)| {
-            p.strip_prefix(prefix).is_some_and(|rest| rest.starts_with("data/") || rest.starts_with("meta/"))
+            p.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with("data/") || rest.starts_with("meta/"))
         })
     };
     let root = if has("") {
@@ -172,8 +190,16 @@ fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String,
     let entries = raw
         .into_iter()
         .map(|(raw_path, size, index)| {
-            let path = raw_path.strip_prefix(&root).unwrap_or(&raw_path).to_string();
-            Entry { path, raw_path, size, index }
+            let path = raw_path
+                .strip_prefix(&root)
+                .unwrap_or(&raw_path)
+                .to_string();
+            Entry {
+                path,
+                raw_path,
+                size,
+                index,
+            }
         })
         .collect();
     Ok((root, entries))
@@ -188,7 +214,11 @@ pub(crate) fn check_entry_name(source: &Path, name: &str) -> Result<()> {
             "the archive was not written by a normal zip tool; rebuild it from the original files",
         ))
     };
-    if name.starts_with('/') || name.contains('\\') || name.contains('\0') || name.as_bytes().get(1) == Some(&b':') {
+    if name.starts_with('/')
+        || name.contains('\\')
+        || name.contains('\0')
+        || name.as_bytes().get(1) == Some(&b':')
+    {
         return bad("entry name is absolute or uses backslashes");
     }
     if name.split('/').any(|part| part == ".." || part == ".") {
@@ -198,25 +228,51 @@ pub(crate) fn check_entry_name(source: &Path, name: &str) -> Result<()> {
 }
 
 /// Reads and parses the npy header of an entry, checking it against the entry's size.
-pub fn read_npy_header(source: &Source, reader: &mut dyn EntryReader, entry: &Entry) -> Result<npy::Header> {
+pub fn read_npy_header(
+    source: &Source,
+    reader: &mut dyn EntryReader,
+    entry: &Entry,
+) -> Result<npy::Header> {
     let prefix = reader.read_prefix(entry, npy::HEADER_PROBE_LEN)?;
     let header = npy::parse_header(&prefix).map_err(|problem| {
-        Error::bad_input(source.locate(entry), problem, "the file is not a readable NumPy array; re-export it with numpy.save")
+        Error::bad_input(
+            source.locate(entry),
+            problem,
+            "the file is not a readable NumPy array; re-export it with numpy.save",
+        )
     })?;
     header.check_file_len(entry.size).map_err(|problem| {
-        Error::bad_input(source.locate(entry), problem, "the file is truncated or its header is wrong; re-download the archive")
+        Error::bad_input(
+            source.locate(entry),
+            problem,
+            "the file is truncated or its header is wrong; re-download the archive",
+        )
     })?;
     Ok(header)
 }
 
 /// Reads an entry whole and returns its header and payload, checked against each other.
-pub fn read_npy(source: &Source, reader: &mut dyn EntryReader, entry: &Entry) -> Result<(npy::Header, Vec<u8>)> {
+pub fn read_npy(
+    source: &Source,
+    reader: &mut dyn EntryReader,
+    entry: &Entry,
+) -> Result<(npy::Header, Vec<u8>)> {
     let bytes = reader.read(entry)?;
     let header = npy::parse_header(&bytes).map_err(|problem| {
-        Error::bad_input(source.locate(entry), problem, "the file is not a readable NumPy array; re-export it with numpy.save")
+        Error::bad_input(
+            source.locate(entry),
+            problem,
+            "the file is not a readable NumPy array; re-export it with numpy.save",
+        )
     })?;
-    header.check_file_len(bytes.len() as u64).map_err(|problem| {
-        Error::bad_input(source.locate(entry), problem, "the file is truncated or its header is wrong; re-download the archive")
-    })?;
+    header
+        .check_file_len(bytes.len() as u64)
+        .map_err(|problem| {
+            Error::bad_input(
+                source.locate(entry),
+                problem,
+                "the file is truncated or its header is wrong; re-download the archive",
+            )
+        })?;
     Ok((header, bytes))
 }

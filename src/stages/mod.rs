@@ -9,12 +9,12 @@ pub mod trial_table;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::error::{Error, Result};
+use crate::npy::Header;
 use crate::pipeline::plan::{ArrayEntry, Plan};
 use crate::pipeline::spec::{Measure, Pipeline};
 use crate::source::{read_npy, EntryReader, Source};
 use crate::writers::Provenance;
-use crate::error::{Error, Result};
-use crate::npy::Header;
 
 /// What every stage sees.
 pub struct StageContext<'a> {
@@ -58,7 +58,11 @@ pub struct StageResult {
 
 /// Reads an entry the plan has checked, verifies it still matches the planned header, and
 /// returns the header, whole file bytes and its BLAKE3.
-pub(crate) fn read_planned(source: &Source, reader: &mut dyn EntryReader, planned: &ArrayEntry) -> Result<(Header, Vec<u8>, String)> {
+pub(crate) fn read_planned(
+    source: &Source,
+    reader: &mut dyn EntryReader,
+    planned: &ArrayEntry,
+) -> Result<(Header, Vec<u8>, String)> {
     let entry = &source.entries[planned.entry];
     let (header, bytes) = read_npy(source, reader, entry)?;
     if header != planned.header {

@@ -24,7 +24,10 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
         };
         let mut attributes = serde_json::Map::new();
         attributes.insert("source".into(), ctx.provenance.source.clone().into());
-        attributes.insert("source_file".into(), ctx.source.entries[planned.entry].path.clone().into());
+        attributes.insert(
+            "source_file".into(),
+            ctx.source.entries[planned.entry].path.clone().into(),
+        );
         attributes.insert("source_dtype".into(), header.dtype.to_string().into());
         let path = format!("{}/{name}", base.trim_end_matches('/'));
         let array = store.create_array(&ArraySpec {
@@ -42,7 +45,11 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
         if !payload.is_empty() || header.shape.is_empty() {
             store_chunk(&array, &vec![0; rank], payload)?;
         }
-        result.entries.push(EntryRecord { entry: planned.entry, blake3: hash, output: format!("{}/{name}", c.output) });
+        result.entries.push(EntryRecord {
+            entry: planned.entry,
+            blake3: hash,
+            output: format!("{}/{name}", c.output),
+        });
     }
     Ok(result)
 }

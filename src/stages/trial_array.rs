@@ -12,6 +12,9 @@ use crate::pipeline::plan::TrialPlan;
 use crate::pipeline::spec::{Extent, Measure, TrialArrayConfig};
 use crate::writers::zarr::{ArraySpec, ZarrStore};
 
+/// What one shard's task reports: the entries it read and its trials' measures.
+type ShardDone = (Vec<EntryRecord>, Vec<Vec<MeasureValue>>);
+
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<StageResult> {
     let c = plan.config;
     let n_trials = plan.trials.len() as u64;
@@ -45,32 +48,61 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
     let mut result = StageResult::default();
     let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
     for window in groups.chunks(window_len()) {
-        let done: Vec<Result<(Vec<EntryRecord>, Vec<Vec<MeasureValue>>)>> = window
+        let done: Vec<Result<ShardDone>> = window
             .par_iter()
             .map_init(
                 || ctx.source.reader(),
                 |reader, &group| {
-                    let reader = reader.as_mut().map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+                    let reader = reader.as_mut().map_err(|e| {
+                        Error::Internal(format!("cannot open a source reader: {e}"))
+                    })?;
                     let first = group * trials_per_shard;
-                    let trials = &plan.trials[first..(first + trials_per_shard).min(plan.trials.len())];
+                    let trials =
+                        &plan.trials[first..(first + trials_per_shard).min(plan.trials.len())];
                     let mut buffer = Vec::with_capacity(trials.len() * trial_bytes);
                     let mut records = Vec::with_capacity(trials.len());
-                    let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
+                    let mut group_measures =
+                        vec![Vec::with_capacity(trials.len()); c.measures.len()];
                     for planned in trials {
-                        let (header, bytes, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
+                        let (header, bytes, hash) =
+                            read_planned(ctx.source, reader.as_mut(), planned)?;
                         let start = buffer.len();
-                        npy::append_little_endian_c(&header, &bytes[header.payload_offset..], &mut buffer);
+                        npy::append_little_endian_c(
+                            &header,
+                            &bytes[header.payload_offset..],
+                            &mut buffer,
+                        );
                         drop(bytes);
                         for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
-                            values.push(measure(*m, plan.dtype, &buffer[start..], *plan.trial_shape.last().unwrap_or(&1)));
+                            values.push(measure(
+                                *m,
+                                plan.dtype,
+                                &buffer[start..],
+                                *plan.trial_shape.last().unwrap_or(&1),
+                            ));
                         }
-                        records.push(EntryRecord { entry: planned.entry, blake3: hash, output: c.output.clone() });
+                        records.push(EntryRecord {
+                            entry: planned.entry,
+                            blake3: hash,
+                            output: c.output.clone(),
+                        });
                     }
-                    let mut ranges = vec![first as u64..(first + trials.len()) as u64];
-                    ranges.extend(plan.trial_shape.iter().map(|&d| 0..d));
+                    let ranges: Vec<std::ops::Range<u64>> =
+                        std::iter::once(first as u64..(first + trials.len()) as u64)
+                            .chain(plan.trial_shape.iter().map(|&d| 0..d))
+                            .collect();
                     array
-                        .store_array_subset(&ArraySubset::new_with_ranges(&ranges), ArrayBytes::from(buffer))
-                        .map_err(|e| Error::io(ctx.dataset_dir.join(&c.output), "cannot write a shard", std::io::Error::other(e.to_string())))?;
+                        .store_array_subset(
+                            &ArraySubset::new_with_ranges(&ranges),
+                            ArrayBytes::from(buffer),
+                        )
+                        .map_err(|e| {
+                            Error::io(
+                                ctx.dataset_dir.join(&c.output),
+                                "cannot write a shard",
+                                std::io::Error::other(e.to_string()),
+                            )
+                        })?;
                     Ok((records, group_measures))
                 },
             )
@@ -86,7 +118,9 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
     result.bytes = n_trials * trial_bytes as u64;
     for (m, values) in c.measures.iter().zip(measures) {
         let values = match m {
-            Measure::ValidFrames => MeasureValues::Int32(values.iter().map(|v| v.as_i32()).collect()),
+            Measure::ValidFrames => {
+                MeasureValues::Int32(values.iter().map(|v| v.as_i32()).collect())
+            }
             Measure::AllZero => MeasureValues::Bool(values.iter().map(|v| v.as_bool()).collect()),
         };
         result.measures.push((*m, values));
@@ -103,7 +137,12 @@ pub fn split_zarr_path(output: &str) -> (String, String) {
 }
 
 fn resolve_shapes(c: &TrialArrayConfig, shape: &[u64], file: &str) -> Result<(Vec<u64>, Vec<u64>)> {
-    let chunk: Vec<u64> = c.chunk_shape.iter().zip(shape).map(|(e, &len)| e.resolve(len)).collect();
+    let chunk: Vec<u64> = c
+        .chunk_shape
+        .iter()
+        .zip(shape)
+        .map(|(e, &len)| e.resolve(len))
+        .collect();
     // `full` shards round up to a whole number of chunks (Zarr requires shards to be multiples
     // of chunks; the part beyond the array's edge holds nothing).
     let shard: Vec<u64> = c
@@ -122,9 +161,19 @@ fn resolve_shapes(c: &TrialArrayConfig, shape: &[u64], file: &str) -> Result<(Ve
         }
     }
     // A shard is built in memory: refuse shapes that cannot fit (limit 1 GiB per shard).
-    let shard_bytes = shard.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(8));
+    let shard_bytes = shard
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(8));
     if shard_bytes.is_none_or(|b| b > 1 << 30) {
-        return Err(Error::bad_pipeline(file, format!("stage {}: shard shape {shard:?} needs more than 1 GiB of memory", c.id), "use fewer trials per shard"));
+        return Err(Error::bad_pipeline(
+            file,
+            format!(
+                "stage {}: shard shape {shard:?} needs more than 1 GiB of memory",
+                c.id
+            ),
+            "use fewer trials per shard",
+        ));
     }
     if shard.iter().zip(shape).skip(1).any(|(&s, &len)| s < len) {
         return Err(Error::bad_pipeline(file, format!("stage {}: shards must span every axis but the trial axis (got {shard:?} for shape {shape:?})", c.id), "use `full` for every shard_shape extent after the first"));
@@ -196,9 +245,15 @@ pub fn valid_frames(dtype: Dtype, le: &[u8], frames: usize) -> usize {
 /// Every value is zero (NaN is not zero).
 pub fn all_zero(dtype: Dtype, le: &[u8]) -> bool {
     match (dtype.kind, dtype.size) {
-        (Kind::Float, 4) => le.chunks_exact(4).all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == 0.0),
-        (Kind::Float, 8) => le.chunks_exact(8).all(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()) == 0.0),
-        (Kind::Float, _) => le.chunks_exact(2).all(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32() == 0.0),
+        (Kind::Float, 4) => le
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == 0.0),
+        (Kind::Float, 8) => le
+            .chunks_exact(8)
+            .all(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()) == 0.0),
+        (Kind::Float, _) => le
+            .chunks_exact(2)
+            .all(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32() == 0.0),
         _ => le.iter().all(|&b| b == 0),
     }
 }

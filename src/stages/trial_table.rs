@@ -21,9 +21,17 @@ const TRIALS_PER_BATCH: usize = 16;
 
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<StageResult> {
     let c = plan.config;
-    let value_type = arrow_type(plan.dtype).ok_or_else(|| Error::Internal(format!("dtype {} has no table form", plan.dtype)))?;
-    let mut fields = vec![Field::new(&c.trial_column, arrow::datatypes::DataType::Int32, false), Field::new(&c.frame_column, arrow::datatypes::DataType::Int32, false)];
-    fields.extend(c.columns.iter().map(|name| Field::new(name, value_type.clone(), false)));
+    let value_type = arrow_type(plan.dtype)
+        .ok_or_else(|| Error::Internal(format!("dtype {} has no table form", plan.dtype)))?;
+    let mut fields = vec![
+        Field::new(&c.trial_column, arrow::datatypes::DataType::Int32, false),
+        Field::new(&c.frame_column, arrow::datatypes::DataType::Int32, false),
+    ];
+    fields.extend(
+        c.columns
+            .iter()
+            .map(|name| Field::new(name, value_type.clone(), false)),
+    );
     let schema = Arc::new(Schema::new(fields));
     let path = ctx.dataset_dir.join(&c.output);
     let mut writer = TableWriter::create(&path, schema.clone(), &c.compression, ctx.provenance)?;
@@ -37,16 +45,21 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
             .map_init(
                 || ctx.source.reader(),
                 |reader, &b| {
-                    let reader = reader.as_mut().map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+                    let reader = reader.as_mut().map_err(|e| {
+                        Error::Internal(format!("cannot open a source reader: {e}"))
+                    })?;
                     let first = b * TRIALS_PER_BATCH;
-                    let trials = &plan.trials[first..(first + TRIALS_PER_BATCH).min(plan.trials.len())];
+                    let trials =
+                        &plan.trials[first..(first + TRIALS_PER_BATCH).min(plan.trials.len())];
                     let mut ids = Vec::with_capacity(trials.len() * frames);
                     let mut frame_index = Vec::with_capacity(trials.len() * frames);
                     // Channel-major per trial: transpose (channels, frames) into one column per channel.
-                    let mut per_channel: Vec<Vec<u8>> = vec![Vec::with_capacity(trials.len() * frames * plan.dtype.size); channels];
+                    let mut per_channel: Vec<Vec<u8>> =
+                        vec![Vec::with_capacity(trials.len() * frames * plan.dtype.size); channels];
                     let mut records = Vec::with_capacity(trials.len());
                     for (k, planned) in trials.iter().enumerate() {
-                        let (header, bytes, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
+                        let (header, bytes, hash) =
+                            read_planned(ctx.source, reader.as_mut(), planned)?;
                         let le = npy::to_little_endian_c(&header, &bytes[header.payload_offset..]);
                         let row_bytes = frames * plan.dtype.size;
                         for (ch, column) in per_channel.iter_mut().enumerate() {
@@ -55,13 +68,21 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
                         let id = trial_ids[first + k] as i32;
                         ids.extend(std::iter::repeat_n(id, frames));
                         frame_index.extend(0..frames as i32);
-                        records.push(EntryRecord { entry: planned.entry, blake3: hash, output: c.output.clone() });
+                        records.push(EntryRecord {
+                            entry: planned.entry,
+                            blake3: hash,
+                            output: c.output.clone(),
+                        });
                     }
-                    let mut columns: Vec<ArrayRef> = vec![Arc::new(Int32Array::from(ids)), Arc::new(Int32Array::from(frame_index))];
+                    let mut columns: Vec<ArrayRef> = vec![
+                        Arc::new(Int32Array::from(ids)),
+                        Arc::new(Int32Array::from(frame_index)),
+                    ];
                     for column in &per_channel {
                         columns.push(numeric_column(plan.dtype, column, 0, 1)?);
                     }
-                    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?;
+                    let batch = RecordBatch::try_new(schema.clone(), columns)
+                        .map_err(|e| Error::Internal(e.to_string()))?;
                     Ok((batch, records))
                 },
             )

@@ -69,7 +69,10 @@ pub fn load(name: &str) -> Option<Contract> {
 }
 
 fn broken(dir: &Path, what: &str, problem: String) -> Error {
-    Error::Internal(format!("{}: {what} breaks the output contract: {problem}", dir.display()))
+    Error::Internal(format!(
+        "{}: {what} breaks the output contract: {problem}",
+        dir.display()
+    ))
 }
 
 fn type_matches(kind: &str, t: &DataType) -> bool {
@@ -87,18 +90,42 @@ fn type_matches(kind: &str, t: &DataType) -> bool {
 pub fn check(contract: &Contract, dir: &Path, dims: &BTreeMap<String, u64>) -> Result<()> {
     for rule in &contract.arrays {
         let meta = read_json(&dir.join(&rule.path).join("zarr.json"))?;
-        let names: Vec<&str> = meta["dimension_names"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+        let names: Vec<&str> = meta["dimension_names"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
         if names != rule.dimension_names {
-            return Err(broken(dir, &rule.path, format!("dimension names {names:?}, expected {:?}", rule.dimension_names)));
+            return Err(broken(
+                dir,
+                &rule.path,
+                format!(
+                    "dimension names {names:?}, expected {:?}",
+                    rule.dimension_names
+                ),
+            ));
         }
         let data_type = meta["data_type"].as_str().unwrap_or_default();
         if !rule.data_type.iter().any(|t| t == data_type) {
-            return Err(broken(dir, &rule.path, format!("data type {data_type}, expected one of {:?}", rule.data_type)));
+            return Err(broken(
+                dir,
+                &rule.path,
+                format!(
+                    "data type {data_type}, expected one of {:?}",
+                    rule.data_type
+                ),
+            ));
         }
-        let shape: Vec<u64> = meta["shape"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect()).unwrap_or_default();
+        let shape: Vec<u64> = meta["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
         for (name, len) in rule.dimension_names.iter().zip(&shape) {
             if dims.get(name).is_some_and(|d| d != len) {
-                return Err(broken(dir, &rule.path, format!("dimension {name} is {len}, the dataset has {}", dims[name])));
+                return Err(broken(
+                    dir,
+                    &rule.path,
+                    format!("dimension {name} is {len}, the dataset has {}", dims[name]),
+                ));
             }
         }
         check_attributes(dir, &rule.path, &meta, &rule.attributes)?;
@@ -112,35 +139,71 @@ pub fn check(contract: &Contract, dir: &Path, dims: &BTreeMap<String, u64>) -> R
     }
     for rule in &contract.tables {
         let (columns, rows) = read_parquet_schema(&dir.join(&rule.path))?;
-        let want_rows: u64 = rule.rows.split('*').map(|d| dims.get(d).copied().unwrap_or(0)).product();
+        let want_rows: u64 = rule
+            .rows
+            .split('*')
+            .map(|d| dims.get(d).copied().unwrap_or(0))
+            .product();
         if rows != want_rows {
-            return Err(broken(dir, &rule.path, format!("{rows} rows, expected {want_rows} ({})", rule.rows)));
+            return Err(broken(
+                dir,
+                &rule.path,
+                format!("{rows} rows, expected {want_rows} ({})", rule.rows),
+            ));
         }
         let mut at = 0;
         for col in &rule.first {
             match columns.get(at) {
                 Some((name, t)) if name == &col.name && type_matches(&col.kind, t) => at += 1,
-                other => return Err(broken(dir, &rule.path, format!("column {at} is {other:?}, expected {} ({})", col.name, col.kind))),
+                other => {
+                    return Err(broken(
+                        dir,
+                        &rule.path,
+                        format!(
+                            "column {at} is {other:?}, expected {} ({})",
+                            col.name, col.kind
+                        ),
+                    ))
+                }
             }
         }
         for col in &rule.optional {
             if let Some((name, t)) = columns.get(at) {
                 if name == &col.name {
                     if !type_matches(&col.kind, t) {
-                        return Err(broken(dir, &rule.path, format!("column {name} has type {t}, expected {}", col.kind)));
+                        return Err(broken(
+                            dir,
+                            &rule.path,
+                            format!("column {name} has type {t}, expected {}", col.kind),
+                        ));
                     }
                     at += 1;
                 }
             }
         }
-        let tail = columns.len().checked_sub(rule.last.len()).filter(|&t| t >= at).ok_or_else(|| broken(dir, &rule.path, "too few columns".into()))?;
+        let tail = columns
+            .len()
+            .checked_sub(rule.last.len())
+            .filter(|&t| t >= at)
+            .ok_or_else(|| broken(dir, &rule.path, "too few columns".into()))?;
         for (col, (name, t)) in rule.last.iter().zip(&columns[tail..]) {
             if name != &col.name || !type_matches(&col.kind, t) {
-                return Err(broken(dir, &rule.path, format!("column {name} ({t}) where {} ({}) was expected", col.name, col.kind)));
+                return Err(broken(
+                    dir,
+                    &rule.path,
+                    format!(
+                        "column {name} ({t}) where {} ({}) was expected",
+                        col.name, col.kind
+                    ),
+                ));
             }
         }
         if rule.exact && columns.len() != at {
-            return Err(broken(dir, &rule.path, format!("{} columns, expected exactly {at}", columns.len())));
+            return Err(broken(
+                dir,
+                &rule.path,
+                format!("{} columns, expected exactly {at}", columns.len()),
+            ));
         }
     }
     Ok(())
@@ -148,10 +211,16 @@ pub fn check(contract: &Contract, dir: &Path, dims: &BTreeMap<String, u64>) -> R
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read back", e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Internal(format!("{}: not valid JSON: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Internal(format!("{}: not valid JSON: {e}", path.display())))
 }
 
-fn check_attributes(dir: &Path, what: &str, meta: &serde_json::Value, required: &[String]) -> Result<()> {
+fn check_attributes(
+    dir: &Path,
+    what: &str,
+    meta: &serde_json::Value,
+    required: &[String],
+) -> Result<()> {
     for a in required {
         if meta["attributes"].get(a).is_none() {
             return Err(broken(dir, what, format!("attribute {a} is missing")));
@@ -165,7 +234,10 @@ mod tests {
     #[test]
     fn embedded_contracts_parse() {
         for name in super::known() {
-            assert!(super::load(name).is_some(), "contract {name} does not parse");
+            assert!(
+                super::load(name).is_some(),
+                "contract {name} does not parse"
+            );
         }
     }
 }

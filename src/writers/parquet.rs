@@ -5,7 +5,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, Float16Array, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, Int8Array, StringArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array};
+use arrow::array::{
+    ArrayRef, BooleanArray, Float16Array, Float32Array, Float64Array, Int16Array, Int32Array,
+    Int64Array, Int8Array, StringArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
+};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -25,23 +28,42 @@ pub struct TableWriter {
 }
 
 impl TableWriter {
-    pub fn create(path: &Path, schema: SchemaRef, compression: &Compression, provenance: &Provenance) -> Result<TableWriter> {
+    pub fn create(
+        path: &Path,
+        schema: SchemaRef,
+        compression: &Compression,
+        provenance: &Provenance,
+    ) -> Result<TableWriter> {
         let file = File::create(path).map_err(|e| Error::io(path, "cannot create the table", e))?;
         let codec = match compression.codec {
             Codec::Zstd => parquet::basic::Compression::ZSTD(
-                ZstdLevel::try_new(compression.level.unwrap_or(3)).map_err(|e| Error::Internal(e.to_string()))?,
+                ZstdLevel::try_new(compression.level.unwrap_or(3))
+                    .map_err(|e| Error::Internal(e.to_string()))?,
             ),
             Codec::Gzip => parquet::basic::Compression::GZIP(
-                GzipLevel::try_new(compression.level.unwrap_or(6) as u32).map_err(|e| Error::Internal(e.to_string()))?,
+                GzipLevel::try_new(compression.level.unwrap_or(6) as u32)
+                    .map_err(|e| Error::Internal(e.to_string()))?,
             ),
             Codec::None => parquet::basic::Compression::UNCOMPRESSED,
         };
         let metadata = vec![
-            KeyValue::new("sensorium_ingest.version".into(), provenance.tool_version.clone()),
-            KeyValue::new("sensorium_ingest.dataset".into(), provenance.dataset.clone()),
+            KeyValue::new(
+                "sensorium_ingest.version".into(),
+                provenance.tool_version.clone(),
+            ),
+            KeyValue::new(
+                "sensorium_ingest.dataset".into(),
+                provenance.dataset.clone(),
+            ),
             KeyValue::new("sensorium_ingest.source".into(), provenance.source.clone()),
-            KeyValue::new("sensorium_ingest.pipeline".into(), provenance.pipeline.clone()),
-            KeyValue::new("sensorium_ingest.pipeline_hash".into(), provenance.pipeline_hash.clone()),
+            KeyValue::new(
+                "sensorium_ingest.pipeline".into(),
+                provenance.pipeline.clone(),
+            ),
+            KeyValue::new(
+                "sensorium_ingest.pipeline_hash".into(),
+                provenance.pipeline_hash.clone(),
+            ),
         ];
         // Dictionaries help repeated strings (tiers, areas) and hurt measurements; enable them
         // for string columns only.
@@ -52,12 +74,16 @@ impl TableWriter {
             .set_created_by(format!("sensorium-ingest {}", provenance.tool_version));
         for field in schema.fields() {
             if field.data_type() == &DataType::Utf8 {
-                props = props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
+                props = props
+                    .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
             }
         }
         let writer = ArrowWriter::try_new(file, schema, Some(props.build()))
             .map_err(|e| Error::Internal(format!("cannot start table {}: {e}", path.display())))?;
-        Ok(TableWriter { path: path.to_path_buf(), writer })
+        Ok(TableWriter {
+            path: path.to_path_buf(),
+            writer,
+        })
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -66,12 +92,23 @@ impl TableWriter {
 
     pub fn finish(self) -> Result<()> {
         let path = self.path.clone();
-        let file = self.writer.into_inner().map_err(|e| Error::io(&path, "cannot write the table", std::io::Error::other(e.to_string())))?;
-        file.sync_all().map_err(|e| Error::io(&path, "cannot flush the table", e))
+        let file = self.writer.into_inner().map_err(|e| {
+            Error::io(
+                &path,
+                "cannot write the table",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        file.sync_all()
+            .map_err(|e| Error::io(&path, "cannot flush the table", e))
     }
 
     fn err(&self, e: parquet::errors::ParquetError) -> Error {
-        Error::io(&self.path, "cannot write the table", std::io::Error::other(e.to_string()))
+        Error::io(
+            &self.path,
+            "cannot write the table",
+            std::io::Error::other(e.to_string()),
+        )
     }
 }
 
@@ -97,17 +134,31 @@ pub fn arrow_type(dtype: Dtype) -> Option<DataType> {
 
 /// An Arrow column from little-endian elements of a numeric dtype, taking every `stride`-th
 /// element starting at `offset` (stride 1, offset 0 for a whole 1-D array).
-pub fn numeric_column(dtype: Dtype, le_bytes: &[u8], offset: usize, stride: usize) -> Result<ArrayRef> {
+pub fn numeric_column(
+    dtype: Dtype,
+    le_bytes: &[u8],
+    offset: usize,
+    stride: usize,
+) -> Result<ArrayRef> {
     let size = dtype.size;
-    let elements = le_bytes.chunks_exact(size).skip(offset).step_by(stride.max(1));
+    let elements = le_bytes
+        .chunks_exact(size)
+        .skip(offset)
+        .step_by(stride.max(1));
     macro_rules! prim {
         ($array:ty, $t:ty) => {
-            Arc::new(<$array>::from(elements.map(|b| <$t>::from_le_bytes(b.try_into().unwrap_or_default())).collect::<Vec<$t>>())) as ArrayRef
+            Arc::new(<$array>::from(
+                elements
+                    .map(|b| <$t>::from_le_bytes(b.try_into().unwrap_or_default()))
+                    .collect::<Vec<$t>>(),
+            )) as ArrayRef
         };
     }
     Ok(match (dtype.kind, size) {
         (Kind::Float, 2) => Arc::new(Float16Array::from(
-            elements.map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect::<Vec<_>>(),
+            elements
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                .collect::<Vec<_>>(),
         )),
         (Kind::Float, 4) => prim!(Float32Array, f32),
         (Kind::Float, 8) => prim!(Float64Array, f64),
@@ -119,7 +170,9 @@ pub fn numeric_column(dtype: Dtype, le_bytes: &[u8], offset: usize, stride: usiz
         (Kind::UInt, 2) => prim!(UInt16Array, u16),
         (Kind::UInt, 4) => prim!(UInt32Array, u32),
         (Kind::UInt, 8) => prim!(UInt64Array, u64),
-        (Kind::Bool, 1) => Arc::new(BooleanArray::from(elements.map(|b| b[0] != 0).collect::<Vec<bool>>())),
+        (Kind::Bool, 1) => Arc::new(BooleanArray::from(
+            elements.map(|b| b[0] != 0).collect::<Vec<bool>>(),
+        )),
         _ => return Err(Error::Internal(format!("dtype {dtype} is not numeric"))),
     })
 }

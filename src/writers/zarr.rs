@@ -38,19 +38,35 @@ pub struct ArraySpec<'a> {
 
 impl ZarrStore {
     pub fn open(root: &Path) -> Result<ZarrStore> {
-        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "cannot create the Zarr store", e))?;
-        let store = FilesystemStore::new(root).map_err(|e| Error::Internal(format!("cannot open Zarr store {}: {e}", root.display())))?;
-        Ok(ZarrStore { root: root.to_path_buf(), store: Arc::new(store) })
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io(root, "cannot create the Zarr store", e))?;
+        let store = FilesystemStore::new(root).map_err(|e| {
+            Error::Internal(format!("cannot open Zarr store {}: {e}", root.display()))
+        })?;
+        Ok(ZarrStore {
+            root: root.to_path_buf(),
+            store: Arc::new(store),
+        })
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> Error {
-        Error::io(&self.root, "cannot write the Zarr store", std::io::Error::other(format!("{what}: {e}")))
+        Error::io(
+            &self.root,
+            "cannot write the Zarr store",
+            std::io::Error::other(format!("{what}: {e}")),
+        )
     }
 
-    pub fn write_group(&self, path: &str, attributes: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    pub fn write_group(
+        &self,
+        path: &str,
+        attributes: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<()> {
         let mut builder = GroupBuilder::new();
         builder.attributes(attributes);
-        let group = builder.build(self.store.clone(), path).map_err(|e| self.err(path, e))?;
+        let group = builder
+            .build(self.store.clone(), path)
+            .map_err(|e| self.err(path, e))?;
         group.store_metadata().map_err(|e| self.err(path, e))
     }
 
@@ -59,7 +75,12 @@ impl ZarrStore {
             Some(shard) => (shard.clone(), Some(spec.chunk_shape.clone())),
             None => (spec.chunk_shape.clone(), None),
         };
-        let mut builder = ArrayBuilder::new(spec.shape.clone(), grid, zarr_data_type(spec.dtype)?, FillValue::new(fill_value(spec.dtype)));
+        let mut builder = ArrayBuilder::new(
+            spec.shape.clone(),
+            grid,
+            zarr_data_type(spec.dtype)?,
+            FillValue::new(fill_value(spec.dtype)),
+        );
         builder
             .subchunk_shape(inner)
             .bytes_to_bytes_codecs(codecs(spec.compression)?)
@@ -70,7 +91,9 @@ impl ZarrStore {
             .codec_specific_options(CodecSpecificOptions::default().with_option(
                 ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
             ));
-        let array = builder.build(self.store.clone(), spec.path).map_err(|e| self.err(spec.path, e))?;
+        let array = builder
+            .build(self.store.clone(), spec.path)
+            .map_err(|e| self.err(spec.path, e))?;
         array.store_metadata().map_err(|e| self.err(spec.path, e))?;
         Ok(array)
     }
@@ -80,7 +103,13 @@ impl ZarrStore {
 pub fn store_chunk(array: &ZarrArray, indices: &[u64], bytes: Vec<u8>) -> Result<()> {
     array
         .store_chunk(indices, ArrayBytes::from(bytes))
-        .map_err(|e| Error::io(array.path().as_str(), "cannot write a Zarr chunk", std::io::Error::other(e.to_string())))
+        .map_err(|e| {
+            Error::io(
+                array.path().as_str(),
+                "cannot write a Zarr chunk",
+                std::io::Error::other(e.to_string()),
+            )
+        })
 }
 
 fn zarr_data_type(dtype: Dtype) -> Result<&'static str> {
@@ -97,7 +126,11 @@ fn zarr_data_type(dtype: Dtype) -> Result<&'static str> {
         (Kind::UInt, 4) => "uint32",
         (Kind::UInt, 8) => "uint64",
         (Kind::Bool, 1) => "bool",
-        _ => return Err(Error::Internal(format!("dtype {dtype} has no Zarr array form"))),
+        _ => {
+            return Err(Error::Internal(format!(
+                "dtype {dtype} has no Zarr array form"
+            )))
+        }
     })
 }
 
@@ -120,7 +153,8 @@ fn codecs(c: &Compression) -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>> {
     Ok(match c.codec {
         Codec::Zstd => vec![Arc::new(ZstdCodec::new(c.level.unwrap_or(3), false))],
         Codec::Gzip => vec![Arc::new(
-            GzipCodec::new(c.level.unwrap_or(6) as u32).map_err(|e| Error::Internal(format!("gzip level: {e}")))?,
+            GzipCodec::new(c.level.unwrap_or(6) as u32)
+                .map_err(|e| Error::Internal(format!("gzip level: {e}")))?,
         )],
         Codec::None => vec![],
     })

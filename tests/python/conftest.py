@@ -32,10 +32,12 @@ VARIANTS: dict[str, dict] = {
     "zip64": dict(SMALL, seed=14, zip64=True),
     "extra-meta": dict(trials=12, neurons=60, frames=60, seed=15, extra_meta=True),
     "extra-stats": dict(SMALL, seed=16, extra_stats=True),
+    "static-stats": dict(SMALL, seed=20, static_stats=True),
     "nan-payload": dict(SMALL, seed=17, nan_payload=True),
     "long-trials": dict(trials=6, neurons=20, frames=320, seed=18),
     "everything": dict(trials=12, neurons=55, frames=47, seed=19, dtype=">f8", order="F",
-                       old_release=True, extra_meta=True, extra_stats=True, junk=True,
+                       old_release=True, extra_meta=True, extra_stats=True, static_stats=True,
+                       junk=True,
                        zip64=True, compression="stored", nan_payload=True),
 }
 

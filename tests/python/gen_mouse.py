@@ -50,14 +50,14 @@ DEFAULTS = dict(
     format="zip", no_top_folder=False, compression="deflate", zip64=False,
     junk=False, dir_entries=False,
     gaps=False, old_release=False, extra_meta=False, extra_stats=False,
-    object_array=False, nan_payload=False, corrupt=None,
+    object_array=False, nan_payload=False, static_stats=False, corrupt=None,
 )
 # Options that change what the dataset holds (and so its name's hex). Packaging
 # options (format, top folder, compression, zip64, junk, directory entries) do
 # not, so a zip and the folder generated with the same content options share a name.
 CONTENT_KEYS = ("trials", "neurons", "frames", "seed", "animal", "session", "scan",
                 "dtype", "order", "gaps", "old_release", "extra_meta", "extra_stats",
-                "object_array", "nan_payload", "corrupt")
+                "object_array", "nan_payload", "static_stats", "corrupt")
 
 # Junk entries (relative to the archive root / dataset root, see junk_paths()).
 JUNK_CONTENT = {
@@ -373,6 +373,12 @@ def build_entries(**options) -> tuple[str, dict[str, bytes], dict]:
             stats = _time_stats(stack[positions], bool(opts["extra_stats"]))
             for stat, values in stats.items():
                 put(f"meta/statistics/{var}/{subset}/{stat}.npy", values, float_cast=True)
+        if opts["static_stats"]:
+            # not time-resolved (as in the 2022 static release): the frame axis averaged away
+            frames = np.moveaxis(stack, -1, 1).reshape(-1, *stack.shape[1:-1])
+            stats = _time_stats(frames, False)
+            for stat in ("mean", "std"):
+                put(f"meta/statistics/{var}/static/{stat}.npy", stats[stat], float_cast=True)
 
     # corruptions for error tests
     victim = ids[len(ids) // 2]
@@ -498,7 +504,7 @@ def main(argv=None) -> int:
     ap.add_argument("--session", type=int, default=DEFAULTS["session"])
     ap.add_argument("--scan", type=int, default=DEFAULTS["scan"])
     ap.add_argument("--hex", default=None,
-                    help="32 hex digits for the name (default: md5 of the content options)")
+                    help="32 hex digits for the name; without it, the md5 of the content options")
     ap.add_argument("--dtype", default=DEFAULTS["dtype"],
                     help="numpy float dtype of the per-trial and statistics arrays (<f4, <f8, >f8, >f4, ...)")
     ap.add_argument("--order", choices=("C", "F"), default="C",
@@ -524,6 +530,9 @@ def main(argv=None) -> int:
                     help="add median.npy and a second statistics subset train/")
     ap.add_argument("--object-array", action="store_true",
                     help="add meta/neurons/bad.npy, a pickled object array (error tests)")
+    ap.add_argument("--static-stats", action="store_true",
+                    help="add a subset static/ whose mean/std have no frame axis "
+                         "(videos (36, 64), responses (N,), others (2,))")
     ap.add_argument("--nan-payload", action="store_true",
                     help="NaN tails use a non-default NaN bit pattern")
     ap.add_argument("--corrupt", choices=CORRUPTIONS, default=None,

@@ -23,7 +23,7 @@ VARIABLES = ("videos", "responses", "behavior", "pupil_center")
 DATASET_FILES = {"data.zarr", "trials.parquet", "neurons.parquet", "behavior.parquet",
                  "pupil_center.parquet", "manifest.json", "run.json"}
 KV_KEYS = ("sensorium_ingest.version", "sensorium_ingest.dataset", "sensorium_ingest.source",
-           "sensorium_ingest.source_checksum", "sensorium_ingest.pipeline",
+           "sensorium_ingest.pipeline",
            "sensorium_ingest.pipeline_hash")
 STAT_DIMS = {"videos": ["height", "width", "frame"], "responses": ["neuron", "frame"],
              "behavior": ["channel", "frame"], "pupil_center": ["channel", "frame"]}
@@ -58,6 +58,12 @@ def is_junk(path: str) -> bool:
     base = path.rsplit("/", 1)[-1]
     return path.startswith("__MACOSX/") or "/__MACOSX/" in path or base.startswith("._") \
         or base == ".DS_Store"
+
+
+def stat_dims(var: str, ndim: int) -> list[str]:
+    """Dimension names of a statistics array: the variable's, or dim_0.. if they don't fit."""
+    names = STAT_DIMS[var]
+    return names if len(names) == ndim else [f"dim_{i}" for i in range(ndim)]
 
 
 def to_le(a: np.ndarray) -> np.ndarray:

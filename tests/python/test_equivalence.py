@@ -95,3 +95,23 @@ def test_outputs_are_not_empty(from_zip):
     files = tree_files(from_zip)
     assert any(k.startswith("data.zarr/videos/") for k in files)
     assert all(len(v) > 0 for k, v in files.items() if k.endswith(".parquet"))
+
+
+def test_renamed_zip_still_finds_its_top_folder(tmp_path_factory, zipped, from_zip):
+    """A zip renamed by its user keeps a top folder that no longer matches its name."""
+    import shutil
+    import zarr
+    renamed = tmp_path_factory.mktemp("renamed") / "mouse-a.zip"
+    shutil.copyfile(zipped, renamed)
+    store = tmp_path_factory.mktemp("eq-renamed")
+    proc = helpers.run("convert", renamed, "--out", store)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    ds = store / "mouse-a"
+    m, ref = read_json(ds / "manifest.json"), read_json(from_zip / "manifest.json")
+    assert m["source"]["name"] == "mouse-a"
+    assert [e["path"] for e in m["entries"]] == [e["path"] for e in ref["entries"]]
+    assert m["source"]["checksum"] == ref["source"]["checksum"]
+    for var in ("videos", "responses"):
+        a = zarr.open_array(str(ds / "data.zarr" / var), mode="r")[...]
+        b = zarr.open_array(str(from_zip / "data.zarr" / var), mode="r")[...]
+        assert a.tobytes() == b.tobytes(), var

@@ -46,3 +46,15 @@ def test_fixture_shape_and_size():
     assert src.junk, "the fixture carries a little junk"
     assert src.prefix == NAME[:-4] + "/"
     assert not all(v == T for v in src.valid_frames) and any(src.withheld)
+
+
+def test_fixture_converts(ingest_bin, tmp_path):
+    """The README quickstart: convert the committed sample."""
+    import helpers
+    proc = helpers.run("convert", FIXTURE, "--out", tmp_path / "store")
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    ds = tmp_path / "store" / "dynamic90001-1-1"
+    m = helpers.read_json(ds / "manifest.json")
+    assert m["counts"] == {"trials": 11, "neurons": 200, "frames": 90}
+    skipped = sorted(e["path"] for e in m["entries"] if e["status"] == "skipped")
+    assert skipped == sorted(Source(FIXTURE).junk) and len(skipped) == 3

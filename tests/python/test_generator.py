@@ -19,7 +19,7 @@ CASES = {
     "default": dict(trials=12, neurons=40, frames=44, seed=1),
     "gaps": dict(trials=12, neurons=40, frames=44, seed=2, gaps=True),
     "old": dict(trials=12, neurons=40, frames=44, seed=3, old_release=True, extra_meta=True,
-                extra_stats=True),
+                extra_stats=True, static_stats=True),
     "f8-big-fortran": dict(trials=7, neurons=20, frames=40, seed=4, dtype=">f8", order="F",
                            nan_payload=True),
     "packaging": dict(trials=11, neurons=20, frames=40, seed=5, zip64=True, compression="stored",
@@ -156,6 +156,10 @@ def test_contents_follow_the_format(built, case):
         if opts.get("extra_stats"):
             assert src.load(f"meta/statistics/{var}/train/median.npy").shape == shape
             assert src.load(f"meta/statistics/{var}/all/median.npy").shape == shape
+    if opts.get("static_stats"):
+        assert src.load("meta/statistics/videos/static/mean.npy").shape == (36, 64)
+        assert src.load("meta/statistics/responses/static/std.npy").shape == (N,)
+        assert src.load("meta/statistics/behavior/static/mean.npy").shape == (2,)
     mean = src.load("meta/statistics/videos/all/mean.npy").astype(np.float64)
     np.testing.assert_allclose(mean, np.nanmean(src.stack("videos").astype(np.float64), axis=0),
                                rtol=1e-6)

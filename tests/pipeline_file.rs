@@ -1,0 +1,172 @@
+//! The pipeline file: the default parses, errors point at the line, the schema and the
+//! reference stay in step with the code.
+
+use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE};
+use sensorium_ingest::Error;
+
+fn parse(text: &str) -> Result<Pipeline, Error> {
+    Pipeline::parse(text, "test.yaml")
+}
+
+fn pipeline_error(text: &str) -> (Option<(usize, usize)>, String) {
+    match parse(text) {
+        Err(Error::BadPipeline { line, problem, .. }) => (line, problem),
+        other => panic!("expected a pipeline error, got {other:?}"),
+    }
+}
+
+#[test]
+fn default_pipeline_parses() {
+    let p = parse(DEFAULT_PIPELINE).unwrap();
+    let ids: Vec<&str> = p.stages.iter().map(|s| s.id()).collect();
+    assert_eq!(
+        ids,
+        [
+            "videos",
+            "responses",
+            "behavior",
+            "pupil_center",
+            "statistics",
+            "trials",
+            "neurons"
+        ]
+    );
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let text = DEFAULT_PIPELINE.replace(
+        "    chunk_shape: [1, 512, full]",
+        "    chunk_shap: [1, 512, full]",
+    );
+    let (line, problem) = pipeline_error(&text);
+    assert!(problem.contains("chunk_shap"), "{problem}");
+    let line = line.expect("a line number").0;
+    let want = text
+        .lines()
+        .position(|l| l.contains("chunk_shap:"))
+        .unwrap()
+        + 1;
+    assert_eq!(line, want);
+}
+
+#[test]
+fn wrong_type_names_line() {
+    let text = DEFAULT_PIPELINE.replace("frame_rate_hz: 30.0", "frame_rate_hz: fast");
+    let (line, problem) = pipeline_error(&text);
+    assert!(problem.contains("frame_rate_hz"), "{problem}");
+    let want = DEFAULT_PIPELINE
+        .lines()
+        .position(|l| l.starts_with("frame_rate_hz"))
+        .unwrap()
+        + 1;
+    assert_eq!(line.map(|l| l.0), Some(want));
+}
+
+#[test]
+fn bad_settings_are_refused() {
+    let cases = [
+        (
+            "output: data.zarr/videos",
+            "output: ../escape.zarr/videos",
+            "output",
+        ),
+        (
+            "output: trials.parquet",
+            "output: /abs/trials.parquet",
+            "relative",
+        ),
+        (
+            "    chunk_shape: [1, full, full, full]",
+            "    chunk_shape: [0, full, full, full]",
+            "at least 1",
+        ),
+        (
+            "{column: valid_frames, stage: videos, measure: valid_frames}",
+            "{column: valid_frames, stage: nobody, measure: valid_frames}",
+            "does not exist",
+        ),
+        (
+            "{column: responses_withheld, stage: responses, measure: all_zero}",
+            "{column: responses_withheld, stage: videos, measure: all_zero}",
+            "does not compute",
+        ),
+        (
+            "    compression: {codec: zstd, level: 3}\n    attributes:\n      units: grey",
+            "    compression: {codec: zstd, level: 99}\n    attributes:\n      units: grey",
+            "level",
+        ),
+        ("contract: sensorium2023", "contract: nonsense", "contract"),
+        ("version: 1", "version: 2", "version"),
+    ];
+    for (from, to, expect) in cases {
+        assert!(
+            DEFAULT_PIPELINE.contains(from),
+            "fixture text missing: {from}"
+        );
+        let (_, problem) = pipeline_error(&DEFAULT_PIPELINE.replacen(from, to, 1));
+        assert!(problem.contains(expect), "{to}: {problem}");
+    }
+}
+
+#[test]
+fn alias_bombs_are_refused() {
+    let mut text = String::from("a: &a [\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\"]\n");
+    let mut prev = 'a';
+    for name in 'b'..='j' {
+        text.push_str(&format!("{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+        prev = name;
+    }
+    text.push_str(DEFAULT_PIPELINE);
+    assert!(parse(&text).is_err());
+}
+
+#[test]
+fn committed_schema_is_current() {
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schemas/pipeline.schema.json"
+    ))
+    .unwrap();
+    assert_eq!(
+        committed,
+        Pipeline::json_schema(),
+        "regenerate with `sensorium-ingest pipeline-schema > schemas/pipeline.schema.json`"
+    );
+}
+
+fn property_names(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Object(props)) = map.get("properties") {
+                out.extend(props.keys().cloned());
+            }
+            for v in map.values() {
+                property_names(v, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| property_names(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_key_is_documented() {
+    let schema: serde_json::Value = serde_json::from_str(&Pipeline::json_schema()).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    property_names(&schema, &mut keys);
+    assert!(keys.len() > 20, "too few keys found: {keys:?}");
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/pipeline-reference.md"
+    ))
+    .unwrap();
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !doc.contains(&format!("`{k}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from docs/pipeline-reference.md: {missing:?}"
+    );
+}
