@@ -34,8 +34,12 @@ pub enum Error {
     },
 
     /// The dataset already exists in the store and `--force` was not given.
-    #[error("{}: dataset already exists\n  hint: pass --force to replace it, or --name to write it under another name", path.display())]
-    Exists { path: PathBuf },
+    #[error("{}: dataset already exists and {why}\n  hint: pass --force to replace it, or --name to write it under another name", path.display())]
+    Exists { path: PathBuf, why: String },
+
+    /// `verify` found outputs that do not match their checksums (or the source).
+    #[error("verification failed: {} problem(s)\n{}\n  hint: reconvert the named datasets with `convert --force`", failures.len(), failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
+    Verify { failures: Vec<String> },
 
     /// A check of our own output failed: a bug in this tool, not in the input.
     #[error("internal error: {0}\n  hint: this is a bug in sensorium-ingest; please report it with the command line")]
@@ -83,6 +87,7 @@ impl Error {
             Error::BadPipeline { .. } => 78, // EX_CONFIG
             Error::Io { .. } => 74,          // EX_IOERR
             Error::Exists { .. } => 73,      // EX_CANTCREAT
+            Error::Verify { .. } => 1,       // like cmp/diff: the check ran and found differences
             Error::Internal(_) => 70,        // EX_SOFTWARE
         }
     }

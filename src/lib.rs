@@ -11,12 +11,14 @@
 
 pub mod error;
 pub mod inspect;
+pub mod lock;
 pub mod manifest;
 pub mod npy;
 pub mod pipeline;
 pub mod source;
 pub mod stages;
 pub mod validate;
+pub mod verify;
 pub mod writers;
 
 pub use error::{Error, Result};

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sensorium_ingest::inspect::inspect;
-use sensorium_ingest::pipeline::runner::{convert, ConvertOptions};
+use sensorium_ingest::pipeline::runner::{convert, plan_run, ConvertOptions, RunPlan};
 use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPELINE_NAME};
 use sensorium_ingest::source::Source;
+use sensorium_ingest::verify;
 use sensorium_ingest::Error;
 
 #[derive(Parser)]
@@ -45,6 +46,35 @@ enum Command {
         /// Worker threads (default: all cores). Output is identical for any value.
         #[arg(long)]
         threads: Option<usize>,
+        /// Show what would run and why, write nothing (same as `plan`).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show each stage of a conversion and whether it would run or be reused, and why.
+    #[command(
+        after_help = "Example:\n  sensorium-ingest plan mouse.zip --out store/ --pipeline edited.yaml"
+    )]
+    Plan {
+        source: PathBuf,
+        #[arg(long = "out", value_name = "STORE")]
+        out: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        pipeline: Option<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-read datasets through the real decoders and compare with their recorded checksums.
+    #[command(
+        after_help = "Examples:\n  sensorium-ingest verify store/dynamic29515-10-12\n  sensorium-ingest verify store/            # every dataset in the store\n  sensorium-ingest verify store/dynamic29515-10-12 --against dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip\n\nExit status: 0 when everything matches, 1 when something does not (each bad file is named)."
+    )]
+    Verify {
+        /// STORE/NAME, or STORE for every dataset in it.
+        path: PathBuf,
+        /// Also compare with the source archive or folder (one dataset only).
+        #[arg(long, value_name = "SOURCE")]
+        against: Option<PathBuf>,
     },
     /// Describe a source before converting it: name, trials per tier, N, T, dtypes, junk.
     Inspect {
@@ -75,8 +105,75 @@ fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
     }
 }
 
+fn print_plan(plan: &RunPlan) {
+    println!(
+        "{} -> {}{}",
+        plan.dataset,
+        plan.dataset_dir.display(),
+        if plan.up_to_date { " (up to date)" } else { "" }
+    );
+    for s in &plan.stages {
+        println!(
+            "  {:<14} {:<12} {:<5} {}",
+            s.id,
+            s.kind,
+            if s.run { "run" } else { "skip" },
+            s.reason
+        );
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
+        Command::Plan {
+            source,
+            out,
+            pipeline,
+            name,
+            force,
+        } => {
+            let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
+            print_plan(&plan_run(&ConvertOptions {
+                source,
+                store: out,
+                name,
+                pipeline_text,
+                pipeline_file,
+                force,
+                threads: None,
+            })?);
+            Ok(())
+        }
+        Command::Verify { path, against } => {
+            let datasets = verify::datasets(&path)?;
+            if against.is_some() && datasets.len() != 1 {
+                return Err(Error::bad_input(path.display().to_string(), "--against compares one dataset with its source, but this is a store of several", "name the dataset: STORE/NAME"));
+            }
+            let mut failures = Vec::new();
+            for dataset in datasets {
+                let report = verify::verify(&dataset, against.as_deref())?;
+                let status = if report.failures.is_empty() {
+                    "ok"
+                } else {
+                    "FAILED"
+                };
+                println!(
+                    "{status:<6} {}: {} files ({:.1} MB), {:.1} MB of values decoded in {:.2} s ({:.2} GB/s)",
+                    dataset.display(),
+                    report.files,
+                    report.file_bytes as f64 / 1e6,
+                    report.decoded_bytes as f64 / 1e6,
+                    report.seconds,
+                    report.decoded_bytes as f64 / 1e9 / report.seconds.max(1e-9)
+                );
+                failures.extend(report.failures);
+            }
+            if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Verify { failures })
+            }
+        }
         Command::Convert {
             source,
             out,
@@ -84,9 +181,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             name,
             force,
             threads,
+            dry_run,
         } => {
             let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
-            let report = convert(&ConvertOptions {
+            let options = ConvertOptions {
                 source,
                 store: out,
                 name,
@@ -94,7 +192,20 @@ fn run(cli: Cli) -> Result<(), Error> {
                 pipeline_file,
                 force,
                 threads,
-            })?;
+            };
+            if dry_run {
+                print_plan(&plan_run(&options)?);
+                return Ok(());
+            }
+            let report = convert(&options)?;
+            if report.up_to_date {
+                println!(
+                    "{} is up to date ({}); nothing to do",
+                    report.dataset,
+                    report.dataset_dir.display()
+                );
+                return Ok(());
+            }
             let mb = |b: u64| b as f64 / 1e6;
             println!(
                 "converted {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
@@ -110,9 +221,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             );
             for s in &report.stages {
                 println!(
-                    "  {:<14} {:<12} {:>6} entries {:>10.1} MB {:>7.2} s",
+                    "  {:<14} {:<12} {:<17} {:>6} entries {:>10.1} MB {:>7.2} s",
                     s.id,
                     s.kind,
+                    s.action,
                     s.entries,
                     mb(s.bytes),
                     s.seconds

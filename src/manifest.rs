@@ -66,6 +66,12 @@ pub struct EntryInfo {
     pub shape: Option<Vec<u64>>,
     pub bytes: u64,
     pub blake3: String,
+    /// BLAKE3 of the values as stored in a Zarr array (little endian, C order).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub values_blake3: Option<String>,
+    /// Position on the output's trial axis.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub index: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,5 +1,6 @@
 //! The pipeline: its file (`spec`), the plan it makes for one source (`plan`) and the runner.
 
+pub mod keys;
 pub mod plan;
 pub mod runner;
 pub mod spec;

@@ -1,21 +1,25 @@
-//! Runs a pipeline over one source: plan, stages, read-back validation, manifest, then an
-//! atomic rename into the store. Until that rename, everything lives in a hidden staging
-//! folder (`STORE/.<name>.partial`), so a dataset never looks complete when it is not.
+//! Runs a pipeline over one source: plan, decide which stages to (re)run, run them, validate
+//! between stages, write the manifest and lock, then rename into the store atomically.
+//!
+//! Everything is built in a hidden staging folder (`STORE/.<name>.partial`) that records each
+//! finished stage (`.progress.json`), so a killed run resumes where it stopped; a dataset
+//! folder only ever appears whole, with `manifest.json` written last inside it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow::datatypes::DataType;
-
+use super::keys::{decide, stage_keys, Decision, Origin, StageKey};
 use super::plan::{plan, Disposition, Plan, StagePlan};
-use super::spec::{MetaAxis, Pipeline, Stage};
+use super::spec::{Measure, Pipeline};
 use crate::error::{Error, Result};
-use crate::manifest::{self, Counts, EntryInfo, Manifest, PipelineInfo, SourceInfo, Tool};
+use crate::lock::{self, write_synced, Lock, LockSource, LockedEntry, Progress, StageLock};
+use crate::manifest::{
+    self, Counts, EntryInfo, Manifest, OutputInfo, PipelineInfo, SourceInfo, Tool,
+};
 use crate::source::Source;
-use crate::stages::{self, EntryRecord, MeasureValues, StageContext, StageResult};
-use crate::validate::{self, contract, ExpectedArray};
-use crate::writers::parquet::arrow_type;
+use crate::stages::{self, MeasureValues, StageContext, StageResult};
+use crate::validate::{self, contract, stage_output::check_stage_output};
 use crate::writers::zarr::ZarrStore;
 use crate::writers::Provenance;
 
@@ -37,6 +41,8 @@ pub struct ConvertOptions {
 pub struct StageReport {
     pub id: String,
     pub kind: String,
+    /// `ran`, or `reused` with where from.
+    pub action: String,
     pub entries: usize,
     pub bytes: u64,
     pub seconds: f64,
@@ -46,6 +52,8 @@ pub struct StageReport {
 pub struct ConvertReport {
     pub dataset: String,
     pub dataset_dir: PathBuf,
+    /// Nothing needed doing: the dataset matches the source and pipeline.
+    pub up_to_date: bool,
     pub trials: usize,
     pub dimensions: BTreeMap<String, u64>,
     pub source_bytes: u64,
@@ -55,18 +63,161 @@ pub struct ConvertReport {
     pub stages: Vec<StageReport>,
 }
 
-/// Removes the staging folder unless the conversion completed.
-struct Staging {
-    dir: PathBuf,
-    keep: bool,
+/// What `plan` / `convert --dry-run` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct RunPlan {
+    pub dataset: String,
+    pub dataset_dir: PathBuf,
+    pub up_to_date: bool,
+    pub stages: Vec<PlannedStage>,
 }
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
+#[derive(Debug, serde::Serialize)]
+pub struct PlannedStage {
+    pub id: String,
+    pub kind: String,
+    pub run: bool,
+    pub reason: String,
+}
+
+/// Everything known before any output is written.
+struct Prepared<'p> {
+    pipeline: &'p Pipeline,
+    source: Source,
+    name: String,
+    dataset_dir: PathBuf,
+    staging_dir: PathBuf,
+    plan: Plan<'p>,
+    keys: Vec<StageKey>,
+    source_fingerprint: String,
+    pipeline_hash: String,
+    existing: Option<Lock>,
+    decisions: Vec<Decision>,
+}
+
+fn prepare<'p>(opts: &ConvertOptions, pipeline: &'p Pipeline) -> Result<Prepared<'p>> {
+    let source = Source::open(&opts.source)?;
+    let name = opts.name.clone().unwrap_or_else(|| source.dataset_name());
+    check_dataset_name(&name)?;
+    let dataset_dir = opts.store.join(&name);
+    let staging_dir = opts.store.join(format!(".{name}.partial"));
+    recover_interrupted_publish(&opts.store, &name, &dataset_dir)?;
+    let plan = plan(pipeline, &source)?;
+    let (source_fingerprint, keys) = stage_keys(pipeline, &source, &plan, &name);
+    let existing = read_existing(&dataset_dir, opts.force, &source_fingerprint)?;
+    let progress =
+        Progress::read(&staging_dir).filter(|p| p.source_fingerprint == source_fingerprint);
+    let decisions = decide(
+        pipeline,
+        &keys,
+        existing.as_ref(),
+        progress.as_ref(),
+        &staging_dir,
+        &dataset_dir,
+        opts.force,
+    );
+    Ok(Prepared {
+        pipeline,
+        source,
+        name,
+        dataset_dir,
+        staging_dir,
+        plan,
+        keys,
+        source_fingerprint,
+        pipeline_hash: Pipeline::hash(&opts.pipeline_text),
+        existing,
+        decisions,
+    })
+}
+
+impl Prepared<'_> {
+    fn up_to_date(&self) -> bool {
+        self.existing
+            .as_ref()
+            .is_some_and(|l| l.pipeline_hash == self.pipeline_hash)
+            && self.decisions.iter().all(|d| {
+                matches!(
+                    d,
+                    Decision::Reuse {
+                        origin: Origin::Existing,
+                        ..
+                    }
+                )
+            })
+    }
+}
+
+/// A dataset in the store: its lock, when it is complete and from this very source. Without
+/// `--force`, a dataset from another source is never touched.
+fn read_existing(dataset_dir: &Path, force: bool, fingerprint: &str) -> Result<Option<Lock>> {
+    if !dataset_dir.exists() {
+        return Ok(None);
+    }
+    let lock = Lock::read(&dataset_dir.join(lock::FILE_NAME)).ok();
+    if force {
+        return Ok(lock);
+    }
+    match lock {
+        Some(l)
+            if l.source.fingerprint == fingerprint
+                && dataset_dir.join(manifest::FILE_NAME).exists() =>
+        {
+            Ok(Some(l))
+        }
+        Some(_) => Err(Error::Exists {
+            path: dataset_dir.to_path_buf(),
+            why: "it was converted from a different source (or the source has changed since)"
+                .into(),
+        }),
+        None => Err(Error::Exists {
+            path: dataset_dir.to_path_buf(),
+            why: "it has no readable lock file, so it cannot be updated in place".into(),
+        }),
+    }
+}
+
+/// A publish interrupted between its two renames leaves the old dataset aside: put it back.
+fn recover_interrupted_publish(store: &Path, name: &str, dataset_dir: &Path) -> Result<()> {
+    let aside = store.join(format!(".{name}.replaced"));
+    if aside.exists() {
+        if dataset_dir.exists() {
+            std::fs::remove_dir_all(&aside)
+                .map_err(|e| Error::io(&aside, "cannot remove a replaced dataset", e))?;
+        } else {
+            std::fs::rename(&aside, dataset_dir).map_err(|e| {
+                Error::io(
+                    &aside,
+                    "cannot restore the dataset moved aside by an interrupted run",
+                    e,
+                )
+            })?;
         }
     }
+    Ok(())
+}
+
+/// What would run, and why, without writing anything.
+pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
+    let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
+    let prep = prepare(opts, &pipeline)?;
+    let stages = pipeline
+        .stages
+        .iter()
+        .zip(&prep.decisions)
+        .map(|(s, d)| PlannedStage {
+            id: s.id().into(),
+            kind: s.name().into(),
+            run: matches!(d, Decision::Run { .. }),
+            reason: d.reason(),
+        })
+        .collect();
+    Ok(RunPlan {
+        up_to_date: prep.up_to_date(),
+        dataset: prep.name.clone(),
+        dataset_dir: prep.dataset_dir.clone(),
+        stages,
+    })
 }
 
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
@@ -76,13 +227,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
-    let source = Source::open(&opts.source)?;
-    let name = opts.name.clone().unwrap_or_else(|| source.dataset_name());
-    check_dataset_name(&name)?;
-    let dataset_dir = opts.store.join(&name);
-    if dataset_dir.exists() && !opts.force {
-        return Err(Error::Exists { path: dataset_dir });
-    }
+    let prep = prepare(opts, &pipeline)?;
     let threads = opts
         .threads
         .unwrap_or_else(|| {
@@ -91,153 +236,368 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
                 .unwrap_or(1)
         })
         .max(1);
+    let mut report = ConvertReport {
+        dataset: prep.name.clone(),
+        dataset_dir: prep.dataset_dir.clone(),
+        up_to_date: false,
+        trials: prep.plan.n_trials(),
+        dimensions: prep.plan.dims.clone(),
+        source_bytes: std::fs::metadata(&opts.source)
+            .map(|m| {
+                if m.is_file() {
+                    m.len()
+                } else {
+                    prep.source.total_size()
+                }
+            })
+            .unwrap_or(0),
+        output_bytes: 0,
+        seconds: 0.0,
+        threads,
+        stages: Vec::new(),
+    };
+    if prep.up_to_date() {
+        report.up_to_date = true;
+        report.output_bytes = prep
+            .existing
+            .as_ref()
+            .map_or(0, |l| l.stages.iter().map(|s| s.outputs.len() as u64).sum());
+        report.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(dataset = %prep.name, "up to date");
+        return Ok(report);
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
-
-    let plan = plan(&pipeline, &source)?;
-    tracing::info!(dataset = %name, trials = plan.n_trials(), "plan checked");
-
     std::fs::create_dir_all(&opts.store)
         .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
-    let mut staging = Staging {
-        dir: opts.store.join(format!(".{name}.partial")),
-        keep: false,
-    };
-    if staging.dir.exists() {
-        // Left by a run that was killed: nothing in it is trusted.
-        std::fs::remove_dir_all(&staging.dir)
-            .map_err(|e| Error::io(&staging.dir, "cannot remove a stale staging folder", e))?;
-    }
-    std::fs::create_dir_all(&staging.dir)
-        .map_err(|e| Error::io(&staging.dir, "cannot create the staging folder", e))?;
+    let staging = &prep.staging_dir;
+    prepare_staging(&prep)?;
 
     let provenance = Provenance {
         tool_version: crate::VERSION.to_string(),
-        dataset: name.clone(),
-        source: source.name.clone(),
+        dataset: prep.name.clone(),
+        source: prep.source.name.clone(),
         pipeline: pipeline.pipeline.clone(),
-        pipeline_hash: Pipeline::hash(&opts.pipeline_text),
+        pipeline_hash: prep.pipeline_hash.clone(),
+        stage: String::new(),
+        stage_hash: String::new(),
     };
-    let mut measures: BTreeMap<(String, super::spec::Measure), MeasureValues> = BTreeMap::new();
-    let mut records: Vec<(usize, EntryRecord)> = Vec::new();
-    let mut reports = Vec::new();
-    for (index, (stage, stage_plan)) in pipeline.stages.iter().zip(&plan.stages).enumerate() {
+    let mut progress = Progress {
+        source_fingerprint: prep.source_fingerprint.clone(),
+        stages: Vec::new(),
+    };
+    let mut measures: BTreeMap<(String, Measure), MeasureValues> = BTreeMap::new();
+    let groups = group_paths(&pipeline, &prep.plan);
+    for (((stage, stage_plan), decision), key) in pipeline
+        .stages
+        .iter()
+        .zip(&prep.plan.stages)
+        .zip(&prep.decisions)
+        .zip(&prep.keys)
+    {
         let t0 = Instant::now();
-        let ctx = StageContext {
-            source: &source,
-            pipeline: &pipeline,
-            plan: &plan,
-            dataset_dir: &staging.dir,
-            provenance: &provenance,
-            measures: &measures,
-            pipeline_file: &opts.pipeline_file,
+        let locked = match decision {
+            Decision::Reuse { origin, lock } => {
+                if *origin == Origin::Existing {
+                    link_outputs(&prep.dataset_dir, staging, lock)?;
+                }
+                tracing::info!(stage = stage.id(), from = ?origin, "stage reused");
+                lock.clone()
+            }
+            Decision::Run { reason } => {
+                tracing::info!(stage = stage.id(), kind = stage.name(), reason = %reason, "stage started");
+                let stage_provenance = Provenance {
+                    stage: stage.id().to_string(),
+                    stage_hash: key.config_hash.clone(),
+                    ..provenance.clone()
+                };
+                let ctx = StageContext {
+                    source: &prep.source,
+                    pipeline: &pipeline,
+                    plan: &prep.plan,
+                    dataset_dir: staging,
+                    provenance: &stage_provenance,
+                    measures: &measures,
+                    pipeline_file: &opts.pipeline_file,
+                };
+                let result: StageResult = pool.install(|| match stage_plan {
+                    StagePlan::TrialArray(p) => stages::trial_array::run(&ctx, p),
+                    StagePlan::TrialTable(p) => stages::trial_table::run(&ctx, p),
+                    StagePlan::Statistics(p) => stages::statistics::run(&ctx, p),
+                    StagePlan::MetaTable(p) => stages::meta_table::run(&ctx, p),
+                })?;
+                // Validation between stages: what this stage wrote, read back from disk.
+                check_stage_output(staging, &prep.plan, stage, stage_plan)?;
+                let outputs = hash_stage_outputs(staging, stage.output(), &groups)?;
+                let entries = result
+                    .entries
+                    .iter()
+                    .map(|r| LockedEntry::from_record(&prep.source.entries[r.entry].path, r))
+                    .collect();
+                let measures = result
+                    .measures
+                    .iter()
+                    .map(|(m, v)| (m.to_string(), v.clone()))
+                    .collect();
+                report.stages.push(StageReport {
+                    id: stage.id().into(),
+                    kind: stage.name().into(),
+                    action: "ran".into(),
+                    entries: result.entries.len(),
+                    bytes: result.bytes,
+                    seconds: 0.0,
+                });
+                key.lock(stage, outputs, entries, measures)
+            }
         };
-        tracing::info!(stage = stage.id(), kind = stage.name(), "stage started");
-        let result: StageResult = pool.install(|| match stage_plan {
-            StagePlan::TrialArray(p) => stages::trial_array::run(&ctx, p),
-            StagePlan::TrialTable(p) => stages::trial_table::run(&ctx, p),
-            StagePlan::Statistics(p) => stages::statistics::run(&ctx, p),
-            StagePlan::MetaTable(p) => stages::meta_table::run(&ctx, p),
-        })?;
-        // Validation between stages: what this stage wrote, read back from disk.
-        check_stage_output(&staging.dir, &plan, stage, stage_plan)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        tracing::info!(
-            stage = stage.id(),
-            entries = result.entries.len(),
-            bytes = result.bytes,
-            seconds,
-            "stage finished"
-        );
-        reports.push(StageReport {
-            id: stage.id().to_string(),
-            kind: stage.name().to_string(),
-            entries: result.entries.len(),
-            bytes: result.bytes,
-            seconds,
-        });
-        for (m, values) in result.measures {
-            measures.insert((stage.id().to_string(), m), values);
+        if let Decision::Reuse { origin, .. } = decision {
+            report.stages.push(StageReport {
+                id: stage.id().into(),
+                kind: stage.name().into(),
+                action: format!("reused ({origin:?})").to_lowercase(),
+                entries: locked.entries.len(),
+                bytes: 0,
+                seconds: 0.0,
+            });
         }
-        records.extend(result.entries.into_iter().map(|r| (index, r)));
+        for (m, values) in &locked.measures {
+            let measure = match m.as_str() {
+                "valid_frames" => Measure::ValidFrames,
+                "all_zero" => Measure::AllZero,
+                other => {
+                    return Err(Error::Internal(format!(
+                        "unknown measure {other} in a lock"
+                    )))
+                }
+            };
+            measures.insert((stage.id().to_string(), measure), values.clone());
+        }
+        progress.stages.push(locked);
+        progress.write(staging)?;
+        if let Some(last) = report.stages.last_mut() {
+            last.seconds = t0.elapsed().as_secs_f64();
+            tracing::info!(stage = %last.id, action = %last.action, entries = last.entries, bytes = last.bytes, seconds = last.seconds, "stage finished");
+        }
     }
 
-    write_groups(&staging.dir, &pipeline, &provenance)?;
+    write_groups(staging, &pipeline, &provenance, &groups)?;
     if let Some(name) = &pipeline.contract {
         let c = contract::load(name)
             .ok_or_else(|| Error::Internal(format!("contract {name} vanished")))?;
-        contract::check(&c, &staging.dir, &plan.dims)?;
+        contract::check(&c, staging, &prep.plan.dims)?;
     }
 
-    let entries = entry_infos(&source, &pipeline, &plan, records)?;
-    let outputs = validate::hash_outputs(&staging.dir, &[manifest::FILE_NAME, RUN_RECORD])?;
-    let output_bytes = outputs.iter().map(|o| o.bytes).sum();
+    // Every output file: the stages' (from their locks) and the group metadata.
+    let mut outputs: BTreeMap<String, String> = BTreeMap::new();
+    for s in &progress.stages {
+        outputs.extend(s.outputs.clone());
+    }
+    for g in groups
+        .iter()
+        .flat_map(|(store, paths)| paths.iter().map(move |p| group_file(store, p)))
+    {
+        outputs.insert(g.clone(), validate::hash_file(&staging.join(&g))?.1);
+    }
+    let on_disk: BTreeSet<String> = validate::list_files(staging)?
+        .into_iter()
+        .filter(|f| !is_bookkeeping(f))
+        .collect();
+    let expected: BTreeSet<String> = outputs.keys().cloned().collect();
+    if on_disk != expected {
+        let extra: Vec<_> = on_disk.difference(&expected).take(5).collect();
+        let missing: Vec<_> = expected.difference(&on_disk).take(5).collect();
+        return Err(Error::Internal(format!(
+            "staging folder {} holds unexpected files {extra:?} or lacks {missing:?}",
+            staging.display()
+        )));
+    }
+    let output_infos: Vec<OutputInfo> = outputs
+        .iter()
+        .map(|(path, hash)| {
+            let bytes = std::fs::metadata(staging.join(path))
+                .map(|m| m.len())
+                .map_err(|e| Error::io(staging.join(path), "cannot stat", e))?;
+            Ok(OutputInfo {
+                path: path.clone(),
+                bytes,
+                blake3: hash.clone(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    report.output_bytes = output_infos.iter().map(|o| o.bytes).sum();
+
+    let entries = entry_infos(&prep, &progress)?;
     let manifest = Manifest {
         format: manifest::FORMAT.to_string(),
         tool: Tool {
             name: "sensorium-ingest".into(),
             version: crate::VERSION.into(),
         },
-        dataset: name.clone(),
+        dataset: prep.name.clone(),
         source: SourceInfo {
-            name: source.name.clone(),
+            name: prep.source.name.clone(),
             checksum: manifest::source_checksum(&entries),
             entries: entries.len(),
-            bytes: source.total_size(),
+            bytes: prep.source.total_size(),
         },
         pipeline: PipelineInfo {
             name: pipeline.pipeline.clone(),
-            hash: provenance.pipeline_hash.clone(),
+            hash: prep.pipeline_hash.clone(),
             text: opts.pipeline_text.clone(),
         },
         counts: Counts {
-            trials: plan.n_trials(),
-            neurons: plan.dims.get("neuron").copied(),
-            frames: plan.dims.get("frame").copied(),
+            trials: prep.plan.n_trials(),
+            neurons: prep.plan.dims.get("neuron").copied(),
+            frames: prep.plan.dims.get("frame").copied(),
         },
-        dimensions: plan.dims.clone(),
+        dimensions: prep.plan.dims.clone(),
         entries,
-        outputs,
+        outputs: output_infos,
     };
-    let report = ConvertReport {
-        dataset: name.clone(),
-        dataset_dir: dataset_dir.clone(),
-        trials: plan.n_trials(),
-        dimensions: plan.dims.clone(),
-        source_bytes: std::fs::metadata(&opts.source)
-            .map(|m| {
-                if m.is_file() {
-                    m.len()
-                } else {
-                    source.total_size()
-                }
-            })
-            .unwrap_or(0),
-        output_bytes,
-        seconds: started.elapsed().as_secs_f64(),
-        threads,
-        stages: reports,
+    let manifest_text = to_json_text(&manifest)?;
+    let lock = Lock {
+        format: lock::FORMAT.into(),
+        tool_version: crate::VERSION.into(),
+        dataset: prep.name.clone(),
+        source: LockSource {
+            name: prep.source.name.clone(),
+            fingerprint: prep.source_fingerprint.clone(),
+        },
+        pipeline_hash: prep.pipeline_hash.clone(),
+        stages: progress.stages.clone(),
+        manifest_blake3: blake3::hash(manifest_text.as_bytes()).to_hex().to_string(),
+        checksum: String::new(),
     };
+    report.seconds = started.elapsed().as_secs_f64();
     let run_record = serde_json::json!({
         "tool_version": crate::VERSION,
         "started_unix": started_unix,
         "seconds": report.seconds,
         "host": hostname(),
         "source_path": std::fs::canonicalize(&opts.source).unwrap_or_else(|_| opts.source.clone()),
-        "source_kind": source.kind,
+        "source_kind": prep.source.kind,
         "pipeline_file": opts.pipeline_file,
         "threads": threads,
         "stages": report.stages,
     });
-    write_json(&staging.dir.join(RUN_RECORD), &run_record)?;
+    write_synced(
+        &staging.join(RUN_RECORD),
+        to_json_text(&run_record)?.as_bytes(),
+    )?;
+    write_synced(&staging.join(lock::FILE_NAME), lock.to_json()?.as_bytes())?;
     // The manifest is written last: its presence is what marks the dataset complete.
-    write_json(&staging.dir.join(manifest::FILE_NAME), &manifest)?;
-
-    publish(&staging.dir, &dataset_dir, &name)?;
-    staging.keep = true;
+    write_synced(&staging.join(manifest::FILE_NAME), manifest_text.as_bytes())?;
+    let progress_file = staging.join(lock::PROGRESS_FILE);
+    std::fs::remove_file(&progress_file)
+        .map_err(|e| Error::io(&progress_file, "cannot remove", e))?;
+    publish(staging, &prep.dataset_dir, &prep.name)?;
     Ok(report)
+}
+
+/// Files the runner keeps for itself, not outputs.
+fn is_bookkeeping(path: &str) -> bool {
+    [
+        manifest::FILE_NAME,
+        lock::FILE_NAME,
+        RUN_RECORD,
+        lock::PROGRESS_FILE,
+    ]
+    .contains(&path)
+        || path.starts_with(".progress.json")
+}
+
+/// Starts from a clean staging folder, or resumes one left by a killed run: the outputs of
+/// stages it finished are kept, everything else in it is removed.
+fn prepare_staging(prep: &Prepared) -> Result<()> {
+    let staging = &prep.staging_dir;
+    let keep: BTreeSet<&str> = prep
+        .decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Reuse {
+                origin: Origin::Partial,
+                lock,
+            } => Some(lock),
+            _ => None,
+        })
+        .flat_map(|l| l.outputs.keys().map(String::as_str))
+        .collect();
+    if !staging.exists() || keep.is_empty() {
+        if staging.exists() {
+            std::fs::remove_dir_all(staging)
+                .map_err(|e| Error::io(staging, "cannot remove a stale staging folder", e))?;
+        }
+        return std::fs::create_dir_all(staging)
+            .map_err(|e| Error::io(staging, "cannot create the staging folder", e));
+    }
+    for file in validate::list_files(staging)? {
+        if !keep.contains(file.as_str()) {
+            let path = staging.join(&file);
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(&path, "cannot clean the staging folder", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Brings a finished stage's files from the existing dataset into the staging folder: hard
+/// links (no copy, and the old dataset stays intact since files are never rewritten in place),
+/// falling back to copies across file systems. Metadata files are always copied.
+fn link_outputs(from: &Path, to: &Path, lock: &StageLock) -> Result<()> {
+    for file in lock.outputs.keys() {
+        let (src, dst) = (from.join(file), to.join(file));
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, "cannot create", e))?;
+        }
+        if dst.exists() {
+            std::fs::remove_file(&dst).map_err(|e| Error::io(&dst, "cannot replace", e))?;
+        }
+        let linked = !file.ends_with("zarr.json") && std::fs::hard_link(&src, &dst).is_ok();
+        if !linked {
+            std::fs::copy(&src, &dst).map_err(|e| {
+                Error::io(&src, "cannot reuse an output of the existing dataset", e)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// BLAKE3 of every file a stage wrote (below its output path), group metadata excluded.
+fn hash_stage_outputs(
+    staging: &Path,
+    output: &str,
+    groups: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<BTreeMap<String, String>> {
+    let group_files: BTreeSet<String> = groups
+        .iter()
+        .flat_map(|(store, paths)| paths.iter().map(move |p| group_file(store, p)))
+        .collect();
+    let root = staging.join(output);
+    let files: Vec<String> = if root.is_dir() {
+        validate::list_files(&root)?
+            .into_iter()
+            .map(|f| format!("{output}/{f}"))
+            .collect()
+    } else {
+        vec![output.to_string()]
+    };
+    files
+        .into_iter()
+        .filter(|f| !group_files.contains(f))
+        .map(|f| {
+            let hash = validate::hash_file(&staging.join(&f))?.1;
+            Ok((f, hash))
+        })
+        .collect()
+}
+
+fn to_json_text<T: serde::Serialize>(value: &T) -> Result<String> {
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
+    text.push('\n');
+    Ok(text)
 }
 
 fn check_dataset_name(name: &str) -> Result<()> {
@@ -251,33 +611,27 @@ fn check_dataset_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Moves the finished staging folder into place. With `--force`, the old dataset is renamed
-/// aside first and removed only after the new one is in place.
+/// Moves the finished staging folder into place. An existing dataset is renamed aside first
+/// and removed once the new one is in place; an interruption in between is repaired by the
+/// next run (`recover_interrupted_publish`).
 fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
     let parent = dataset_dir.parent().unwrap_or(Path::new("."));
-    let old = parent.join(format!(".{name}.replaced"));
+    let aside = parent.join(format!(".{name}.replaced"));
     let had_old = dataset_dir.exists();
     if had_old {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, "cannot remove", e))?;
-        }
-        std::fs::rename(dataset_dir, &old)
+        std::fs::rename(dataset_dir, &aside)
             .map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
     }
     std::fs::rename(staging, dataset_dir)
         .map_err(|e| Error::io(dataset_dir, "cannot move the new dataset into place", e))?;
     if had_old {
-        std::fs::remove_dir_all(&old)
-            .map_err(|e| Error::io(&old, "cannot remove the replaced dataset", e))?;
+        std::fs::remove_dir_all(&aside)
+            .map_err(|e| Error::io(&aside, "cannot remove the replaced dataset", e))?;
+    }
+    if let Ok(dir) = std::fs::File::open(parent) {
+        let _ = dir.sync_all();
     }
     Ok(())
-}
-
-fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text =
-        serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| Error::io(path, "cannot write", e))
 }
 
 fn hostname() -> String {
@@ -287,10 +641,20 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Every Zarr group on the way to an array gets its `zarr.json` (Zarr v3 has no implicit groups).
-fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Result<()> {
+/// `zarr.json` path of a group (`path` inside the `.zarr` folder `store`).
+fn group_file(store: &str, path: &str) -> String {
+    if path == "/" {
+        format!("{store}/zarr.json")
+    } else {
+        format!("{store}{path}/zarr.json")
+    }
+}
+
+/// Every Zarr group on the way to an array (Zarr v3 has no implicit groups), by `.zarr` folder,
+/// derived from the plan so it never depends on what happens to be on disk.
+fn group_paths(pipeline: &Pipeline, plan: &Plan) -> BTreeMap<String, BTreeSet<String>> {
     let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for stage in &pipeline.stages {
+    for (stage, stage_plan) in pipeline.stages.iter().zip(&plan.stages) {
         let output = stage.output();
         let Some(pos) = output.find(".zarr") else {
             continue;
@@ -299,22 +663,34 @@ fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Res
         let inner = output[pos + 5..].trim_start_matches('/');
         let set = groups.entry(store).or_default();
         set.insert("/".into());
-        let parts: Vec<&str> = inner.split('/').filter(|p| !p.is_empty()).collect();
-        let group_depth = match stage {
-            Stage::Statistics(_) => parts.len(),
-            _ => parts.len().saturating_sub(1),
-        };
-        for depth in 1..=group_depth {
-            set.insert(format!("/{}", parts[..depth].join("/")));
+        let mut arrays: Vec<String> = Vec::new();
+        match stage_plan {
+            StagePlan::Statistics(p) => {
+                arrays.extend(p.arrays.iter().map(|(name, _)| format!("{inner}/{name}")))
+            }
+            _ => arrays.push(inner.to_string()),
         }
-        if let Stage::Statistics(_) = stage {
-            // Every folder of statistics arrays (var, var/subset) is a group too.
-            let base = dir.join(output);
-            add_statistics_groups(&base, &format!("/{}", parts.join("/")), set)?;
+        for array in arrays {
+            let parts: Vec<&str> = array.split('/').filter(|p| !p.is_empty()).collect();
+            for depth in 1..parts.len() {
+                set.insert(format!("/{}", parts[..depth].join("/")));
+            }
+        }
+        if let StagePlan::Statistics(_) = stage_plan {
+            set.insert(format!("/{inner}"));
         }
     }
+    groups
+}
+
+fn write_groups(
+    dir: &Path,
+    pipeline: &Pipeline,
+    provenance: &Provenance,
+    groups: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<()> {
     for (store_dir, paths) in groups {
-        let store = ZarrStore::open(&dir.join(&store_dir))?;
+        let store = ZarrStore::open(&dir.join(store_dir))?;
         for path in paths {
             let mut attributes = serde_json::Map::new();
             if path == "/" {
@@ -331,131 +707,23 @@ fn write_groups(dir: &Path, pipeline: &Pipeline, provenance: &Provenance) -> Res
                 );
                 attributes.insert("frame_rate_hz".into(), pipeline.frame_rate_hz.into());
             }
-            store.write_group(&path, attributes)?;
+            store.write_group(path, attributes)?;
         }
     }
     Ok(())
-}
-
-fn add_statistics_groups(base: &Path, prefix: &str, out: &mut BTreeSet<String>) -> Result<()> {
-    let Ok(listing) = std::fs::read_dir(base) else {
-        return Ok(());
-    };
-    for item in listing {
-        let path = item.map_err(|e| Error::io(base, "cannot list", e))?.path();
-        if path.is_dir() && !path.join("zarr.json").exists() {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let group = format!("{prefix}/{name}");
-            out.insert(group.clone());
-            add_statistics_groups(&path, &group, out)?;
-        }
-    }
-    Ok(())
-}
-
-/// Reads back what a stage wrote and compares it with the plan.
-fn check_stage_output(
-    dir: &Path,
-    plan: &Plan,
-    stage: &Stage,
-    stage_plan: &StagePlan,
-) -> Result<()> {
-    match (stage, stage_plan) {
-        (Stage::TrialArray(c), StagePlan::TrialArray(p)) => {
-            let mut shape = vec![p.trials.len() as u64];
-            shape.extend(&p.trial_shape);
-            let data_type = zarr_type_name(p.dtype);
-            validate::check_zarr_array(&ExpectedArray {
-                path: &dir.join(&c.output),
-                shape: &shape,
-                data_type: &data_type,
-                dimension_names: &c.dimension_names,
-            })?;
-        }
-        (Stage::Statistics(c), StagePlan::Statistics(p)) => {
-            for (name, a) in &p.arrays {
-                let rank = a.header.shape.len();
-                let var = name.split('/').next().unwrap_or_default();
-                let names = match c.dimension_names.get(var) {
-                    Some(n) if n.len() == rank => n.clone(),
-                    _ => (0..rank).map(|i| format!("dim_{i}")).collect(),
-                };
-                let data_type = zarr_type_name(a.header.dtype);
-                validate::check_zarr_array(&ExpectedArray {
-                    path: &dir.join(&c.output).join(name),
-                    shape: &a.header.shape,
-                    data_type: &data_type,
-                    dimension_names: &names,
-                })?;
-            }
-        }
-        (Stage::TrialTable(c), StagePlan::TrialTable(p)) => {
-            let value = arrow_type(p.dtype).unwrap_or(DataType::Null);
-            let mut columns = vec![
-                (c.trial_column.clone(), DataType::Int32),
-                (c.frame_column.clone(), DataType::Int32),
-            ];
-            columns.extend(c.columns.iter().map(|n| (n.clone(), value.clone())));
-            validate::check_parquet(
-                &dir.join(&c.output),
-                &columns,
-                p.trials.len() as u64 * p.trial_shape[1],
-            )?;
-        }
-        (Stage::MetaTable(c), StagePlan::MetaTable(p)) => {
-            let (columns, rows) = validate::read_parquet_schema(&dir.join(&c.output))?;
-            let want_rows = if c.axis == MetaAxis::Trial {
-                plan.n_trials() as u64
-            } else {
-                p.rows
-            };
-            let want_columns = 1
-                + c.trial_id_column.iter().count()
-                + p.files
-                    .iter()
-                    .map(|(s, _)| c.split.get(s).map_or(1, |v| v.len()))
-                    .sum::<usize>()
-                + c.derived.len();
-            if rows != want_rows || columns.len() != want_columns {
-                return Err(Error::Internal(format!(
-                    "{}: {rows} rows and {} columns, expected {want_rows} and {want_columns}",
-                    c.output,
-                    columns.len()
-                )));
-            }
-        }
-        _ => return Err(Error::Internal("stage and plan disagree".into())),
-    }
-    Ok(())
-}
-
-fn zarr_type_name(dtype: crate::npy::Dtype) -> String {
-    use crate::npy::Kind;
-    match dtype.kind {
-        Kind::Float => format!("float{}", dtype.size * 8),
-        Kind::Int => format!("int{}", dtype.size * 8),
-        Kind::UInt => format!("uint{}", dtype.size * 8),
-        Kind::Bool => "bool".into(),
-        _ => "unsupported".into(),
-    }
 }
 
 /// One manifest line per source entry. Skipped entries are hashed here so the source checksum
 /// covers every byte; an entry that a stage claimed but did not report is a bug, caught here.
-fn entry_infos(
-    source: &Source,
-    pipeline: &Pipeline,
-    plan: &Plan,
-    records: Vec<(usize, EntryRecord)>,
-) -> Result<Vec<EntryInfo>> {
-    let mut by_entry: BTreeMap<usize, (usize, EntryRecord)> = BTreeMap::new();
-    for (stage, r) in records {
-        by_entry.insert(r.entry, (stage, r));
+fn entry_infos(prep: &Prepared, progress: &Progress) -> Result<Vec<EntryInfo>> {
+    let mut by_path: BTreeMap<&str, (&str, &LockedEntry)> = BTreeMap::new();
+    for s in &progress.stages {
+        for e in &s.entries {
+            by_path.insert(e.path.as_str(), (s.id.as_str(), e));
+        }
     }
-    let headers: BTreeMap<usize, &crate::npy::Header> = plan
+    let headers: BTreeMap<usize, &crate::npy::Header> = prep
+        .plan
         .stages
         .iter()
         .flat_map(|s| -> Vec<(usize, &crate::npy::Header)> {
@@ -471,29 +739,37 @@ fn entry_infos(
             }
         })
         .collect();
-    let mut reader = source.reader()?;
-    let mut out = Vec::with_capacity(source.entries.len());
-    for (index, (entry, disposition)) in source.entries.iter().zip(&plan.dispositions).enumerate() {
+    let mut reader = prep.source.reader()?;
+    let mut out = Vec::with_capacity(prep.source.entries.len());
+    for (index, (entry, disposition)) in prep
+        .source
+        .entries
+        .iter()
+        .zip(&prep.plan.dispositions)
+        .enumerate()
+    {
         let header = headers.get(&index);
         let info = match disposition {
             Disposition::Stage(s) => {
-                let (stage, record) = by_entry.remove(&index).ok_or_else(|| {
+                let (stage, record) = by_path.remove(entry.path.as_str()).ok_or_else(|| {
                     Error::Internal(format!(
                         "{} was claimed by stage {} but never read",
                         entry.path,
-                        pipeline.stages[*s].id()
+                        prep.pipeline.stages[*s].id()
                     ))
                 })?;
                 EntryInfo {
                     path: entry.path.clone(),
                     status: "converted".into(),
-                    stage: Some(pipeline.stages[stage].id().to_string()),
-                    output: Some(record.output),
+                    stage: Some(stage.to_string()),
+                    output: Some(record.output.clone()),
                     reason: None,
                     dtype: header.map(|h| h.dtype.to_string()),
                     shape: header.map(|h| h.shape.clone()),
                     bytes: entry.size,
-                    blake3: record.blake3,
+                    blake3: record.blake3.clone(),
+                    values_blake3: record.values_blake3.clone(),
+                    index: record.index,
                 }
             }
             Disposition::Skipped(reason) => {
@@ -508,10 +784,17 @@ fn entry_infos(
                     shape: None,
                     bytes: entry.size,
                     blake3: blake3::hash(&bytes).to_hex().to_string(),
+                    values_blake3: None,
+                    index: None,
                 }
             }
         };
         out.push(info);
+    }
+    if let Some((path, _)) = by_path.into_iter().next() {
+        return Err(Error::Internal(format!(
+            "a stage reported {path}, which the plan did not give it"
+        )));
     }
     Ok(out)
 }

@@ -76,7 +76,7 @@ impl ArchiveSource {
     }
 
     /// (name, declared size, index) of every file entry.
-    pub fn list(&self) -> Result<Vec<(String, u64, usize)>> {
+    pub fn list(&self) -> Result<Vec<super::RawEntry>> {
         let mut archive = self.archive.clone();
         let mut out = Vec::with_capacity(archive.len());
         for index in 0..archive.len() {
@@ -108,7 +108,8 @@ impl ArchiveSource {
                     "this looks like a zip bomb; do not process this archive",
                 ));
             }
-            out.push((name, size, index));
+            let fingerprint = format!("crc32:{:08x}:{size}", file.crc32());
+            out.push((name, size, index, fingerprint));
         }
         Ok(out)
     }

@@ -19,18 +19,18 @@ impl FolderSource {
     }
 
     /// (relative path, size, index) of every file below the folder, sorted by path.
-    pub fn list(&self) -> Result<Vec<(String, u64, usize)>> {
+    pub fn list(&self) -> Result<Vec<super::RawEntry>> {
         let mut files = Vec::new();
         self.walk(&self.root, &mut files)?;
         files.sort();
         Ok(files
             .into_iter()
             .enumerate()
-            .map(|(i, (p, s))| (p, s, i))
+            .map(|(i, (p, s, f))| (p, s, i, f))
             .collect())
     }
 
-    fn walk(&self, dir: &Path, out: &mut Vec<(String, u64)>) -> Result<()> {
+    fn walk(&self, dir: &Path, out: &mut Vec<(String, u64, String)>) -> Result<()> {
         let listing =
             std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list the folder", e))?;
         for item in listing {
@@ -68,7 +68,16 @@ impl FolderSource {
                         "rename the file",
                     )
                 })?;
-                out.push((rel.replace(std::path::MAIN_SEPARATOR, "/"), meta.len()));
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                out.push((
+                    rel.replace(std::path::MAIN_SEPARATOR, "/"),
+                    meta.len(),
+                    format!("mtime:{mtime}:{}", meta.len()),
+                ));
             }
         }
         Ok(())

@@ -26,6 +26,9 @@ pub struct Entry {
     pub size: u64,
     /// Index in the container (archive entry number, or position in the folder listing).
     pub index: usize,
+    /// Cheap change detector from the container's own records: `crc32:<crc>:<size>` in an
+    /// archive, `mtime:<ns>:<size>` in a folder. Used to decide what a rerun can reuse.
+    pub fingerprint: String,
 }
 
 /// Reads entries' bytes. Each thread uses its own reader, so reads never contend on a lock.
@@ -158,10 +161,13 @@ pub fn is_platform_junk(path: &str) -> bool {
             .any(|part| part.starts_with("._") || part == ".DS_Store" || part == "Thumbs.db")
 }
 
+/// An entry as the container lists it: (name, declared size, index, fingerprint).
+pub(crate) type RawEntry = (String, u64, usize, String);
+
 /// Finds the dataset root (the folder holding `data/` and `meta/`) and makes paths relative to it.
-fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String, Vec<Entry>)> {
+fn locate_root(source: &Path, raw: Vec<RawEntry>) -> Result<(String, Vec<Entry>)> {
     let has = |prefix: &str| {
-        raw.iter().any(|(p, _, _)| {
+        raw.iter().any(|(p, _, _, _)| {
             p.strip_prefix(prefix)
                 .is_some_and(|rest| rest.starts_with("data/") || rest.starts_with("meta/"))
         })
@@ -171,8 +177,8 @@ fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String,
     } else {
         let mut tops: Vec<&str> = raw
             .iter()
-            .filter(|(p, _, _)| !is_platform_junk(p))
-            .filter_map(|(p, _, _)| p.split_once('/').map(|(top, _)| top))
+            .filter(|(p, _, _, _)| !is_platform_junk(p))
+            .filter_map(|(p, _, _, _)| p.split_once('/').map(|(top, _)| top))
             .collect();
         tops.sort_unstable();
         tops.dedup();
@@ -189,7 +195,7 @@ fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String,
     };
     let entries = raw
         .into_iter()
-        .map(|(raw_path, size, index)| {
+        .map(|(raw_path, size, index, fingerprint)| {
             let path = raw_path
                 .strip_prefix(&root)
                 .unwrap_or(&raw_path)
@@ -199,6 +205,7 @@ fn locate_root(source: &Path, raw: Vec<(String, u64, usize)>) -> Result<(String,
                 raw_path,
                 size,
                 index,
+                fingerprint,
             }
         })
         .collect();

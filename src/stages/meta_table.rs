@@ -103,6 +103,8 @@ pub fn run(ctx: &StageContext, plan: &MetaPlan) -> Result<StageResult> {
             entry: planned.entry,
             blake3: hash,
             output: c.output.clone(),
+            values_blake3: None,
+            index: None,
         });
     }
     for d in &c.derived {

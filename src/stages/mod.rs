@@ -31,7 +31,8 @@ pub struct StageContext<'a> {
 }
 
 /// Per-trial facts computed while copying trials, in trial-axis order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MeasureValues {
     Int32(Vec<i32>),
     Bool(Vec<bool>),
@@ -46,6 +47,11 @@ pub struct EntryRecord {
     pub blake3: String,
     /// The output it went to (a Zarr array or a table, relative to the dataset folder).
     pub output: String,
+    /// BLAKE3 of the decoded values (little endian, C order) as stored in a Zarr array:
+    /// `verify` decodes the array and compares.
+    pub values_blake3: Option<String>,
+    /// Position on the output's trial axis, for per-trial entries.
+    pub index: Option<u64>,
 }
 
 #[derive(Debug, Default)]

@@ -42,6 +42,7 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
         })?;
         let payload = npy::to_little_endian_c(&header, &bytes[header.payload_offset..]);
         result.bytes += payload.len() as u64;
+        let values_blake3 = Some(blake3::hash(&payload).to_hex().to_string());
         if !payload.is_empty() || header.shape.is_empty() {
             store_chunk(&array, &vec![0; rank], payload)?;
         }
@@ -49,6 +50,8 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
             entry: planned.entry,
             blake3: hash,
             output: format!("{}/{name}", c.output),
+            values_blake3,
+            index: None,
         });
     }
     Ok(result)

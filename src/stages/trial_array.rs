@@ -81,10 +81,15 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
                                 *plan.trial_shape.last().unwrap_or(&1),
                             ));
                         }
+                        // The trial's values as the array stores them, for `verify`.
+                        let values_blake3 =
+                            Some(blake3::hash(&buffer[start..]).to_hex().to_string());
                         records.push(EntryRecord {
                             entry: planned.entry,
                             blake3: hash,
                             output: c.output.clone(),
+                            values_blake3,
+                            index: Some((first + records.len()) as u64),
                         });
                     }
                     let ranges: Vec<std::ops::Range<u64>> =

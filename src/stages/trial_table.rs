@@ -72,6 +72,8 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
                             entry: planned.entry,
                             blake3: hash,
                             output: c.output.clone(),
+                            values_blake3: None,
+                            index: Some((first + k) as u64),
                         });
                     }
                     let mut columns: Vec<ArrayRef> = vec![

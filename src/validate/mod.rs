@@ -3,6 +3,7 @@
 //! and with the output contract in `schemas/`; every output file is hashed for the manifest.
 
 pub mod contract;
+pub mod stage_output;
 
 use std::fs::File;
 use std::path::Path;
@@ -11,7 +12,6 @@ use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
-use crate::manifest::OutputInfo;
 
 /// What a Zarr array's `zarr.json` must say.
 pub struct ExpectedArray<'a> {
@@ -102,29 +102,22 @@ pub fn check_parquet(path: &Path, columns: &[(String, DataType)], rows: u64) -> 
     Ok(())
 }
 
-/// BLAKE3 of every file below `dir` (sorted by relative path), except the listed names.
-pub fn hash_outputs(dir: &Path, except: &[&str]) -> Result<Vec<OutputInfo>> {
+/// Every file below `dir`, as sorted `/`-separated paths relative to it.
+pub fn list_files(dir: &Path) -> Result<Vec<String>> {
     let mut files = Vec::new();
     collect(dir, dir, &mut files)?;
     files.sort();
-    files
-        .into_iter()
-        .filter(|rel| !except.contains(&rel.as_str()))
-        .map(|rel| {
-            let path = dir.join(&rel);
-            let mut hasher = blake3::Hasher::new();
-            let file = File::open(&path).map_err(|e| Error::io(&path, "cannot read back", e))?;
-            let bytes = hasher
-                .update_reader(file)
-                .map_err(|e| Error::io(&path, "cannot read back", e))?
-                .count();
-            Ok(OutputInfo {
-                path: rel,
-                bytes,
-                blake3: hasher.finalize().to_hex().to_string(),
-            })
-        })
-        .collect()
+    Ok(files)
+}
+
+/// Size and BLAKE3 of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut hasher = blake3::Hasher::new();
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot read back", e))?;
+    hasher
+        .update_reader(file)
+        .map_err(|e| Error::io(path, "cannot read back", e))?;
+    Ok((hasher.count(), hasher.finalize().to_hex().to_string()))
 }
 
 fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {

@@ -11,4 +11,9 @@ pub struct Provenance {
     pub source: String,
     pub pipeline: String,
     pub pipeline_hash: String,
+    /// The stage writing the output, and the hash of its resolved config. Outputs name the
+    /// stage's config rather than the whole pipeline's, so editing one stage leaves the other
+    /// stages' outputs byte-identical (and reusable).
+    pub stage: String,
+    pub stage_hash: String,
 }

@@ -60,9 +60,10 @@ impl TableWriter {
                 "sensorium_ingest.pipeline".into(),
                 provenance.pipeline.clone(),
             ),
+            KeyValue::new("sensorium_ingest.stage".into(), provenance.stage.clone()),
             KeyValue::new(
-                "sensorium_ingest.pipeline_hash".into(),
-                provenance.pipeline_hash.clone(),
+                "sensorium_ingest.stage_hash".into(),
+                provenance.stage_hash.clone(),
             ),
         ];
         // Dictionaries help repeated strings (tiers, areas) and hurt measurements; enable them

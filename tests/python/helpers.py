@@ -21,10 +21,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 VARIABLES = ("videos", "responses", "behavior", "pupil_center")
 DATASET_FILES = {"data.zarr", "trials.parquet", "neurons.parquet", "behavior.parquet",
-                 "pupil_center.parquet", "manifest.json", "run.json"}
+                 "pupil_center.parquet", "manifest.json", "run.json", "lock.json"}
 KV_KEYS = ("sensorium_ingest.version", "sensorium_ingest.dataset", "sensorium_ingest.source",
            "sensorium_ingest.pipeline",
-           "sensorium_ingest.pipeline_hash")
+           "sensorium_ingest.stage", "sensorium_ingest.stage_hash")
 STAT_DIMS = {"videos": ["height", "width", "frame"], "responses": ["neuron", "frame"],
              "behavior": ["channel", "frame"], "pupil_center": ["channel", "frame"]}
 LONG_TABLES = {"behavior": ("pupil_dilation", "running_speed"), "pupil_center": ("x", "y")}

@@ -88,9 +88,18 @@ def test_existing_dataset_needs_force(ingest_bin, mouse, tmp_path):
     before = tree_snapshot(store)
     assert (ds / "manifest.json").is_file()
 
+    # The same source again: nothing to do, nothing touched.
     again = helpers.run("convert", src, "--out", store)
-    assert again.returncode == EXIT["exists"], helpers.describe_run(again)
-    _one_message(again)
+    assert again.returncode == 0, helpers.describe_run(again)
+    assert "up to date" in again.stdout
+    assert tree_snapshot(store) == before, "an up-to-date run changed the store"
+
+    # Another source under the same name is refused without --force, and changes nothing.
+    other = mouse("err-base-other", seed=206, **SMALL)
+    refused = helpers.run("convert", other, "--out", store, "--name", ds.name)
+    assert refused.returncode == EXIT["exists"], helpers.describe_run(refused)
+    _one_message(refused)
+    assert ds.name in refused.stderr and "--force" in refused.stderr
     assert tree_snapshot(store) == before, "a refused conversion changed the store"
 
     saved = tmp_path / "saved"

@@ -1,0 +1,336 @@
+//! `verify`: re-reads a dataset through the real decoding paths and compares everything with
+//! the checksums recorded when it was written (and, with `--against`, with the source).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
+use zarrs::array::{Array, ArrayBytes, ArraySubset};
+use zarrs::filesystem::FilesystemStore;
+
+use crate::error::{Error, Result};
+use crate::lock::{self, Lock};
+use crate::manifest::{self, Manifest};
+use crate::npy;
+use crate::pipeline::runner::RUN_RECORD;
+use crate::source::Source;
+use crate::validate;
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub dataset: PathBuf,
+    pub files: usize,
+    pub file_bytes: u64,
+    /// Bytes of decoded array values compared.
+    pub decoded_bytes: u64,
+    pub seconds: f64,
+    pub failures: Vec<String>,
+}
+
+/// Datasets in a store (folders holding a manifest), or the one dataset given.
+pub fn datasets(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.join(manifest::FILE_NAME).exists() || path.join(lock::FILE_NAME).exists() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let listing =
+        std::fs::read_dir(path).map_err(|e| Error::io(path, "cannot list the store", e))?;
+    let mut out: Vec<PathBuf> = listing
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .filter(|p| p.join(manifest::FILE_NAME).exists())
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::bad_input(
+            path.display().to_string(),
+            "no dataset here (no manifest.json in it or in its folders)",
+            "point verify at STORE/NAME or at a store",
+        ));
+    }
+    Ok(out)
+}
+
+pub fn verify(dir: &Path, against: Option<&Path>) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let mut report = VerifyReport {
+        dataset: dir.to_path_buf(),
+        ..Default::default()
+    };
+    let fail = |report: &mut VerifyReport, file: &str, problem: String| {
+        report
+            .failures
+            .push(format!("{}: {problem}", dir.join(file).display()))
+    };
+
+    // 1. The lock checks itself; the manifest is checked against the lock.
+    let lock = match Lock::read(&dir.join(lock::FILE_NAME)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            fail(
+                &mut report,
+                lock::FILE_NAME,
+                format!("{e}")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            None
+        }
+    };
+    let manifest_path = dir.join(manifest::FILE_NAME);
+    let manifest_text = match std::fs::read(&manifest_path) {
+        Ok(t) => t,
+        Err(e) => {
+            fail(
+                &mut report,
+                manifest::FILE_NAME,
+                format!("cannot read: {e}"),
+            );
+            return finish(report, started);
+        }
+    };
+    if let Some(l) = &lock {
+        if blake3::hash(&manifest_text).to_hex().as_str() != l.manifest_blake3 {
+            fail(
+                &mut report,
+                manifest::FILE_NAME,
+                "content differs from the checksum recorded in lock.json".into(),
+            );
+        }
+    }
+    let manifest: Manifest = match serde_json::from_slice(&manifest_text) {
+        Ok(m) => m,
+        Err(e) => {
+            fail(
+                &mut report,
+                manifest::FILE_NAME,
+                format!("not a readable manifest: {e}"),
+            );
+            return finish(report, started);
+        }
+    };
+
+    // 2. Every file present, listed and unchanged.
+    let listed: BTreeMap<&str, &manifest::OutputInfo> = manifest
+        .outputs
+        .iter()
+        .map(|o| (o.path.as_str(), o))
+        .collect();
+    let on_disk: BTreeSet<String> = validate::list_files(dir)?
+        .into_iter()
+        .filter(|f| ![manifest::FILE_NAME, lock::FILE_NAME, RUN_RECORD].contains(&f.as_str()))
+        .collect();
+    for f in on_disk.iter().filter(|f| !listed.contains_key(f.as_str())) {
+        fail(&mut report, f, "not listed in the manifest".into());
+    }
+    for f in listed.keys().filter(|f| !on_disk.contains(**f)) {
+        fail(&mut report, f, "missing".into());
+    }
+    let checks: Vec<(String, Option<String>, u64)> = listed
+        .par_iter()
+        .filter(|(f, _)| on_disk.contains(**f))
+        .map(|(f, info)| match validate::hash_file(&dir.join(f)) {
+            Ok((bytes, hash)) if hash == info.blake3 && bytes == info.bytes => {
+                (f.to_string(), None, bytes)
+            }
+            Ok((bytes, _)) => (
+                f.to_string(),
+                Some("content differs from its checksum in the manifest".to_string()),
+                bytes,
+            ),
+            Err(e) => (f.to_string(), Some(e.to_string()), 0),
+        })
+        .collect();
+    for (f, problem, bytes) in checks {
+        report.files += 1;
+        report.file_bytes += bytes;
+        if let Some(p) = problem {
+            fail(&mut report, &f, p);
+        }
+    }
+
+    // 3. Decode: every trial of every array and every statistic, against its values hash.
+    let mut by_array: BTreeMap<&str, Vec<&manifest::EntryInfo>> = BTreeMap::new();
+    for e in &manifest.entries {
+        if let (Some(output), Some(_)) = (&e.output, &e.values_blake3) {
+            by_array.entry(output.as_str()).or_default().push(e);
+        }
+    }
+    for (output, entries) in by_array {
+        let Some(pos) = output.find(".zarr") else {
+            continue;
+        };
+        let (store_dir, array_path) = (&output[..pos + 5], &output[pos + 5..]);
+        let opened = FilesystemStore::new(dir.join(store_dir))
+            .map_err(|e| e.to_string())
+            .and_then(|s| Array::open(Arc::new(s), array_path).map_err(|e| e.to_string()));
+        let array = match opened {
+            Ok(a) => a,
+            Err(e) => {
+                fail(&mut report, output, format!("cannot open the array: {e}"));
+                continue;
+            }
+        };
+        let shape = array.shape().to_vec();
+        let results: Vec<(u64, Option<String>)> = entries
+            .par_iter()
+            .map(|e| {
+                let ranges: Vec<std::ops::Range<u64>> = match e.index {
+                    Some(i) => std::iter::once(i..i + 1)
+                        .chain(shape[1..].iter().map(|&d| 0..d))
+                        .collect(),
+                    None => shape.iter().map(|&d| 0..d).collect(),
+                };
+                let decoded: std::result::Result<ArrayBytes<'static>, String> = array
+                    .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
+                    .map_err(|err| err.to_string());
+                match decoded.and_then(|b| {
+                    b.into_fixed()
+                        .map(|raw| raw.into_owned())
+                        .map_err(|err| err.to_string())
+                }) {
+                    Ok(raw) if Some(blake3::hash(&raw).to_hex().to_string()) == e.values_blake3 => {
+                        (raw.len() as u64, None)
+                    }
+                    Ok(raw) => (
+                        raw.len() as u64,
+                        Some(format!(
+                            "decoded values of {} differ from the source's",
+                            e.path
+                        )),
+                    ),
+                    Err(err) => (
+                        0,
+                        Some(format!("cannot decode the values of {}: {err}", e.path)),
+                    ),
+                }
+            })
+            .collect();
+        for (bytes, problem) in results {
+            report.decoded_bytes += bytes;
+            if let Some(p) = problem {
+                fail(&mut report, output, p);
+            }
+        }
+    }
+    for o in manifest
+        .outputs
+        .iter()
+        .filter(|o| o.path.ends_with(".parquet"))
+    {
+        if let Err(problem) = decode_table(&dir.join(&o.path)) {
+            fail(&mut report, &o.path, problem);
+        }
+    }
+
+    // 4. Against the source: the same entries, the same bytes.
+    if let Some(source_path) = against {
+        compare_with_source(&mut report, &manifest, source_path)?;
+    }
+    finish(report, started)
+}
+
+fn finish(mut report: VerifyReport, started: Instant) -> Result<VerifyReport> {
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Reads every row group of a table, decoding every column.
+fn decode_table(path: &Path) -> std::result::Result<u64, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| format!("not a readable Parquet file: {e}"))?;
+    let want = builder.metadata().file_metadata().num_rows() as u64;
+    let mut rows = 0u64;
+    for batch in builder.build().map_err(|e| e.to_string())? {
+        rows += batch.map_err(|e| format!("cannot decode: {e}"))?.num_rows() as u64;
+    }
+    if rows != want {
+        return Err(format!("decoded {rows} rows, the footer says {want}"));
+    }
+    Ok(rows)
+}
+
+fn compare_with_source(
+    report: &mut VerifyReport,
+    manifest: &Manifest,
+    source_path: &Path,
+) -> Result<()> {
+    let source = Source::open(source_path)?;
+    let located = |p: &str| format!("{}: {p}", source_path.display());
+    let in_manifest: BTreeMap<&str, &manifest::EntryInfo> = manifest
+        .entries
+        .iter()
+        .map(|e| (e.path.as_str(), e))
+        .collect();
+    for e in source
+        .entries
+        .iter()
+        .filter(|e| !in_manifest.contains_key(e.path.as_str()))
+    {
+        report.failures.push(format!(
+            "{}: in the source but not in the manifest",
+            located(&e.path)
+        ));
+    }
+    let present: BTreeSet<&str> = source.entries.iter().map(|e| e.path.as_str()).collect();
+    for p in in_manifest.keys().filter(|p| !present.contains(**p)) {
+        report.failures.push(format!(
+            "{}: in the manifest but not in the source",
+            located(p)
+        ));
+    }
+    let problems: Vec<String> = source
+        .entries
+        .par_iter()
+        .map_init(
+            || source.reader(),
+            |reader, entry| -> Option<String> {
+                let info = in_manifest.get(entry.path.as_str())?;
+                let reader = match reader {
+                    Ok(r) => r,
+                    Err(e) => return Some(e.to_string()),
+                };
+                let bytes = match reader.read(entry) {
+                    Ok(b) => b,
+                    Err(e) => return Some(e.to_string()),
+                };
+                if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
+                    return Some(format!(
+                        "{}: differs from the entry that was converted",
+                        located(&entry.path)
+                    ));
+                }
+                if let Some(values) = &info.values_blake3 {
+                    let header = npy::parse_header(&bytes)
+                        .and_then(|h| h.check_file_len(bytes.len() as u64).map(|_| h));
+                    match header {
+                        Ok(h) => {
+                            let le = npy::to_little_endian_c(&h, &bytes[h.payload_offset..]);
+                            if blake3::hash(&le).to_hex().as_str() != values {
+                                return Some(format!(
+                                    "{}: decoded values differ from the output's",
+                                    located(&entry.path)
+                                ));
+                            }
+                        }
+                        Err(e) => return Some(format!("{}: {e}", located(&entry.path))),
+                    }
+                }
+                None
+            },
+        )
+        .flatten()
+        .collect();
+    report.failures.extend(problems);
+    Ok(())
+}
