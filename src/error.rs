@@ -37,6 +37,10 @@ pub enum Error {
     #[error("{}: dataset already exists and {why}\n  hint: pass --force to replace it, or --name to write it under another name", path.display())]
     Exists { path: PathBuf, why: String },
 
+    /// SIGINT or SIGTERM stopped the run; nothing was published.
+    #[error("interrupted: nothing was published\n  hint: run the same command again to resume where it stopped")]
+    Interrupted,
+
     /// `verify` found outputs that do not match their checksums (or the source).
     #[error("verification failed: {} problem(s)\n{}\n  hint: reconvert the named datasets with `convert --force`", failures.len(), failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
     Verify { failures: Vec<String> },
@@ -87,6 +91,7 @@ impl Error {
             Error::BadPipeline { .. } => 78, // EX_CONFIG
             Error::Io { .. } => 74,          // EX_IOERR
             Error::Exists { .. } => 73,      // EX_CANTCREAT
+            Error::Interrupted => 130,       // the shell's convention for death by SIGINT
             Error::Verify { .. } => 1,       // like cmp/diff: the check ran and found differences
             Error::Internal(_) => 70,        // EX_SOFTWARE
         }

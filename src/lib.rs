@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod inspect;
+pub mod interrupt;
 pub mod lock;
 pub mod manifest;
 pub mod npy;

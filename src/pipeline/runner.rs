@@ -266,14 +266,41 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         tracing::info!(dataset = %prep.name, "up to date");
         return Ok(report);
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
     std::fs::create_dir_all(&opts.store)
         .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
     let staging = &prep.staging_dir;
     prepare_staging(&prep)?;
+    let result = run_stages_and_publish(
+        opts,
+        &pipeline,
+        &prep,
+        report,
+        threads,
+        started,
+        started_unix,
+    );
+    // A failed run leaves nothing behind; an interrupted one keeps its staging folder, so the
+    // same command resumes it.
+    if matches!(result, Err(ref e) if !matches!(e, Error::Interrupted)) {
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    result
+}
+
+fn run_stages_and_publish(
+    opts: &ConvertOptions,
+    pipeline: &Pipeline,
+    prep: &Prepared,
+    mut report: ConvertReport,
+    threads: usize,
+    started: Instant,
+    started_unix: u64,
+) -> Result<ConvertReport> {
+    let staging = &prep.staging_dir;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
 
     let provenance = Provenance {
         tool_version: crate::VERSION.to_string(),
@@ -289,7 +316,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         stages: Vec::new(),
     };
     let mut measures: BTreeMap<(String, Measure), MeasureValues> = BTreeMap::new();
-    let groups = group_paths(&pipeline, &prep.plan);
+    let groups = group_paths(pipeline, &prep.plan);
     for (((stage, stage_plan), decision), key) in pipeline
         .stages
         .iter()
@@ -297,6 +324,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .zip(&prep.decisions)
         .zip(&prep.keys)
     {
+        crate::interrupt::check()?;
         let t0 = Instant::now();
         let locked = match decision {
             Decision::Reuse { origin, lock } => {
@@ -315,7 +343,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
                 };
                 let ctx = StageContext {
                     source: &prep.source,
-                    pipeline: &pipeline,
+                    pipeline,
                     plan: &prep.plan,
                     dataset_dir: staging,
                     provenance: &stage_provenance,
@@ -382,7 +410,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         }
     }
 
-    write_groups(staging, &pipeline, &provenance, &groups)?;
+    write_groups(staging, pipeline, &provenance, &groups)?;
     if let Some(name) = &pipeline.contract {
         let c = contract::load(name)
             .ok_or_else(|| Error::Internal(format!("contract {name} vanished")))?;
@@ -428,7 +456,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .collect::<Result<_>>()?;
     report.output_bytes = output_infos.iter().map(|o| o.bytes).sum();
 
-    let entries = entry_infos(&prep, &progress)?;
+    let entries = entry_infos(prep, &progress)?;
     let manifest = Manifest {
         format: manifest::FORMAT.to_string(),
         tool: Tool {

@@ -69,6 +69,7 @@ pub(crate) fn read_planned(
     reader: &mut dyn EntryReader,
     planned: &ArrayEntry,
 ) -> Result<(Header, Vec<u8>, String)> {
+    crate::interrupt::check()?;
     let entry = &source.entries[planned.entry];
     let (header, bytes) = read_npy(source, reader, entry)?;
     if header != planned.header {

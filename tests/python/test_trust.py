@@ -216,3 +216,27 @@ def test_resume_reuses_finished_stages(bulky, tmp_path):
     lines = {l.split()[0]: l for l in rerun.stdout.splitlines()[2:]}
     assert "reused (partial)" in lines["videos"], rerun.stdout
     assert "reused (partial)" in lines["responses"], rerun.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_stop_cleanly_and_rerun_finishes(bulky, tmp_path, sig):
+    clean = tmp_path / "clean"
+    started = time.monotonic()
+    assert helpers.run("convert", bulky, "--out", clean, "--threads", "1").returncode == 0
+    duration = time.monotonic() - started
+    name = next(p.name for p in clean.iterdir())
+    store = tmp_path / "store"
+    cmd = [str(helpers.binary()), "convert", str(bulky), "--out", str(store), "--threads", "1"]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(duration * 0.3)
+    child.send_signal(sig)
+    out, err = child.communicate(timeout=120)
+    if child.returncode == 0:
+        pytest.skip("the conversion finished before the signal arrived")
+    assert child.returncode == 130, (child.returncode, err)
+    assert "interrupted" in err and "panicked" not in err
+    assert not (store / name).exists(), "an interrupted run published a dataset"
+    rerun = helpers.run("convert", bulky, "--out", store)
+    assert rerun.returncode == 0, helpers.describe_run(rerun)
+    assert_same_outputs(store / name, clean / name)
+    assert sorted(p.name for p in store.iterdir()) == [name]
