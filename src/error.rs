@@ -25,7 +25,7 @@ pub enum Error {
     },
 
     /// Reading or writing the file system failed.
-    #[error("{}: {action}: {source}", path.display())]
+    #[error("{}: {action}: {source}\n  hint: {}", path.display(), io_hint(source))]
     Io {
         path: PathBuf,
         action: &'static str,
@@ -48,6 +48,26 @@ pub enum Error {
     /// A check of our own output failed: a bug in this tool, not in the input.
     #[error("internal error: {0}\n  hint: this is a bug in sensorium-ingest; please report it with the command line")]
     Internal(String),
+}
+
+/// What to do about a failed file-system operation, by its kind.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ReadOnlyFilesystem => {
+            "the folder is on a read-only file system; choose a writable --out folder"
+        }
+        K::StorageFull | K::QuotaExceeded => {
+            "the disk is full: free some space or choose an --out folder on a larger disk, then run again (nothing was published)"
+        }
+        K::PermissionDenied => "check the permissions of the file and the folders above it",
+        K::NotFound => "check the path",
+        K::AlreadyExists | K::NotADirectory | K::IsADirectory => {
+            "a file or folder of that name is in the way; move it or choose another path"
+        }
+        K::InvalidData => "the file is not UTF-8 text",
+        _ => "check the path, the disk and its permissions, then run again",
+    }
 }
 
 impl Error {

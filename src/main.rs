@@ -91,6 +91,22 @@ enum Command {
     PipelineSchema,
 }
 
+/// Like `println!`, but a closed stdout (`... | head`) is not a panic: output is best effort.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Like `print!`, with the same tolerance as `out!`.
+macro_rules! outp {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
     match path {
         None => Ok((
@@ -98,22 +114,28 @@ fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
             DEFAULT_PIPELINE_NAME.to_string(),
         )),
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| Error::io(p, "cannot read the pipeline file", e))?;
+            let text = std::fs::read_to_string(p).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => Error::bad_pipeline(
+                    p.display().to_string(),
+                    "the file is not UTF-8 text",
+                    "a pipeline file is YAML text; start from `sensorium-ingest default-pipeline`",
+                ),
+                _ => Error::io(p, "cannot read the pipeline file", e),
+            })?;
             Ok((text, p.display().to_string()))
         }
     }
 }
 
 fn print_plan(plan: &RunPlan) {
-    println!(
+    out!(
         "{} -> {}{}",
         plan.dataset,
         plan.dataset_dir.display(),
         if plan.up_to_date { " (up to date)" } else { "" }
     );
     for s in &plan.stages {
-        println!(
+        out!(
             "  {:<14} {:<12} {:<5} {}",
             s.id,
             s.kind,
@@ -157,7 +179,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 } else {
                     "FAILED"
                 };
-                println!(
+                out!(
                     "{status:<6} {}: {} files ({:.1} MB), {:.1} MB of values decoded in {:.2} s ({:.2} GB/s)",
                     dataset.display(),
                     report.files,
@@ -199,7 +221,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             let report = convert(&options)?;
             if report.up_to_date {
-                println!(
+                out!(
                     "{} is up to date ({}); nothing to do",
                     report.dataset,
                     report.dataset_dir.display()
@@ -207,7 +229,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 return Ok(());
             }
             let mb = |b: u64| b as f64 / 1e6;
-            println!(
+            out!(
                 "converted {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
                 report.dataset,
                 report.trials,
@@ -220,7 +242,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 report.threads
             );
             for s in &report.stages {
-                println!(
+                out!(
                     "  {:<14} {:<12} {:<17} {:>6} entries {:>10.1} MB {:>7.2} s",
                     s.id,
                     s.kind,
@@ -242,22 +264,22 @@ fn run(cli: Cli) -> Result<(), Error> {
             let source = Source::open(&source)?;
             let report = inspect(&source, &pipeline)?;
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&report)
                         .map_err(|e| Error::Internal(e.to_string()))?
                 );
             } else {
-                print!("{}", report.to_text());
+                outp!("{}", report.to_text());
             }
             Ok(())
         }
         Command::PipelineSchema => {
-            print!("{}", Pipeline::json_schema());
+            outp!("{}", Pipeline::json_schema());
             Ok(())
         }
         Command::DefaultPipeline => {
-            print!("{DEFAULT_PIPELINE}");
+            outp!("{DEFAULT_PIPELINE}");
             Ok(())
         }
     }

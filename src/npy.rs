@@ -34,23 +34,28 @@ pub struct Dtype {
 
 impl Dtype {
     pub fn parse(descr: &str) -> Result<Dtype, String> {
+        // Byte-wise: a hostile header may put any UTF-8 here (format 3.0 allows it).
         let bytes = descr.as_bytes();
-        if bytes.len() < 2 {
+        if bytes.len() < 2 || !descr.is_ascii() {
             return Err(format!("dtype {descr:?} is not a numpy type string"));
         }
         let (order, rest) = match bytes[0] {
-            b'<' | b'>' | b'|' | b'=' => (bytes[0], &descr[1..]),
-            _ => (b'=', descr),
+            b'<' | b'>' | b'|' | b'=' => (bytes[0], &bytes[1..]),
+            _ => (b'=', bytes),
         };
-        let code = rest.as_bytes()[0];
+        let Some((&code, digits)) = rest.split_first() else {
+            return Err(format!("dtype {descr:?} is not a numpy type string"));
+        };
         if code == b'O' {
             return Err(format!(
                 "dtype {descr:?} is a pickled object array; refusing to unpickle it"
             ));
         }
-        let count: usize = rest[1..]
-            .parse()
-            .map_err(|_| format!("dtype {descr:?} is not a numpy type string"))?;
+        let count: usize = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| format!("dtype {descr:?} is not supported (not a plain numeric or fixed-width string type)"))?;
         let (kind, size) = match code {
             b'f' if matches!(count, 2 | 4 | 8) => (Kind::Float, count),
             b'i' if matches!(count, 1 | 2 | 4 | 8) => (Kind::Int, count),
@@ -145,6 +150,23 @@ impl Header {
 
 /// How many leading bytes always suffice to parse a header of a sane file.
 pub const HEADER_PROBE_LEN: usize = 4096;
+
+/// How many leading bytes hold the whole header, read off the preamble (magic, version, length),
+/// when `bytes` starts with one; capped at what a valid header can need.
+pub fn header_end(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < 12 || &bytes[..6] != MAGIC {
+        return None;
+    }
+    let (start, len) = match bytes[6] {
+        1 => (10, u16::from_le_bytes([bytes[8], bytes[9]]) as usize),
+        2 | 3 => (
+            12,
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+        ),
+        _ => return None,
+    };
+    Some(start + len.min(MAX_HEADER_LEN))
+}
 
 /// Parses the header at the start of `bytes`. `bytes` may be just a prefix of the file.
 pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
@@ -263,6 +285,11 @@ fn parse_dict(text: &str) -> Result<std::collections::BTreeMap<String, Value>, S
             Value::Bool(true)
         } else if p.word("False") {
             Value::Bool(false)
+        } else if p.s.get(p.i) == Some(&b'[') {
+            return Err(
+                "structured dtypes (a list of fields in 'descr') are not supported; save each field as its own array"
+                    .into(),
+            );
         } else if p.eat(b'(') {
             let mut dims = Vec::new();
             loop {

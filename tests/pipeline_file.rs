@@ -97,6 +97,17 @@ fn bad_settings_are_refused() {
             "level",
         ),
         ("contract: sensorium2023", "contract: nonsense", "contract"),
+        (
+            "output: data.zarr/videos",
+            "output: run.json/x.zarr/videos",
+            "run.json",
+        ),
+        (
+            "output: data.zarr/statistics",
+            "output: data.zarr/videos/statistics",
+            "inside output",
+        ),
+        ("nan: tail_only", "nan: sometimes", "sometimes"),
         ("version: 1", "version: 2", "version"),
     ];
     for (from, to, expect) in cases {
@@ -106,6 +117,29 @@ fn bad_settings_are_refused() {
         );
         let (_, problem) = pipeline_error(&DEFAULT_PIPELINE.replacen(from, to, 1));
         assert!(problem.contains(expect), "{to}: {problem}");
+    }
+}
+
+#[test]
+fn wrong_type_inside_a_stage_names_key_and_line() {
+    let text = DEFAULT_PIPELINE.replace("    columns: [x, y]", "    columns: x");
+    let (line, problem) = pipeline_error(&text);
+    assert!(
+        problem.contains("pupil_center") && problem.contains("columns"),
+        "{problem}"
+    );
+    let want = text.lines().position(|l| l == "    columns: x").unwrap() + 1;
+    assert_eq!(line.map(|l| l.0), Some(want));
+}
+
+#[test]
+fn default_pipeline_wants_nan_only_in_tails() {
+    use sensorium_ingest::pipeline::spec::{NanPolicy, Stage};
+    let p = parse(DEFAULT_PIPELINE).unwrap();
+    for stage in &p.stages {
+        if let Stage::TrialArray(c) = stage {
+            assert_eq!(c.nan, NanPolicy::TailOnly, "{}", c.id);
+        }
     }
 }
 

@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 pub const DEFAULT_PIPELINE: &str = include_str!("../../pipelines/sensorium2023.yaml");
 pub const DEFAULT_PIPELINE_NAME: &str = "pipelines/sensorium2023.yaml (embedded)";
 
+/// Files of the dataset folder that the tool itself writes.
+const RESERVED_OUTPUTS: [&str; 2] = ["manifest.json", "run.json"];
+
 const HINT: &str = "see docs/pipeline-reference.md for every key and its type";
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -109,6 +112,22 @@ pub struct TrialArrayConfig {
     /// Per-trial facts computed while copying, for later stages (`valid_frames`, `all_zero`).
     #[serde(default)]
     pub measures: Vec<Measure>,
+    /// Where NaN may appear in a trial: `allow` (anywhere, the default) or `tail_only` (only in
+    /// the trailing frames in which every value is NaN; a NaN before them stops the run).
+    #[serde(default)]
+    pub nan: NanPolicy,
+}
+
+/// Where NaN may appear in a trial's values (checked while copying, per trial).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    /// NaN may appear anywhere; values are copied as they are.
+    #[default]
+    Allow,
+    /// NaN only in the trailing frames in which every value is NaN (the part after the stimulus
+    /// ended); any NaN before them is refused as bad input.
+    TailOnly,
 }
 
 /// Per-trial `(channels, frames)` arrays written as a long table: one row per (trial, frame).
@@ -303,8 +322,16 @@ impl Pipeline {
     /// Parses and checks a pipeline file. `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
         let pipeline: Pipeline = yaml_serde::from_str(text).map_err(|e| {
-            let problem = e.to_string();
-            let reported = e.location().map(|l| (l.line(), l.column()));
+            let mut problem = e.to_string();
+            let mut reported = e.location().map(|l| (l.line(), l.column()));
+            // Inside a stage, the tagged enum hides which key was wrong: ask the stage's own type.
+            if problem.starts_with("stages") {
+                if let Some((id, key, better)) = stage_error(text) {
+                    problem = better;
+                    let stage = key_location(text, "id", &id, reported);
+                    reported = key_location(text, &key, "", stage.or(reported)).or(reported);
+                }
+            }
             Error::BadPipeline {
                 file: file.to_string(),
                 line: refine_location(text, &problem, reported).or(reported),
@@ -372,6 +399,16 @@ impl Pipeline {
                     "sources are folders inside the dataset, like `data/videos`",
                 )
             })?;
+            if let Some(reserved) = output
+                .split('/')
+                .next()
+                .filter(|first| RESERVED_OUTPUTS.contains(first))
+            {
+                return bad(
+                    format!("{here}: output {output:?} would overwrite {reserved}, which the tool writes itself"),
+                    "choose another output path",
+                );
+            }
             if !outputs.insert(output.to_string()) {
                 return bad(
                     format!("{here}: output {output:?} is written by an earlier stage too"),
@@ -449,6 +486,24 @@ impl Pipeline {
                 }
             }
         }
+        for (a, b) in self
+            .stages
+            .iter()
+            .flat_map(|a| self.stages.iter().map(move |b| (a, b)))
+        {
+            if b.output().starts_with(&format!("{}/", a.output())) {
+                return bad(
+                    format!(
+                        "output {:?} of stage {} is inside output {:?} of stage {}",
+                        b.output(),
+                        b.id(),
+                        a.output(),
+                        a.id()
+                    ),
+                    "outputs must not contain one another; give each stage its own path",
+                );
+            }
+        }
         for rule in &self.skip {
             if let Err(e) = globset::Glob::new(&rule.pattern) {
                 return bad(format!("skip pattern {:?}: {e}", rule.pattern), HINT);
@@ -456,6 +511,67 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Deserializes each stage alone with the type its `kind` names, which reports the key at fault
+/// (`columns: invalid type ...`) where the tagged enum only says `stages: invalid type ...`.
+/// Returns that key and the message.
+fn stage_error(text: &str) -> Option<(String, String, String)> {
+    let value: yaml_serde::Value = yaml_serde::from_str(text).ok()?;
+    let stages = value.get("stages")?.as_sequence()?;
+    for (i, stage) in stages.iter().enumerate() {
+        let kind = stage.get("kind")?.as_str()?.to_string();
+        let id = stage
+            .get("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string();
+        let mut fields = stage.clone();
+        fields.as_mapping_mut()?.remove("kind");
+        // Through text: errors of `from_str` carry the key path (`columns: invalid type ...`).
+        let fields = yaml_serde::to_string(&fields).ok()?;
+        let error = match kind.as_str() {
+            "trial_array" => yaml_serde::from_str::<TrialArrayConfig>(&fields).err(),
+            "trial_table" => yaml_serde::from_str::<TrialTableConfig>(&fields).err(),
+            "statistics" => yaml_serde::from_str::<StatisticsConfig>(&fields).err(),
+            "meta_table" => yaml_serde::from_str::<MetaTableConfig>(&fields).err(),
+            _ => None,
+        };
+        if let Some(e) = error {
+            // The location is inside the re-serialized stage, meaningless to the user.
+            let message = e.to_string();
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(m, _)| m)
+                .to_string();
+            let key = message
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            return Some((id.clone(), key, format!("stages[{i}] ({id}): {message}")));
+        }
+    }
+    None
+}
+
+/// The line and column of `key: value` (any value when `value` is empty) at or after `from`.
+fn key_location(
+    text: &str,
+    key: &str,
+    value: &str,
+    from: Option<(usize, usize)>,
+) -> Option<(usize, usize)> {
+    if key.is_empty() {
+        return None;
+    }
+    let from = from.map_or(0, |(line, _)| line.saturating_sub(1));
+    text.lines().enumerate().skip(from).find_map(|(i, line)| {
+        let trimmed = line.trim_start().trim_start_matches("- ");
+        let rest = trimmed.strip_prefix(key)?.strip_prefix(':')?;
+        (value.is_empty() || rest.split('#').next().unwrap_or("").trim() == value)
+            .then(|| (i + 1, line.len() - trimmed.len() + 1))
+    })
 }
 
 /// Inside a stage (an internally tagged enum), the YAML parser can only point at the stage's

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use zip::ZipArchive;
 
-use super::{check_entry_name, Entry, EntryReader};
+use super::{check_entry_name, check_entry_size, Entry, EntryReader};
 use crate::error::{Error, Result};
 
 /// Deflate cannot expand data by more than ~1032:1; anything claiming more is a zip bomb.
@@ -48,6 +48,7 @@ impl Seek for SharedFile {
 pub struct ArchiveSource {
     path: PathBuf,
     archive: ZipArchive<SharedFile>,
+    len: u64,
 }
 
 impl ArchiveSource {
@@ -72,12 +73,27 @@ impl ArchiveSource {
         Ok(ArchiveSource {
             path: path.to_path_buf(),
             archive,
+            len,
         })
     }
 
     /// (name, declared size, index) of every file entry.
     pub fn list(&self) -> Result<Vec<super::RawEntry>> {
+        // The zip crate keys entries by name: of two entries with one name, only one would be
+        // seen. Refuse such archives instead of converting whichever copy it kept.
+        if self.archive.has_duplicate_names() {
+            let which = self
+                .duplicate_name()
+                .map(|n| format!("{}: {n}", self.path.display()))
+                .unwrap_or_else(|| self.path.display().to_string());
+            return Err(Error::bad_input(
+                which,
+                "the archive holds this entry twice (two entries with one name)",
+                "rebuild the archive so that every entry name is unique; which copy is right cannot be known",
+            ));
+        }
         let mut archive = self.archive.clone();
+        let directory_start = archive.central_directory_start();
         let mut out = Vec::with_capacity(archive.len());
         for index in 0..archive.len() {
             let file = archive
@@ -100,18 +116,63 @@ impl ArchiveSource {
                 continue;
             }
             check_entry_name(&self.path, &name)?;
+            let located = || format!("{}: {name}", self.path.display());
             let (size, compressed) = (file.size(), file.compressed_size());
+            // The entry's data must lie between its local header and the central directory.
+            let data_end = file
+                .data_start()
+                .and_then(|start| start.checked_add(compressed));
+            if data_end.is_none_or(|end| end > directory_start.min(self.len)) {
+                return Err(Error::bad_input(
+                    located(),
+                    format!(
+                        "entry claims {compressed} compressed bytes, more than the archive holds"
+                    ),
+                    "the archive is damaged or was edited by hand; download it again",
+                ));
+            }
             if size > compressed.max(1).saturating_mul(MAX_COMPRESSION_RATIO) {
                 return Err(Error::bad_input(
-                    format!("{}: {name}", self.path.display()),
+                    located(),
                     format!("entry claims {size} bytes from {compressed} compressed bytes, beyond what deflate can produce"),
                     "this looks like a zip bomb; do not process this archive",
                 ));
             }
+            check_entry_size(&located(), size)?;
             let fingerprint = format!("crc32:{:08x}:{size}", file.crc32());
             out.push((name, size, index, fingerprint));
         }
         Ok(out)
+    }
+
+    /// The first name the central directory lists twice, read from its raw records (the zip
+    /// crate keeps one entry per name, so it cannot say which).
+    fn duplicate_name(&self) -> Option<String> {
+        const RECORD: usize = 46;
+        let start = self.archive.central_directory_start();
+        let len = self.len.checked_sub(start)?.min(256 << 20) as usize;
+        let mut directory = vec![0u8; len];
+        self.archive
+            .clone()
+            .into_inner()
+            .file
+            .read_exact_at(&mut directory, start)
+            .ok()?;
+        let mut seen = std::collections::HashSet::new();
+        let mut at = 0usize;
+        while directory.get(at..at + 4) == Some(b"PK\x01\x02".as_slice()) {
+            let field = |o: usize| -> Option<usize> {
+                let b = directory.get(at + o..at + o + 2)?;
+                Some(u16::from_le_bytes([b[0], b[1]]) as usize)
+            };
+            let (name_len, extra_len, comment_len) = (field(28)?, field(30)?, field(32)?);
+            let name = directory.get(at + RECORD..at + RECORD + name_len)?;
+            if !seen.insert(name) {
+                return Some(String::from_utf8_lossy(name).into_owned());
+            }
+            at += RECORD + name_len + extra_len + comment_len;
+        }
+        None
     }
 
     pub fn reader(&self) -> ArchiveReader {
@@ -156,7 +217,8 @@ impl ArchiveReader {
         };
         // Read at most one byte past the declared size, so an entry that inflates beyond it is
         // caught without ever holding more than the declared size in memory.
-        let mut buf = Vec::with_capacity(want as usize);
+        // Capacity from a declared size is capped: the data may turn out much shorter.
+        let mut buf = Vec::with_capacity(want.min(super::PREALLOCATE_LIMIT) as usize);
         let take = if limit.is_some() { want } else { want + 1 };
         file.take(take)
             .read_to_end(&mut buf)

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::{Entry, EntryReader};
+use super::{check_entry_size, Entry, EntryReader};
 use crate::error::{Error, Result};
 
 pub struct FolderSource {
@@ -39,8 +39,18 @@ impl FolderSource {
             let meta =
                 std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?;
             let meta = if meta.file_type().is_symlink() {
-                let target = std::fs::canonicalize(&path)
-                    .map_err(|e| Error::io(&path, "cannot follow the symbolic link", e))?;
+                let target = std::fs::canonicalize(&path).map_err(|e| {
+                    if e.raw_os_error() == Some(40) {
+                        // ELOOP: the link resolves through itself.
+                        Error::bad_input(
+                            path.display().to_string(),
+                            "symbolic link loop: the link resolves through itself",
+                            "remove the link; the source must hold plain files",
+                        )
+                    } else {
+                        Error::io(&path, "cannot follow the symbolic link", e)
+                    }
+                })?;
                 if !target.starts_with(&self.root) {
                     return Err(Error::bad_input(
                         path.display().to_string(),
@@ -51,7 +61,21 @@ impl FolderSource {
                         "copy the file into the folder instead of linking to it",
                     ));
                 }
-                std::fs::metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?
+                let meta =
+                    std::fs::metadata(&path).map_err(|e| Error::io(&path, "cannot stat", e))?;
+                if meta.is_dir() {
+                    // A link to a folder inside the source lists its files twice, or forever
+                    // when it points at a folder above itself.
+                    return Err(Error::bad_input(
+                        path.display().to_string(),
+                        format!(
+                            "symbolic link to a folder inside the source (to {}): its files would be read twice, or forever if it points above itself",
+                            target.display()
+                        ),
+                        "remove the link; the source must hold each file once",
+                    ));
+                }
+                meta
             } else {
                 meta
             };
@@ -68,6 +92,7 @@ impl FolderSource {
                         "rename the file",
                     )
                 })?;
+                check_entry_size(&path.display().to_string(), meta.len())?;
                 let mtime = meta
                     .modified()
                     .ok()
@@ -77,6 +102,13 @@ impl FolderSource {
                     rel.replace(std::path::MAIN_SEPARATOR, "/"),
                     meta.len(),
                     format!("mtime:{mtime}:{}", meta.len()),
+                ));
+            } else {
+                // A FIFO would block the reader forever; a device or socket is no data file.
+                return Err(Error::bad_input(
+                    path.display().to_string(),
+                    "not a regular file (a FIFO, socket or device)",
+                    "remove it from the source folder; nothing is skipped silently",
                 ));
             }
         }
@@ -105,7 +137,7 @@ impl FolderReader {
 impl EntryReader for FolderReader {
     fn read(&mut self, entry: &Entry) -> Result<Vec<u8>> {
         let (file, path) = self.open(entry)?;
-        let mut buf = Vec::with_capacity(entry.size as usize);
+        let mut buf = Vec::with_capacity(entry.size.min(super::PREALLOCATE_LIMIT) as usize);
         file.take(entry.size + 1)
             .read_to_end(&mut buf)
             .map_err(|e| Error::io(&path, "cannot read", e))?;

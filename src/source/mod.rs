@@ -212,6 +212,28 @@ fn locate_root(source: &Path, raw: Vec<RawEntry>) -> Result<(String, Vec<Entry>)
     Ok((root, entries))
 }
 
+/// Entries are read whole, so one entry may not be larger than this. The largest file of a
+/// Sensorium mouse (one trial's responses, N x T float64) is about 30 MB.
+pub const MAX_ENTRY_BYTES: u64 = 4 << 30;
+
+/// Buffers are never preallocated beyond this from a size that the container declares.
+pub(crate) const PREALLOCATE_LIMIT: u64 = 64 << 20;
+
+/// Refuses entries too large to read whole.
+pub(crate) fn check_entry_size(location: &str, size: u64) -> Result<()> {
+    if size > MAX_ENTRY_BYTES {
+        return Err(Error::bad_input(
+            location,
+            format!(
+                "entry is {size} bytes; this tool reads entries whole and refuses any over {} GiB (the largest file of a Sensorium mouse is about 30 MB)",
+                MAX_ENTRY_BYTES >> 30
+            ),
+            "this is not a Sensorium file (or a zip bomb); remove it from the source",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an entry name for things that have no place in a dataset path.
 pub(crate) fn check_entry_name(source: &Path, name: &str) -> Result<()> {
     let bad = |problem: &str| {
@@ -240,7 +262,13 @@ pub fn read_npy_header(
     reader: &mut dyn EntryReader,
     entry: &Entry,
 ) -> Result<npy::Header> {
-    let prefix = reader.read_prefix(entry, npy::HEADER_PROBE_LEN)?;
+    let mut prefix = reader.read_prefix(entry, npy::HEADER_PROBE_LEN)?;
+    // numpy writes headers of ~128 bytes but may write longer ones (up to MAX_HEADER_LEN).
+    if let Some(end) = npy::header_end(&prefix).filter(|&end| end > prefix.len()) {
+        if (end as u64) <= entry.size {
+            prefix = reader.read_prefix(entry, end)?;
+        }
+    }
     let header = npy::parse_header(&prefix).map_err(|problem| {
         Error::bad_input(
             source.locate(entry),

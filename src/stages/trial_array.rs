@@ -73,6 +73,14 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
                             &mut buffer,
                         );
                         drop(bytes);
+                        crate::pipeline::plan::check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, &buffer[start..])
+                            .map_err(|problem| {
+                                Error::bad_input(
+                                    ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                    problem,
+                                    "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
+                                )
+                            })?;
                         for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
                             values.push(measure(
                                 *m,
