@@ -16,6 +16,7 @@ pub mod lock;
 pub mod manifest;
 pub mod npy;
 pub mod pipeline;
+pub mod progress;
 pub mod source;
 pub mod stages;
 pub mod validate;

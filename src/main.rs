@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use sensorium_ingest::inspect::inspect;
 use sensorium_ingest::pipeline::runner::{convert, plan_run, ConvertOptions, RunPlan};
 use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPELINE_NAME};
+use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
 use sensorium_ingest::verify;
 use sensorium_ingest::Error;
@@ -20,6 +21,24 @@ use sensorium_ingest::Error;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text`, or `json` (one event per line, for cluster log tools).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Less output: errors only, no progress.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More output (-v: stage events even on a terminal, -vv: debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, global = true, default_value_t = 10.0, value_name = "SECONDS")]
+    progress_interval: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +108,14 @@ enum Command {
     DefaultPipeline,
     /// Print the JSON Schema of pipeline files (schemas/pipeline.schema.json).
     PipelineSchema,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  sensorium-ingest completions bash > /etc/bash_completion.d/sensorium-ingest\n  sensorium-ingest completions zsh > \"${fpath[1]}/_sensorium-ingest\"\n  sensorium-ingest completions fish > ~/.config/fish/completions/sensorium-ingest.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Like `println!`, but a closed stdout (`... | head`) is not a panic: output is best effort.
@@ -145,7 +172,49 @@ fn print_plan(plan: &RunPlan) {
     }
 }
 
+fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+/// Bars on a terminal, periodic log lines elsewhere (cluster logs), nothing with `-q`.
+fn progress_mode(cli: &Cli) -> ProgressMode {
+    if cli.quiet {
+        ProgressMode::Off
+    } else if stderr_is_terminal() && cli.log_format == LogFormat::Text {
+        ProgressMode::Bars
+    } else {
+        ProgressMode::Lines {
+            interval: std::time::Duration::from_secs_f64(cli.progress_interval.max(0.0)),
+        }
+    }
+}
+
+/// Stage events and progress lines go to stderr: at `info` where nobody watches bars (logs,
+/// JSON), at `warn` on a terminal (the bars say it), `error` with `-q`. `SENSORIUM_INGEST_LOG`
+/// (an `EnvFilter` directive) overrides.
+fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) if stderr_is_terminal() && cli.log_format == LogFormat::Text => "warn",
+        (false, 0 | 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SENSORIUM_INGEST_LOG")
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("sensorium_ingest={level},warn"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(stderr_is_terminal()).init(),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
+    let progress = progress_mode(&cli);
     match cli.command {
         Command::Plan {
             source,
@@ -163,6 +232,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 pipeline_file,
                 force,
                 threads: None,
+                progress,
             })?);
             Ok(())
         }
@@ -214,6 +284,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 pipeline_file,
                 force,
                 threads,
+                progress,
             };
             if dry_run {
                 print_plan(&plan_run(&options)?);
@@ -274,6 +345,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "sensorium-ingest",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::PipelineSchema => {
             outp!("{}", Pipeline::json_schema());
             Ok(())
@@ -287,18 +368,17 @@ fn run(cli: Cli) -> Result<(), Error> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SENSORIUM_INGEST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli);
     sensorium_ingest::interrupt::install();
+    let json = cli.log_format == LogFormat::Json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            if json {
+                tracing::error!(exit_code = e.exit_code(), "{e}");
+            } else {
+                eprintln!("error: {e}");
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }

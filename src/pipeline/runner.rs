@@ -17,6 +17,7 @@ use crate::lock::{self, write_synced, Lock, LockSource, LockedEntry, Progress, S
 use crate::manifest::{
     self, Counts, EntryInfo, Manifest, OutputInfo, PipelineInfo, SourceInfo, Tool,
 };
+use crate::progress::{self, ProgressMode, StageProgress};
 use crate::source::Source;
 use crate::stages::{self, MeasureValues, StageContext, StageResult};
 use crate::validate::{self, contract, stage_output::check_stage_output};
@@ -35,6 +36,8 @@ pub struct ConvertOptions {
     pub force: bool,
     /// Worker threads; `None` uses every core.
     pub threads: Option<usize>,
+    /// How progress is shown.
+    pub progress: ProgressMode,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -317,12 +320,13 @@ fn run_stages_and_publish(
     };
     let mut measures: BTreeMap<(String, Measure), MeasureValues> = BTreeMap::new();
     let groups = group_paths(pipeline, &prep.plan);
-    for (((stage, stage_plan), decision), key) in pipeline
+    for (index, (((stage, stage_plan), decision), key)) in pipeline
         .stages
         .iter()
         .zip(&prep.plan.stages)
         .zip(&prep.decisions)
         .zip(&prep.keys)
+        .enumerate()
     {
         crate::interrupt::check()?;
         let t0 = Instant::now();
@@ -350,12 +354,21 @@ fn run_stages_and_publish(
                     measures: &measures,
                     pipeline_file: &opts.pipeline_file,
                 };
-                let result: StageResult = pool.install(|| match stage_plan {
+                let (entries, bytes) = stage_totals(&prep.source, &prep.plan, index);
+                progress::set_current(Some(std::sync::Arc::new(StageProgress::new(
+                    opts.progress,
+                    stage.id(),
+                    entries,
+                    bytes,
+                ))));
+                let result: Result<StageResult> = pool.install(|| match stage_plan {
                     StagePlan::TrialArray(p) => stages::trial_array::run(&ctx, p),
                     StagePlan::TrialTable(p) => stages::trial_table::run(&ctx, p),
                     StagePlan::Statistics(p) => stages::statistics::run(&ctx, p),
                     StagePlan::MetaTable(p) => stages::meta_table::run(&ctx, p),
-                })?;
+                });
+                progress::set_current(None);
+                let result = result?;
                 // Validation between stages: what this stage wrote, read back from disk.
                 check_stage_output(staging, &prep.plan, stage, stage_plan)?;
                 let outputs = hash_stage_outputs(staging, stage.output(), &groups)?;
@@ -522,6 +535,16 @@ fn run_stages_and_publish(
         .map_err(|e| Error::io(&progress_file, "cannot remove", e))?;
     publish(staging, &prep.dataset_dir, &prep.name)?;
     Ok(report)
+}
+
+/// Entries a stage reads and their stored size, for progress totals.
+fn stage_totals(source: &Source, plan: &Plan, stage: usize) -> (u64, u64) {
+    source
+        .entries
+        .iter()
+        .zip(&plan.dispositions)
+        .filter(|(_, d)| **d == Disposition::Stage(stage))
+        .fold((0, 0), |(n, b), (e, _)| (n + 1, b + e.size))
 }
 
 /// Files the runner keeps for itself, not outputs.

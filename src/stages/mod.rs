@@ -80,6 +80,7 @@ pub(crate) fn read_planned(
         ));
     }
     let hash = blake3::hash(&bytes).to_hex().to_string();
+    crate::progress::entry_read(entry.size);
     Ok((header, bytes, hash))
 }
 
