@@ -142,6 +142,14 @@ def main() -> int:
                 print(f"{n:>7} tr {name:8} {w:8.2f} {med(n, name, 'cpu'):8.2f} "
                       f"{med(n, name, 'rss'):8.1f} {raw / w / 1e9:8.2f}")
     n = a.trials
+    load = os.getloadavg()
+    print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
+          f"{load[2]:.1f} (other processes compete for the cores when it exceeds the core count)")
+    print(f"ours used {med(n, 'ours', 'cpu') / med(n, 'ours', 'wall'):.2f} cores on average "
+          f"(2 threads), ours-1t {med(n, 'ours-1t', 'cpu') / med(n, 'ours-1t', 'wall'):.2f}")
+    print("\nCPU-time ratios (what the wall ratios become when every process gets the cores it asks for):")
+    print(f"  ours cpu / python cpu  {med(n, 'ours', 'cpu') / med(n, 'python', 'cpu'):6.3f}")
+    print(f"  ours cpu / unzip cpu   {med(n, 'ours', 'cpu') / med(n, 'unzip', 'cpu'):6.3f}")
     print("\nratios (targets in brackets):")
     print(f"  ours / python          {med(n, 'ours', 'wall') / med(n, 'python', 'wall'):6.3f}  [<= 0.333]")
     print(f"  ours / unzip -p        {med(n, 'ours', 'wall') / med(n, 'unzip', 'wall'):6.3f}  [<= 0.6]")
