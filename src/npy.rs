@@ -394,13 +394,36 @@ pub fn to_little_endian_c(header: &Header, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Whether the payload's bytes already are little-endian C order (no copy needed).
+pub fn is_little_endian_c(header: &Header) -> bool {
+    let swap = header.dtype.big_endian && header.dtype.is_numeric();
+    !swap && !needs_transpose(header)
+}
+
+fn needs_transpose(header: &Header) -> bool {
+    header.fortran_order && header.shape.iter().filter(|&&d| d > 1).count() > 1
+}
+
+/// The payload as little-endian C-order bytes: the payload itself when it already is (the usual
+/// case, no copy), else its conversion written into `scratch`.
+pub fn little_endian_c<'a>(
+    header: &Header,
+    payload: &'a [u8],
+    scratch: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    if is_little_endian_c(header) {
+        return payload;
+    }
+    scratch.clear();
+    append_little_endian_c(header, payload, scratch);
+    scratch
+}
+
 /// Appends the payload, converted to little-endian C order, to `out`.
 pub fn append_little_endian_c(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
     let size = header.dtype.size;
     let swap = header.dtype.big_endian && header.dtype.is_numeric();
-    let needs_transpose =
-        header.fortran_order && header.shape.iter().filter(|&&d| d > 1).count() > 1;
-    if !needs_transpose {
+    if !needs_transpose(header) {
         let start = out.len();
         out.extend_from_slice(payload);
         if swap {

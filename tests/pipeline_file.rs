@@ -92,7 +92,7 @@ fn bad_settings_are_refused() {
             "does not compute",
         ),
         (
-            "    compression: {codec: zstd, level: 3}\n    attributes:\n      units: grey",
+            "    compression: {codec: zstd, level: 1}\n    attributes:\n      units: grey",
             "    compression: {codec: zstd, level: 99}\n    attributes:\n      units: grey",
             "level",
         ),

@@ -3,14 +3,14 @@
 //! source reader), copied as raw little-endian bytes into the shard buffer and written at once.
 
 use rayon::prelude::*;
-use zarrs::array::{ArrayBytes, ArraySubset};
+use zarrs::array::ArrayBytes;
 
-use super::{read_planned, window_len, EntryRecord, MeasureValues, StageContext, StageResult};
+use super::{read_planned, EntryRecord, MeasureValues, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::pipeline::plan::TrialPlan;
 use crate::pipeline::spec::{Extent, Measure, TrialArrayConfig};
-use crate::writers::zarr::{ArraySpec, ZarrStore};
+use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrStore};
 
 /// What one shard's task reports: the entries it read and its trials' measures.
 type ShardDone = (Vec<EntryRecord>, Vec<Vec<MeasureValue>>);
@@ -44,88 +44,90 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
 
     let trials_per_shard = shard[0] as usize;
     let trial_bytes = plan.trial_shape.iter().product::<u64>() as usize * plan.dtype.size;
+    let layout = Padding::new(&plan.trial_shape, &shard[1..], plan.dtype.size);
+    let fill = fill_pattern(plan.dtype);
+    let frames = *plan.trial_shape.last().unwrap_or(&1);
     let groups: Vec<usize> = (0..plan.trials.len().div_ceil(trials_per_shard)).collect();
     let mut result = StageResult::default();
     let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
-    for window in groups.chunks(window_len()) {
-        let done: Vec<Result<ShardDone>> = window
-            .par_iter()
-            .map_init(
-                || ctx.source.reader(),
-                |reader, &group| {
-                    let reader = reader.as_mut().map_err(|e| {
-                        Error::Internal(format!("cannot open a source reader: {e}"))
-                    })?;
-                    let first = group * trials_per_shard;
-                    let trials =
-                        &plan.trials[first..(first + trials_per_shard).min(plan.trials.len())];
-                    let mut buffer = Vec::with_capacity(trials.len() * trial_bytes);
-                    let mut records = Vec::with_capacity(trials.len());
-                    let mut group_measures =
-                        vec![Vec::with_capacity(trials.len()); c.measures.len()];
-                    for planned in trials {
-                        let (header, bytes, hash) =
-                            read_planned(ctx.source, reader.as_mut(), planned)?;
-                        let start = buffer.len();
-                        npy::append_little_endian_c(
-                            &header,
-                            &bytes[header.payload_offset..],
-                            &mut buffer,
-                        );
-                        drop(bytes);
-                        crate::pipeline::plan::check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, &buffer[start..])
-                            .map_err(|problem| {
-                                Error::bad_input(
-                                    ctx.source.locate(&ctx.source.entries[planned.entry]),
-                                    problem,
-                                    "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
-                                )
-                            })?;
-                        for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
-                            values.push(measure(
-                                *m,
-                                plan.dtype,
-                                &buffer[start..],
-                                *plan.trial_shape.last().unwrap_or(&1),
-                            ));
-                        }
-                        // The trial's values as the array stores them, for `verify`.
-                        let values_blake3 =
-                            Some(blake3::hash(&buffer[start..]).to_hex().to_string());
-                        records.push(EntryRecord {
-                            entry: planned.entry,
-                            blake3: hash,
-                            output: c.output.clone(),
-                            values_blake3,
-                            index: Some((first + records.len()) as u64),
-                        });
+    // Every shard is one task on the pool. A task inflates its trials straight into its thread's
+    // shard buffer (reused from shard to shard: no fresh pages per shard), laid out as the whole
+    // shard (fill where a `full` shard reaches past the array's edge), so zarrs encodes it without
+    // a merge copy. Tasks keep only entry records and measures: memory is bounded by the thread
+    // count whatever the number of trials, with no window barrier between groups of shards.
+    let done: Vec<Result<ShardDone>> = groups
+        .par_iter()
+        .map_init(
+            || (ctx.source.reader(), Vec::<u8>::new(), Vec::<u8>::new()),
+            |(reader, buffer, scratch), &group| {
+                let reader = reader
+                    .as_mut()
+                    .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+                let first = group * trials_per_shard;
+                let trials = &plan.trials[first..(first + trials_per_shard).min(plan.trials.len())];
+                buffer.clear();
+                buffer.reserve(trials_per_shard * layout.padded);
+                let mut records = Vec::with_capacity(trials.len());
+                let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
+                for planned in trials {
+                    let (header, bytes, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
+                    let le =
+                        npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
+                    if le.len() != trial_bytes {
+                        return Err(Error::Internal(format!(
+                            "{}: {} payload bytes, the plan expects {trial_bytes}",
+                            ctx.source.locate(&ctx.source.entries[planned.entry]),
+                            le.len()
+                        )));
                     }
-                    let ranges: Vec<std::ops::Range<u64>> =
-                        std::iter::once(first as u64..(first + trials.len()) as u64)
-                            .chain(plan.trial_shape.iter().map(|&d| 0..d))
-                            .collect();
-                    array
-                        .store_array_subset(
-                            &ArraySubset::new_with_ranges(&ranges),
-                            ArrayBytes::from(buffer),
-                        )
-                        .map_err(|e| {
-                            Error::io(
-                                ctx.dataset_dir.join(&c.output),
-                                "cannot write a shard",
-                                std::io::Error::other(e.to_string()),
+                    crate::pipeline::plan::check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
+                        .map_err(|problem| {
+                            Error::bad_input(
+                                ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                problem,
+                                "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
                             )
                         })?;
-                    Ok((records, group_measures))
-                },
-            )
-            .collect();
-        for r in done {
-            let (records, group_measures) = r?;
-            result.entries.extend(records);
-            for (all, part) in measures.iter_mut().zip(group_measures) {
-                all.extend(part);
-            }
+                    for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
+                        values.push(measure(*m, plan.dtype, le, frames));
+                    }
+                    // The trial's values as the array stores them, for `verify`.
+                    let values_blake3 = Some(blake3::hash(le).to_hex().to_string());
+                    layout.place(le, buffer, &fill);
+                    records.push(EntryRecord {
+                        entry: planned.entry,
+                        blake3: hash,
+                        output: c.output.clone(),
+                        values_blake3,
+                        index: Some((first + records.len()) as u64),
+                    });
+                }
+                // The last shard may hold fewer trials than the shard shape: fill the rest.
+                extend_fill(
+                    buffer,
+                    &fill,
+                    (trials_per_shard - trials.len()) * layout.padded,
+                );
+                let mut indices = vec![0u64; shard.len()];
+                indices[0] = group as u64;
+                array
+                    .store_chunk(&indices, ArrayBytes::from(&buffer[..]))
+                    .map_err(|e| {
+                        Error::io(
+                            ctx.dataset_dir.join(&c.output),
+                            "cannot write a shard",
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                Ok((records, group_measures))
+            },
+        )
+        .collect();
+    for r in done {
+        let (records, group_measures) = r?;
+        result.entries.extend(records);
+        for (all, part) in measures.iter_mut().zip(group_measures) {
+            all.extend(part);
         }
     }
     result.bytes = n_trials * trial_bytes as u64;
@@ -194,6 +196,86 @@ fn resolve_shapes(c: &TrialArrayConfig, shape: &[u64], file: &str) -> Result<(Ve
     Ok((chunk, shard))
 }
 
+/// Where one trial's C-order bytes go inside its slot of a shard whose extents may exceed the
+/// trial's (a `full` shard extent rounds up to whole chunks): contiguous blocks, fill between.
+struct Padding {
+    /// The trial's shape and the padded (shard) shape of one trial slot.
+    shape: Vec<usize>,
+    padded_shape: Vec<usize>,
+    /// Last axis whose extent is padded (blocks are contiguous from it on), if any.
+    axis: Option<usize>,
+    /// Bytes of one contiguous block copied from the trial.
+    block: usize,
+    /// Bytes of one padded trial slot.
+    padded: usize,
+    size: usize,
+}
+
+impl Padding {
+    fn new(shape: &[u64], padded_shape: &[u64], size: usize) -> Padding {
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let padded_shape: Vec<usize> = padded_shape.iter().map(|&d| d as usize).collect();
+        let axis = (0..shape.len())
+            .rev()
+            .find(|&a| shape[a] != padded_shape[a]);
+        let block = shape[axis.unwrap_or(0)..].iter().product::<usize>() * size;
+        let padded = padded_shape.iter().product::<usize>() * size;
+        Padding {
+            shape,
+            padded_shape,
+            axis,
+            block,
+            padded,
+            size,
+        }
+    }
+
+    /// Appends one trial (`le`: its little-endian C-order bytes) as one padded slot.
+    fn place(&self, le: &[u8], out: &mut Vec<u8>, fill: &[u8]) {
+        let Some(axis) = self.axis else {
+            out.extend_from_slice(le);
+            return;
+        };
+        let base = out.len();
+        // Byte strides of the padded slot over the axes before `axis`.
+        let mut strides = vec![0usize; axis];
+        let mut stride = self.padded_shape[axis..].iter().product::<usize>() * self.size;
+        for a in (0..axis).rev() {
+            strides[a] = stride;
+            stride *= self.padded_shape[a];
+        }
+        let mut index = vec![0usize; axis];
+        for block in le.chunks_exact(self.block) {
+            let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
+            extend_fill(out, fill, base + offset - out.len());
+            out.extend_from_slice(block);
+            for a in (0..axis).rev() {
+                index[a] += 1;
+                if index[a] < self.shape[a] {
+                    break;
+                }
+                index[a] = 0;
+            }
+        }
+        extend_fill(out, fill, base + self.padded - out.len());
+    }
+}
+
+/// A run of fill-value elements to copy from (64 KiB, whole elements).
+fn fill_pattern(dtype: Dtype) -> Vec<u8> {
+    let element = fill_bytes(dtype);
+    element.repeat((65_536 / element.len().max(1)).max(1))
+}
+
+/// Appends `len` bytes of fill (`len` is a whole number of elements).
+fn extend_fill(out: &mut Vec<u8>, pattern: &[u8], mut len: usize) {
+    while len > 0 {
+        let n = len.min(pattern.len());
+        out.extend_from_slice(&pattern[..n]);
+        len -= n;
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub enum MeasureValue {
     Int(i32),
@@ -223,50 +305,56 @@ pub fn measure(m: Measure, dtype: Dtype, le: &[u8], frames: u64) -> MeasureValue
     }
 }
 
-/// Frames before the trailing frames in which every value is NaN.
+/// Frames before the trailing frames in which every value is NaN: over all rows (the last axis
+/// being frames), the largest index of a non-NaN value, plus one. Rows are scanned from their end
+/// and only as far as they could raise the answer.
 pub fn valid_frames(dtype: Dtype, le: &[u8], frames: usize) -> usize {
     if dtype.kind != Kind::Float || frames == 0 {
         return frames;
     }
-    let mut has_value = vec![false; frames];
-    match dtype.size {
-        4 => {
-            for (i, b) in le.chunks_exact(4).enumerate() {
-                if !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan() {
-                    has_value[i % frames] = true;
-                }
-            }
+    let size = dtype.size;
+    let is_nan = |b: &[u8]| match size {
+        4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
+        8 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_nan(),
+        _ => half::f16::from_le_bytes([b[0], b[1]]).is_nan(),
+    };
+    let mut best = 0;
+    for row in le.chunks_exact(frames * size) {
+        let mut k = frames;
+        while k > best && is_nan(&row[(k - 1) * size..k * size]) {
+            k -= 1;
         }
-        8 => {
-            for (i, b) in le.chunks_exact(8).enumerate() {
-                if !f64::from_le_bytes(b.try_into().unwrap_or_default()).is_nan() {
-                    has_value[i % frames] = true;
-                }
-            }
-        }
-        _ => {
-            for (i, b) in le.chunks_exact(2).enumerate() {
-                if !half::f16::from_le_bytes([b[0], b[1]]).is_nan() {
-                    has_value[i % frames] = true;
-                }
+        if k > best {
+            best = k;
+            if best == frames {
+                break;
             }
         }
     }
-    has_value.iter().rposition(|&v| v).map_or(0, |p| p + 1)
+    best
 }
 
-/// Every value is zero (NaN is not zero).
+/// Every value is zero (NaN is not zero). Floats compare their bits without the sign bit, in
+/// blocks without early exit inside a block, so the loop vectorises.
 pub fn all_zero(dtype: Dtype, le: &[u8]) -> bool {
+    const BLOCK: usize = 4096;
     match (dtype.kind, dtype.size) {
-        (Kind::Float, 4) => le
-            .chunks_exact(4)
-            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == 0.0),
-        (Kind::Float, 8) => le
-            .chunks_exact(8)
-            .all(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()) == 0.0),
-        (Kind::Float, _) => le
-            .chunks_exact(2)
-            .all(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32() == 0.0),
+        (Kind::Float, 4) => le.chunks(BLOCK).all(|block| {
+            block.chunks_exact(4).fold(0u32, |acc, b| {
+                acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
+            }) == 0
+        }),
+        (Kind::Float, 8) => le.chunks(BLOCK).all(|block| {
+            block.chunks_exact(8).fold(0u64, |acc, b| {
+                acc | (u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                    & 0x7fff_ffff_ffff_ffff)
+            }) == 0
+        }),
+        (Kind::Float, _) => le.chunks(BLOCK).all(|block| {
+            block.chunks_exact(2).fold(0u16, |acc, b| {
+                acc | (u16::from_le_bytes([b[0], b[1]]) & 0x7fff)
+            }) == 0
+        }),
         _ => le.iter().all(|&b| b == 0),
     }
 }
@@ -289,6 +377,44 @@ mod tests {
         assert_eq!(valid_frames(dt, &f32_bytes(&[n, n, n, n]), 4), 0);
         assert_eq!(valid_frames(dt, &f32_bytes(&[n, 1.0, n, n]), 4), 2);
         assert_eq!(valid_frames(dt, &f32_bytes(&[1.0, 1.0, 1.0, 1.0]), 4), 4);
+    }
+
+    #[test]
+    fn padding_places_blocks_and_fills_the_rest() {
+        let fill = [9u8];
+        // (2, 3) trial in a (3, 4) slot: rows of 3 bytes at 0 and 4, fill elsewhere.
+        let p = Padding::new(&[2, 3], &[3, 4], 1);
+        let mut out = vec![7u8];
+        p.place(&[1, 2, 3, 4, 5, 6], &mut out, &fill);
+        assert_eq!(out, [7, 1, 2, 3, 9, 4, 5, 6, 9, 9, 9, 9, 9]);
+        // Padded first axis only: one block, then fill.
+        let p = Padding::new(&[2, 2], &[3, 2], 1);
+        let mut out = Vec::new();
+        p.place(&[1, 2, 3, 4], &mut out, &fill);
+        assert_eq!(out, [1, 2, 3, 4, 9, 9]);
+        // No padding: a straight copy.
+        let p = Padding::new(&[2, 2], &[2, 2], 1);
+        let mut out = Vec::new();
+        p.place(&[1, 2, 3, 4], &mut out, &fill);
+        assert_eq!(out, [1, 2, 3, 4]);
+        let mut out = Vec::new();
+        extend_fill(&mut out, &[5, 5], 5);
+        assert_eq!(out, [5, 5, 5, 5, 5]);
+    }
+
+    #[test]
+    fn valid_frames_f64_and_all_zero_f64() {
+        let dt = Dtype::parse("<f8").unwrap();
+        let b: Vec<u8> = [1.0f64, f64::NAN, f64::NAN, 2.0, 3.0, f64::NAN]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(valid_frames(dt, &b, 3), 2);
+        let z: Vec<u8> = [0.0f64, -0.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert!(all_zero(dt, &z));
     }
 
     #[test]

@@ -84,7 +84,10 @@ def write_folder(tmp_path: Path, files: dict[str, bytes]) -> Path:
 def refused(proc, code: str, *needles: str) -> str:
     """The run failed with `code`, printed one clear message containing every needle."""
     assert proc.returncode == EXIT[code], helpers.describe_run(proc)
-    err = proc.stderr.strip()
+    # Off a terminal, stage events are logged at info level for cluster logs; the message
+    # itself is what follows them.
+    log_line = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+(INFO|DEBUG)\s")
+    err = "\n".join(l for l in proc.stderr.strip().splitlines() if not log_line.match(l))
     assert err.startswith("error: "), helpers.describe_run(proc)
     assert err.count("error: ") == 1, f"more than one message:\n{err}"
     for bad in ("panicked", "RUST_BACKTRACE", "stack backtrace", "thread '"):

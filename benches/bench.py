@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Conversion benchmark: sensorium-ingest vs a plain Python converter vs `unzip -p`.
+
+Builds real-size synthetic mice (benches/gen_big.py; N=7863, T=324, 36x64 video, float32,
+deflate), then runs, interleaved and repeated:
+  ours      sensorium-ingest convert (all cores, default = 2 here)
+  ours-1t   sensorium-ingest convert --threads 1
+  python    benches/baseline.py (numpy + zarr-python 3 + pyarrow, same layout and codec)
+  unzip     unzip -p SOURCE > /dev/null
+and prints wall time, CPU time (user+sys), peak RSS (each child's own, from wait4) and the
+ratios the targets are stated in. With --check, our output of the first workload is compared
+value for value with the source (tests/python/helpers.py).
+
+    python benches/bench.py [--trials 64 --big 256 --reps 3 --work /tmp/sensorium-bench --check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def run_measured(cmd: list[str], stdout=subprocess.DEVNULL) -> dict:
+    """Runs cmd; returns wall seconds, CPU seconds and peak RSS (MB) of that child alone."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    # wait4 gives this child's own rusage (not the running total of every child so far).
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss / 1024}
+
+
+def workload(work: Path, trials: int) -> Path:
+    d = work / f"mouse-{trials}"
+    found = sorted(d.glob("*.zip")) if d.exists() else []
+    if found:
+        return found[0]
+    print(f"generating a {trials}-trial mouse in {d} ...", file=sys.stderr)
+    out = subprocess.run([PY, str(REPO / "benches" / "gen_big.py"), str(d), "--trials",
+                          str(trials)], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def commands(binary: Path, src: Path, out: Path) -> dict[str, list[str]]:
+    return {
+        "ours": [str(binary), "convert", str(src), "--out", str(out / "ours"), "--force"],
+        "ours-1t": [str(binary), "convert", str(src), "--out", str(out / "ours1"), "--force",
+                    "--threads", "1"],
+        "python": [PY, str(REPO / "benches" / "baseline.py"), str(src), str(out / "python")],
+        "unzip": ["sh", "-c", f"unzip -p '{src}' > /dev/null"],
+    }
+
+
+def check(binary: Path, src: Path, out: Path) -> None:
+    """Value-for-value comparison of our output with the source (helpers.Source)."""
+    sys.path.insert(0, str(REPO / "tests" / "python"))
+    import pyarrow.parquet as pq
+    import zarr
+    from helpers import Source, assert_bits_equal, dataset_name, read_json
+
+    subprocess.run([str(binary), "convert", str(src), "--out", str(out), "--force"], check=True,
+                   capture_output=True)
+    s = Source(src)
+    ds = out / dataset_name(s.name)
+    root = zarr.open_group(ds / "data.zarr", mode="r")
+    for var in ("videos", "responses"):
+        arr = root[var]
+        for p, i in enumerate(s.trial_ids):
+            assert_bits_equal(arr[p], s.trial(var, i), f"{var}[{p}]")
+    t = pq.read_table(ds / "trials.parquet").to_pydict()
+    for col, want in s.expected_trials().items():
+        assert t[col] == want, f"trials.parquet column {col} differs"
+    for var in ("behavior", "pupil_center"):
+        t = pq.read_table(ds / f"{var}.parquet")
+        for col, want in s.expected_long(var).items():
+            assert_bits_equal(t[col].to_numpy(), want, f"{var}.parquet {col}")
+    manifest = read_json(ds / "manifest.json")
+    assert sorted(e["path"] for e in manifest["entries"]) == sorted(s.entries), "manifest entries"
+    print(f"check: {ds} matches the source value for value "
+          f"({len(s.trial_ids)} trials, {len(manifest['entries'])} entries)", file=sys.stderr)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=64)
+    ap.add_argument("--big", type=int, default=256, help="second workload (memory flatness); 0 = none")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sensorium-bench"))
+    ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "sensorium-ingest")
+    ap.add_argument("--skip", default="", help="comma-separated commands to leave out")
+    ap.add_argument("--check", action="store_true", help="also check our output value for value")
+    a = ap.parse_args()
+    if not a.bin.exists():
+        subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, a.skip.split(",")))
+    loads = [a.trials] + ([a.big] if a.big else [])
+    sources = {n: workload(a.work, n) for n in loads}
+    out = a.work / "out"
+    results: dict[tuple[int, str], list[dict]] = {}
+    for rep in range(a.reps):
+        for n, src in sources.items():
+            cmds = commands(a.bin, src, out)
+            # Rotate the order every repetition so no command always runs first (warm caches,
+            # neighbours' load).
+            names = [k for k in cmds if k not in skip and not (n != a.trials and k == "ours-1t")]
+            names = names[rep % len(names):] + names[:rep % len(names)]
+            for name in names:
+                if out.exists():
+                    shutil.rmtree(out)
+                r = run_measured(cmds[name])
+                results.setdefault((n, name), []).append(r)
+                print(f"rep {rep} {n:4d} trials {name:8s} wall {r['wall']:7.2f} s  cpu "
+                      f"{r['cpu']:7.2f} s  rss {r['rss']:7.1f} MB", file=sys.stderr)
+    if out.exists():
+        shutil.rmtree(out)
+
+    def med(n, name, key):
+        v = results.get((n, name))
+        return statistics.median(x[key] for x in v) if v else float("nan")
+
+    print(f"\n{'workload':>10} {'command':8} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} "
+          f"{'GB/s in':>8}   (median of {a.reps})")
+    for n, src in sources.items():
+        raw = sum(i.file_size for i in __import__("zipfile").ZipFile(src).infolist())
+        for name in ("ours", "ours-1t", "python", "unzip"):
+            if (n, name) in results:
+                w = med(n, name, "wall")
+                print(f"{n:>7} tr {name:8} {w:8.2f} {med(n, name, 'cpu'):8.2f} "
+                      f"{med(n, name, 'rss'):8.1f} {raw / w / 1e9:8.2f}")
+    n = a.trials
+    load = os.getloadavg()
+    print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
+          f"{load[2]:.1f} (other processes compete for the cores when it exceeds the core count)")
+    print(f"ours used {med(n, 'ours', 'cpu') / med(n, 'ours', 'wall'):.2f} cores on average "
+          f"(2 threads), ours-1t {med(n, 'ours-1t', 'cpu') / med(n, 'ours-1t', 'wall'):.2f}")
+    print("\nCPU-time ratios (what the wall ratios become when every process gets the cores it asks for):")
+    print(f"  ours cpu / python cpu  {med(n, 'ours', 'cpu') / med(n, 'python', 'cpu'):6.3f}")
+    print(f"  ours cpu / unzip cpu   {med(n, 'ours', 'cpu') / med(n, 'unzip', 'cpu'):6.3f}")
+    print("\nratios (targets in brackets):")
+    print(f"  ours / python          {med(n, 'ours', 'wall') / med(n, 'python', 'wall'):6.3f}  [<= 0.333]")
+    print(f"  ours / unzip -p        {med(n, 'ours', 'wall') / med(n, 'unzip', 'wall'):6.3f}  [<= 0.6]")
+    print(f"  1 thread / 2 threads   {med(n, 'ours-1t', 'wall') / med(n, 'ours', 'wall'):6.3f}  [>= 1.8]")
+    print(f"  peak RSS ours          {med(n, 'ours', 'rss'):6.1f} MB [<= 256]")
+    if a.big:
+        r = med(a.big, 'ours', 'rss') / med(n, 'ours', 'rss')
+        print(f"  peak RSS {a.big} / {n} trials {r:6.3f}  [within 1.10]")
+    if a.check:
+        check(a.bin, sources[a.trials], a.work / "check")
+        shutil.rmtree(a.work / "check", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
