@@ -37,6 +37,10 @@ pub enum Error {
     #[error("{}: dataset already exists and {why}\n  hint: pass --force to replace it, or --name to write it under another name", path.display())]
     Exists { path: PathBuf, why: String },
 
+    /// Another process holds the store's ingest lock.
+    #[error("{}: another ingest is running ({holder})\n  hint: wait for it to finish; if no such process exists, remove the lock file", path.display())]
+    Busy { path: PathBuf, holder: String },
+
     /// SIGINT or SIGTERM stopped the run; nothing was published.
     #[error("interrupted: nothing was published\n  hint: run the same command again to resume where it stopped")]
     Interrupted,
@@ -44,6 +48,10 @@ pub enum Error {
     /// `verify` found outputs that do not match their checksums (or the source).
     #[error("verification failed: {} problem(s)\n{}\n  hint: reconvert the named datasets with `convert --force`", failures.len(), failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
     Verify { failures: Vec<String> },
+
+    /// `ingest` could not convert some sources (the others were converted).
+    #[error("{} source(s) failed\n{}\n  hint: fix or replace the named sources; the next ingest retries them", failures.len(), failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
+    SourcesFailed { failures: Vec<String> },
 
     /// A check of our own output failed: a bug in this tool, not in the input.
     #[error("internal error: {0}\n  hint: this is a bug in sensorium-ingest; please report it with the command line")]
@@ -107,13 +115,14 @@ impl Error {
     /// Exit codes follow BSD `sysexits.h`, so shell scripts and schedulers can tell classes apart.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::BadInput { .. } => 65,    // EX_DATAERR
-            Error::BadPipeline { .. } => 78, // EX_CONFIG
-            Error::Io { .. } => 74,          // EX_IOERR
-            Error::Exists { .. } => 73,      // EX_CANTCREAT
-            Error::Interrupted => 130,       // the shell's convention for death by SIGINT
-            Error::Verify { .. } => 1,       // like cmp/diff: the check ran and found differences
-            Error::Internal(_) => 70,        // EX_SOFTWARE
+            Error::BadInput { .. } => 65,                            // EX_DATAERR
+            Error::BadPipeline { .. } => 78,                         // EX_CONFIG
+            Error::Io { .. } => 74,                                  // EX_IOERR
+            Error::Exists { .. } => 73,                              // EX_CANTCREAT
+            Error::Busy { .. } => 75,                                // EX_TEMPFAIL: try again later
+            Error::Interrupted => 130, // the shell's convention for death by SIGINT
+            Error::Verify { .. } | Error::SourcesFailed { .. } => 1, // like cmp/diff: the check ran and found differences
+            Error::Internal(_) => 70,                                // EX_SOFTWARE
         }
     }
 }

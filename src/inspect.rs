@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::npy;
-use crate::pipeline::plan::{plan, Disposition, StagePlan};
+use crate::pipeline::plan::{plan, Disposition, Plan, StagePlan};
 use crate::pipeline::spec::{Measure, MetaAxis, Pipeline};
 use crate::source::{read_npy, Source, SourceKind};
 use crate::stages::trial_array::valid_frames;
@@ -61,7 +61,6 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
     let plan = plan(pipeline, source)?;
     let mut variables = Vec::new();
     let mut valid = BTreeMap::new();
-    let mut tiers = BTreeMap::new();
     let mut meta_files = Vec::new();
     let mut statistics = Vec::new();
     let mut dtype = None;
@@ -123,26 +122,11 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
                         "{}/{stem}.npy {} {:?}",
                         m.config.source, a.header.dtype, a.header.shape
                     ));
-                    if m.config.axis == MetaAxis::Trial && stem == "tiers" {
-                        let mut reader = source.reader()?;
-                        let (header, bytes) =
-                            read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
-                        let values = npy::decode_strings(&header, &bytes[header.payload_offset..])
-                            .map_err(|p| {
-                                Error::bad_input(
-                                    source.locate(&source.entries[a.entry]),
-                                    p,
-                                    "re-export tiers.npy",
-                                )
-                            })?;
-                        for v in values {
-                            *tiers.entry(v).or_insert(0) += 1;
-                        }
-                    }
                 }
             }
         }
     }
+    let tiers = tier_counts(source, &plan)?;
     let skipped: Vec<Skipped> = source
         .entries
         .iter()
@@ -257,4 +241,32 @@ impl Inspection {
         }
         s
     }
+}
+
+/// Trials per tier, from the trial table's `tiers.npy` (empty when there is none).
+pub fn tier_counts(source: &Source, plan: &Plan) -> Result<BTreeMap<String, usize>> {
+    let mut tiers = BTreeMap::new();
+    for p in &plan.stages {
+        let StagePlan::MetaTable(m) = p else { continue };
+        if m.config.axis != MetaAxis::Trial {
+            continue;
+        }
+        for (stem, a) in m.files.iter().filter(|(stem, _)| stem == "tiers") {
+            let entry = &source.entries[a.entry];
+            let mut reader = source.reader()?;
+            let (header, bytes) = read_npy(source, reader.as_mut(), entry)?;
+            let values =
+                npy::decode_strings(&header, &bytes[header.payload_offset..]).map_err(|p| {
+                    Error::bad_input(
+                        source.locate(entry),
+                        p,
+                        format!("re-export {stem}.npy with numpy"),
+                    )
+                })?;
+            for v in values {
+                *tiers.entry(v).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(tiers)
 }

@@ -9,7 +9,9 @@
 //! - [`writers`]: Zarr and Parquet;
 //! - [`validate`]: read-back checks, output contracts and checksums; [`manifest`].
 
+pub mod catalog;
 pub mod error;
+pub mod ingest;
 pub mod inspect;
 pub mod interrupt;
 pub mod lock;

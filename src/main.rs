@@ -9,8 +9,8 @@ use sensorium_ingest::pipeline::runner::{convert, plan_run, ConvertOptions, RunP
 use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPELINE_NAME};
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
-use sensorium_ingest::verify;
 use sensorium_ingest::Error;
+use sensorium_ingest::{ingest, verify};
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +83,26 @@ enum Command {
         name: Option<String>,
         #[arg(long)]
         force: bool,
+    },
+    /// Convert every mouse in INBOX that the store does not have yet (for a timer to run).
+    #[command(
+        after_help = "Examples:\n  sensorium-ingest ingest /data/inbox --out /data/store\n  # cron, every 15 minutes:\n  */15 * * * *  sensorium-ingest -q ingest /data/inbox --out /data/store\n\nSources are recognised by their content fingerprint, not their file name. Files still being\nwritten are left for the next run. Exit status: 0 when nothing failed, 1 when a source failed\n(the others are still converted), 75 when another ingest holds the store."
+    )]
+    Ingest {
+        /// Folder of mouse archives (*.zip) or extracted folders.
+        inbox: PathBuf,
+        #[arg(long = "out", value_name = "STORE")]
+        out: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        pipeline: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Leave sources modified less than this many seconds ago for the next run.
+        #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+        min_age: u64,
+        /// Seconds between two looks at the inbox; what changed in between is left for later.
+        #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+        settle: f64,
     },
     /// Re-read datasets through the real decoders and compare with their recorded checksums.
     #[command(
@@ -344,6 +364,52 @@ fn run(cli: Cli) -> Result<(), Error> {
                 outp!("{}", report.to_text());
             }
             Ok(())
+        }
+        Command::Ingest {
+            inbox,
+            out,
+            pipeline,
+            threads,
+            min_age,
+            settle,
+        } => {
+            let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
+            let report = ingest::ingest(&ingest::IngestOptions {
+                inbox,
+                store: out,
+                pipeline_text,
+                pipeline_file,
+                threads,
+                min_age: std::time::Duration::from_secs(min_age),
+                settle: std::time::Duration::from_secs_f64(settle.max(0.0)),
+                progress,
+            })?;
+            for (path, dataset) in &report.added {
+                out!("added    {} -> {dataset}", path.display());
+            }
+            for (path, why) in &report.skipped {
+                out!("skipped  {}: {why}", path.display());
+            }
+            for (path, why) in &report.failed {
+                out!("failed   {}: {why}", path.display());
+            }
+            out!(
+                "{} added, {} skipped, {} failed",
+                report.added.len(),
+                report.skipped.len(),
+                report.failed.len()
+            );
+            if report.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::SourcesFailed {
+                    failures: report
+                        .failed
+                        .iter()
+                        .map(|(p, w)| format!("{}: {w}", p.display()))
+                        .collect(),
+                })
+            }
         }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -58,14 +58,7 @@ pub fn stage_keys(
     plan: &Plan,
     dataset: &str,
 ) -> (String, Vec<StageKey>) {
-    let mut all = blake3::Hasher::new();
-    for e in &source.entries {
-        all.update(e.path.as_bytes());
-        all.update(b"\0");
-        all.update(e.fingerprint.as_bytes());
-        all.update(b"\n");
-    }
-    let source_fingerprint = format!("blake3:{}", all.finalize().to_hex());
+    let source_fingerprint = source.fingerprint();
     let trial_ids: Vec<String> = plan.trial_ids.iter().map(u32::to_string).collect();
     let trial_axis = trial_ids.join(",");
     // Settings that every output carries (attributes, Parquet metadata).

@@ -12,7 +12,9 @@ use std::time::Instant;
 use super::keys::{decide, stage_keys, Decision, Origin, StageKey};
 use super::plan::{plan, Disposition, Plan, StagePlan};
 use super::spec::{Measure, Pipeline};
+use crate::catalog::{self, CatalogRow};
 use crate::error::{Error, Result};
+use crate::inspect::tier_counts;
 use crate::lock::{self, write_synced, Lock, LockSource, LockedEntry, Progress, StageLock};
 use crate::manifest::{
     self, Counts, EntryInfo, Manifest, OutputInfo, PipelineInfo, SourceInfo, Tool,
@@ -267,6 +269,18 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
             .map_or(0, |l| l.stages.iter().map(|s| s.outputs.len() as u64).sum());
         report.seconds = started.elapsed().as_secs_f64();
         tracing::info!(dataset = %prep.name, "up to date");
+        if !catalog::fragment_path(&opts.store, &prep.name).exists() {
+            let manifest: Manifest = std::fs::read(prep.dataset_dir.join(manifest::FILE_NAME))
+                .ok()
+                .and_then(|t| serde_json::from_slice(&t).ok())
+                .ok_or_else(|| {
+                    Error::Internal("an up-to-date dataset has no readable manifest".into())
+                })?;
+            catalog::write(
+                &opts.store,
+                &catalog_row(&prep, &pipeline, &manifest.source.checksum)?,
+            )?;
+        }
         return Ok(report);
     }
     std::fs::create_dir_all(&opts.store)
@@ -534,7 +548,43 @@ fn run_stages_and_publish(
     std::fs::remove_file(&progress_file)
         .map_err(|e| Error::io(&progress_file, "cannot remove", e))?;
     publish(staging, &prep.dataset_dir, &prep.name)?;
+    catalog::write(
+        &opts.store,
+        &catalog_row(prep, pipeline, &manifest.source.checksum)?,
+    )?;
     Ok(report)
+}
+
+/// The dataset's line in the store's catalog.
+fn catalog_row(prep: &Prepared, pipeline: &Pipeline, source_checksum: &str) -> Result<CatalogRow> {
+    let dtype = prep
+        .plan
+        .stages
+        .iter()
+        .find_map(|s| match s {
+            StagePlan::TrialArray(t) => Some(t.dtype.little_endian_descr()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let dim = |name: &str| prep.plan.dims.get(name).map(|&d| d as i64);
+    Ok(CatalogRow {
+        dataset: prep.name.clone(),
+        source_name: prep.source.name.clone(),
+        source_checksum: source_checksum.to_string(),
+        source_fingerprint: prep.source_fingerprint.clone(),
+        n_trials: prep.plan.n_trials() as i64,
+        tiers: tier_counts(&prep.source, &prep.plan)?
+            .into_iter()
+            .map(|(t, n)| (t, n as i64))
+            .collect(),
+        n_neurons: dim("neuron"),
+        n_frames: dim("frame"),
+        dtype,
+        tool_version: crate::VERSION.into(),
+        pipeline: pipeline.pipeline.clone(),
+        pipeline_hash: prep.pipeline_hash.clone(),
+        status: "complete".into(),
+    })
 }
 
 /// Entries a stage reads and their stored size, for progress totals.

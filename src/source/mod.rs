@@ -129,6 +129,19 @@ impl Source {
         default_dataset_name(&self.name)
     }
 
+    /// BLAKE3 over every entry's path and container fingerprint: cheap (no entry is read),
+    /// independent of the container's file name, and changed by any change to an entry.
+    pub fn fingerprint(&self) -> String {
+        let mut all = blake3::Hasher::new();
+        for e in &self.entries {
+            all.update(e.path.as_bytes());
+            all.update(b"\0");
+            all.update(e.fingerprint.as_bytes());
+            all.update(b"\n");
+        }
+        format!("blake3:{}", all.finalize().to_hex())
+    }
+
     /// Total declared size of all entries.
     pub fn total_size(&self) -> u64 {
         self.entries.iter().map(|e| e.size).sum()

@@ -88,7 +88,7 @@ def test_name_option(tmp_path_factory, zipped):
     store = tmp_path_factory.mktemp("eq-name")
     proc = helpers.run("convert", zipped, "--out", store, "--name", "mouse-a")
     assert proc.returncode == 0, helpers.describe_run(proc)
-    assert [p.name for p in store.iterdir()] == ["mouse-a"]
+    assert sorted(p.name for p in store.iterdir()) == ["catalog", "mouse-a"]
     m = read_json(store / "mouse-a" / "manifest.json")
     assert m["dataset"] == "mouse-a"
     assert m["source"]["name"] == zipped.name[:-4]

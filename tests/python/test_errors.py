@@ -109,7 +109,7 @@ def test_existing_dataset_needs_force(ingest_bin, mouse, tmp_path):
     assert forced.returncode == 0, helpers.describe_run(forced)
     assert (ds / "manifest.json").is_file()
     assert_same_outputs(saved, ds)
-    assert sorted(p.name for p in store.iterdir()) == [ds.name], "--force left stray files"
+    assert sorted(p.name for p in store.iterdir()) == sorted([ds.name, "catalog"]), "--force left stray files"
 
 
 def test_force_replaces_a_different_dataset(ingest_bin, mouse, tmp_path):

@@ -25,7 +25,7 @@ ARRAY_DIMS = {"videos": ["trial", "height", "width", "frame"],
 
 def test_layout(convert, variant):
     c = convert(variant)
-    assert [p.name for p in c.store.iterdir()] == [c.source.dataset], \
+    assert sorted(p.name for p in c.store.iterdir()) == sorted([c.source.dataset, "catalog"]), \
         f"store should hold exactly the dataset folder, has {sorted(p.name for p in c.store.iterdir())}"
     names = {p.name for p in c.dataset_dir.iterdir()}
     assert names == DATASET_FILES, f"unexpected dataset contents: {sorted(names ^ DATASET_FILES)}"
