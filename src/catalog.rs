@@ -101,10 +101,12 @@ pub fn write(store: &Path, row: &CatalogRow) -> Result<()> {
     ));
     for (tier, n) in &row.tiers {
         let s = tiers.values();
-        s.field_builder::<StringBuilder>(0)
-            .map(|b| b.append_value(tier));
-        s.field_builder::<Int64Builder>(1)
-            .map(|b| b.append_value(*n));
+        if let Some(b) = s.field_builder::<StringBuilder>(0) {
+            b.append_value(tier);
+        }
+        if let Some(b) = s.field_builder::<Int64Builder>(1) {
+            b.append_value(*n);
+        }
         s.append(true);
     }
     tiers.append(true);
