@@ -183,11 +183,13 @@ fn print_plan(plan: &RunPlan) {
     );
     for s in &plan.stages {
         out!(
-            "  {:<14} {:<12} {:<5} {}",
+            "  {:<14} {:<12} {:<5} {:<38} [{} -> {}]",
             s.id,
             s.kind,
             if s.run { "run" } else { "skip" },
-            s.reason
+            s.reason,
+            s.reads.join(" + "),
+            s.writes
         );
     }
 }

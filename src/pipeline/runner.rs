@@ -83,6 +83,9 @@ pub struct PlannedStage {
     pub kind: String,
     pub run: bool,
     pub reason: String,
+    /// What it reads: its source folder, and `stage.measure` of earlier stages (the graph's edges).
+    pub reads: Vec<String>,
+    pub writes: String,
 }
 
 /// Everything known before any output is written.
@@ -215,6 +218,17 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
             kind: s.name().into(),
             run: matches!(d, Decision::Run { .. }),
             reason: d.reason(),
+            reads: std::iter::once(s.source().to_string())
+                .chain(match s {
+                    super::spec::Stage::MetaTable(c) => c
+                        .derived
+                        .iter()
+                        .map(|d| format!("{}.{}", d.stage, d.measure))
+                        .collect(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+            writes: s.output().to_string(),
         })
         .collect();
     Ok(RunPlan {
@@ -344,6 +358,32 @@ fn run_stages_and_publish(
     {
         crate::interrupt::check()?;
         let t0 = Instant::now();
+        // Reused outputs are checked against their recorded hashes first: damaged or changed
+        // files make the stage run again instead of being carried into the new dataset.
+        let checked;
+        let decision = match decision {
+            Decision::Reuse { origin, lock } => {
+                let dir = if *origin == Origin::Existing {
+                    &prep.dataset_dir
+                } else {
+                    staging
+                };
+                match damaged_output(dir, lock) {
+                    None => decision,
+                    Some(file) => {
+                        tracing::warn!(stage = stage.id(), file = %file, "a reusable output does not match its recorded hash; running the stage again");
+                        if *origin == Origin::Partial {
+                            remove_stage_outputs(staging, lock)?;
+                        }
+                        checked = Decision::Run {
+                            reason: format!("{file} no longer matches its recorded hash"),
+                        };
+                        &checked
+                    }
+                }
+            }
+            run => run,
+        };
         let locked = match decision {
             Decision::Reuse { origin, lock } => {
                 if *origin == Origin::Existing {
@@ -636,6 +676,34 @@ fn prepare_staging(prep: &Prepared) -> Result<()> {
     for file in validate::list_files(staging)? {
         if !keep.contains(file.as_str()) {
             let path = staging.join(&file);
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(&path, "cannot clean the staging folder", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The first output of a stage whose content no longer matches the lock, if any.
+fn damaged_output(dir: &Path, lock: &StageLock) -> Option<String> {
+    use rayon::prelude::*;
+    let mut bad: Vec<&String> = lock
+        .outputs
+        .par_iter()
+        .filter(|(file, hash)| {
+            validate::hash_file(&dir.join(file))
+                .map(|(_, h)| &h != *hash)
+                .unwrap_or(true)
+        })
+        .map(|(file, _)| file)
+        .collect();
+    bad.sort();
+    bad.first().map(|f| f.to_string())
+}
+
+fn remove_stage_outputs(staging: &Path, lock: &StageLock) -> Result<()> {
+    for file in lock.outputs.keys() {
+        let path = staging.join(file);
+        if path.exists() {
             std::fs::remove_file(&path)
                 .map_err(|e| Error::io(&path, "cannot clean the staging folder", e))?;
         }

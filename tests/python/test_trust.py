@@ -240,3 +240,20 @@ def test_sigint_and_sigterm_stop_cleanly_and_rerun_finishes(bulky, tmp_path, sig
     assert rerun.returncode == 0, helpers.describe_run(rerun)
     assert_same_outputs(store / name, clean / name)
     assert sorted(p.name for p in store.iterdir()) == sorted([name, "catalog"])
+
+
+def test_damaged_output_is_not_reused(converted, tmp_path):
+    """An incremental run checks the files it would reuse against the lock; a damaged one
+    makes its stage run again, so the damage never reaches the new dataset."""
+    store = tmp_path / "store"
+    shutil.copytree(converted, store / NAME)
+    _flip(store / NAME / "data.zarr/videos/c/0/0/0/0")
+    text = _default_pipeline().replace("columns: [x, y]", "columns: [px, py]", 1).replace("contract: sensorium2023\n", "")
+    pipeline = tmp_path / "edited.yaml"
+    pipeline.write_text(text)
+    proc = helpers.run("convert", FIXTURE, "--out", store, "--pipeline", pipeline)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    ran = {line.split()[0] for line in proc.stdout.splitlines()[2:] if line.split()[2] == "ran"}
+    assert ran == {"videos", "pupil_center"}, proc.stdout
+    assert "does not match its recorded hash" in proc.stderr
+    assert helpers.run("verify", store / NAME, "--against", FIXTURE).returncode == 0
