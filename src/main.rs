@@ -41,6 +41,45 @@ enum LogFormat {
     Json,
 }
 
+/// What `convert` and `plan` work on.
+#[derive(clap::Args)]
+struct Target {
+    /// The mouse's zip archive or extracted folder.
+    source: PathBuf,
+    /// The store folder; the dataset is written to STORE/<name>/.
+    #[arg(long = "out", value_name = "STORE")]
+    out: PathBuf,
+    /// Pipeline file; default: the embedded pipelines/sensorium2023.yaml.
+    #[arg(long, value_name = "FILE")]
+    pipeline: Option<PathBuf>,
+    /// Dataset name; default: the source's name without `-Video-<32 hex>`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Rerun every stage; replace a dataset converted from another source.
+    #[arg(long)]
+    force: bool,
+}
+
+impl Target {
+    fn options(
+        self,
+        threads: Option<usize>,
+        progress: ProgressMode,
+    ) -> Result<ConvertOptions, Error> {
+        let (pipeline_text, pipeline_file) = load_pipeline(&self.pipeline)?;
+        Ok(ConvertOptions {
+            source: self.source,
+            store: self.out,
+            name: self.name,
+            pipeline_text,
+            pipeline_file,
+            force: self.force,
+            threads,
+            progress,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Convert one mouse (a zip archive, read in place, or its extracted folder) into STORE/<name>/.
@@ -48,20 +87,8 @@ enum Command {
         after_help = "Examples:\n  sensorium-ingest convert dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip --out store/\n  sensorium-ingest convert extracted/dynamic29515-10-12/ --out store/ --pipeline my.yaml --threads 8"
     )]
     Convert {
-        /// The mouse's zip archive or extracted folder.
-        source: PathBuf,
-        /// The store folder; the dataset is written to STORE/<name>/.
-        #[arg(long = "out", value_name = "STORE")]
-        out: PathBuf,
-        /// Pipeline file; default: the embedded pipelines/sensorium2023.yaml.
-        #[arg(long, value_name = "FILE")]
-        pipeline: Option<PathBuf>,
-        /// Dataset name; default: the source's name without `-Video-<32 hex>`.
-        #[arg(long)]
-        name: Option<String>,
-        /// Replace an existing dataset of the same name.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        target: Target,
         /// Worker threads (default: all cores). Output is identical for any value.
         #[arg(long)]
         threads: Option<usize>,
@@ -74,15 +101,8 @@ enum Command {
         after_help = "Example:\n  sensorium-ingest plan mouse.zip --out store/ --pipeline edited.yaml"
     )]
     Plan {
-        source: PathBuf,
-        #[arg(long = "out", value_name = "STORE")]
-        out: PathBuf,
-        #[arg(long, value_name = "FILE")]
-        pipeline: Option<PathBuf>,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        target: Target,
     },
     /// Convert every mouse in INBOX that the store does not have yet (for a timer to run).
     #[command(
@@ -238,24 +258,8 @@ fn init_logging(cli: &Cli) {
 fn run(cli: Cli) -> Result<(), Error> {
     let progress = progress_mode(&cli);
     match cli.command {
-        Command::Plan {
-            source,
-            out,
-            pipeline,
-            name,
-            force,
-        } => {
-            let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
-            print_plan(&plan_run(&ConvertOptions {
-                source,
-                store: out,
-                name,
-                pipeline_text,
-                pipeline_file,
-                force,
-                threads: None,
-                progress,
-            })?);
+        Command::Plan { target } => {
+            print_plan(&plan_run(&target.options(None, progress)?)?);
             Ok(())
         }
         Command::Verify { path, against } => {
@@ -289,25 +293,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Convert {
-            source,
-            out,
-            pipeline,
-            name,
-            force,
+            target,
             threads,
             dry_run,
         } => {
-            let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
-            let options = ConvertOptions {
-                source,
-                store: out,
-                name,
-                pipeline_text,
-                pipeline_file,
-                force,
-                threads,
-                progress,
-            };
+            let options = target.options(threads, progress)?;
             if dry_run {
                 print_plan(&plan_run(&options)?);
                 return Ok(());
