@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::npy;
-use crate::pipeline::plan::{plan, Disposition, Plan, StagePlan};
-use crate::pipeline::spec::{Measure, MetaAxis, Pipeline};
+use crate::pipeline::plan::{plan, Disposition, Plan, StagePlan, TrialPlan};
+use crate::pipeline::spec::{Measure, MetaAxis, Pipeline, Stage};
 use crate::source::{read_npy, Source, SourceKind};
 use crate::stages::trial_array::valid_frames;
 
@@ -51,6 +51,18 @@ pub struct Variable {
     pub fortran_order: bool,
 }
 
+impl Variable {
+    fn of<C>(stage: &Stage, t: &TrialPlan<C>) -> Variable {
+        Variable {
+            stage: stage.id().into(),
+            source: stage.source().into(),
+            dtype: t.dtype.to_string(),
+            trial_shape: t.trial_shape.clone(),
+            fortran_order: t.trials.iter().any(|a| a.header.fortran_order),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Skipped {
     pub path: String,
@@ -69,13 +81,7 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
         match p {
             StagePlan::TrialArray(t) => {
                 dtype.get_or_insert_with(|| t.dtype.to_string());
-                variables.push(Variable {
-                    stage: stage.id().into(),
-                    source: stage.source().into(),
-                    dtype: t.dtype.to_string(),
-                    trial_shape: t.trial_shape.clone(),
-                    fortran_order: t.trials.iter().any(|a| a.header.fortran_order),
-                });
+                variables.push(Variable::of(stage, t));
                 if t.config.measures.contains(&Measure::ValidFrames) {
                     let frames = *t.trial_shape.last().unwrap_or(&0) as usize;
                     let lengths: Vec<Result<usize>> = t
@@ -103,13 +109,7 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
                 }
             }
             StagePlan::TrialTable(t) => {
-                variables.push(Variable {
-                    stage: stage.id().into(),
-                    source: stage.source().into(),
-                    dtype: t.dtype.to_string(),
-                    trial_shape: t.trial_shape.clone(),
-                    fortran_order: t.trials.iter().any(|a| a.header.fortran_order),
-                });
+                variables.push(Variable::of(stage, t));
             }
             StagePlan::Statistics(s) => statistics.extend(
                 s.arrays

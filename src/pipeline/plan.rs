@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobMatcher};
 
 use super::spec::{
-    MetaAxis, MetaTableConfig, NanPolicy, Pipeline, Stage, StatisticsConfig, TrialArrayConfig,
+    MetaAxis, MetaTableConfig, Pipeline, Stage, StatisticsConfig, TrialArrayConfig,
     TrialTableConfig,
 };
 use crate::error::{Error, Result};
-use crate::npy::{Dtype, Header, Kind};
+use crate::npy::{Dtype, Header};
 use crate::source::{read_npy_header, Source};
 
 /// What happens to one source entry.
@@ -450,86 +450,4 @@ fn meta_plan<'p>(
         files,
         rows,
     })
-}
-
-/// Checks one trial against its stage's `nan` policy. `le` is the trial's values in little-endian
-/// C order, last axis = frames (what `npy::append_little_endian_c` produces).
-///
-/// With `tail_only`, the trial's tail is its trailing frames in which every value is NaN (the
-/// same frames the `valid_frames` measure excludes); a NaN in any frame before the tail is an
-/// error, returned as a message naming the frame and the element.
-pub fn check_trial_nan(
-    policy: NanPolicy,
-    dtype: Dtype,
-    shape: &[u64],
-    le: &[u8],
-) -> std::result::Result<(), String> {
-    if policy == NanPolicy::Allow || dtype.kind != Kind::Float {
-        return Ok(());
-    }
-    let frames = shape.last().copied().unwrap_or(1).max(1) as usize;
-    let size = dtype.size;
-    let is_nan = |b: &[u8]| match size {
-        8 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_nan(),
-        4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
-        _ => half::f16::from_le_bytes([b[0], b[1]]).is_nan(),
-    };
-    if !matches!(size, 2 | 4 | 8) {
-        return Ok(());
-    }
-    let mut has_value = vec![false; frames];
-    for (i, b) in le.chunks_exact(size).enumerate() {
-        if !is_nan(b) {
-            has_value[i % frames] = true;
-        }
-    }
-    let valid = has_value.iter().rposition(|&v| v).map_or(0, |p| p + 1);
-    if let Some(i) = le
-        .chunks_exact(size)
-        .enumerate()
-        .position(|(i, b)| i % frames < valid && is_nan(b))
-    {
-        let mut index = Vec::with_capacity(shape.len());
-        let mut rest = i as u64;
-        for &d in shape.iter().rev() {
-            let d = d.max(1);
-            index.push(rest % d);
-            rest /= d;
-        }
-        index.reverse();
-        return Err(format!(
-            "NaN at frame {} (index {index:?}) before the trial's NaN tail: only the trailing {} of {frames} frames may be NaN",
-            i % frames,
-            frames - valid
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn f32s(v: &[f32]) -> Vec<u8> {
-        v.iter().flat_map(|x| x.to_le_bytes()).collect()
-    }
-
-    #[test]
-    fn nan_tail_only() {
-        let dt = Dtype::parse("<f4").unwrap_or_else(|e| panic!("{e}"));
-        let n = f32::NAN;
-        let tail = NanPolicy::TailOnly;
-        // 2 rows x 4 frames, tail = frame 3.
-        assert!(check_trial_nan(tail, dt, &[2, 4], &f32s(&[1., 2., 3., n, 4., 5., 6., n])).is_ok());
-        let err =
-            check_trial_nan(tail, dt, &[2, 4], &f32s(&[1., n, 3., n, 4., 5., 6., n])).unwrap_err();
-        assert!(err.contains("frame 1") && err.contains("[0, 1]"), "{err}");
-        // A frame NaN in one row only is not part of the tail.
-        assert!(
-            check_trial_nan(tail, dt, &[2, 4], &f32s(&[1., 2., 3., n, 4., 5., 6., 7.])).is_err()
-        );
-        // All NaN: everything is tail.
-        assert!(check_trial_nan(tail, dt, &[1, 2], &f32s(&[n, n])).is_ok());
-        assert!(check_trial_nan(NanPolicy::Allow, dt, &[1, 2], &f32s(&[n, 1.])).is_ok());
-    }
 }

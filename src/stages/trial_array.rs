@@ -9,7 +9,7 @@ use super::{read_planned, EntryRecord, MeasureValues, StageContext, StageResult}
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::pipeline::plan::TrialPlan;
-use crate::pipeline::spec::{Extent, Measure, TrialArrayConfig};
+use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
 use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrStore};
 
 /// What one shard's task reports: the entries it read and its trials' measures.
@@ -80,7 +80,7 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
                             le.len()
                         )));
                     }
-                    crate::pipeline::plan::check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
+                    check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
                         .map_err(|problem| {
                             Error::bad_input(
                                 ctx.source.locate(&ctx.source.entries[planned.entry]),
@@ -313,15 +313,10 @@ pub fn valid_frames(dtype: Dtype, le: &[u8], frames: usize) -> usize {
         return frames;
     }
     let size = dtype.size;
-    let is_nan = |b: &[u8]| match size {
-        4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
-        8 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_nan(),
-        _ => half::f16::from_le_bytes([b[0], b[1]]).is_nan(),
-    };
     let mut best = 0;
     for row in le.chunks_exact(frames * size) {
         let mut k = frames;
-        while k > best && is_nan(&row[(k - 1) * size..k * size]) {
+        while k > best && is_nan(size, &row[(k - 1) * size..k * size]) {
             k -= 1;
         }
         if k > best {
@@ -332,6 +327,55 @@ pub fn valid_frames(dtype: Dtype, le: &[u8], frames: usize) -> usize {
         }
     }
     best
+}
+
+/// Checks one trial against its stage's `nan` policy. `le` is the trial's values in little-endian
+/// C order, last axis = frames.
+///
+/// With `tail_only`, the trial's tail is its trailing frames in which every value is NaN (the
+/// frames the `valid_frames` measure excludes, computed by that same function); a NaN in any
+/// frame before the tail is an error, returned as a message naming the frame and the element.
+pub fn check_trial_nan(
+    policy: NanPolicy,
+    dtype: Dtype,
+    shape: &[u64],
+    le: &[u8],
+) -> std::result::Result<(), String> {
+    if policy == NanPolicy::Allow || dtype.kind != Kind::Float || !matches!(dtype.size, 2 | 4 | 8) {
+        return Ok(());
+    }
+    let frames = shape.last().copied().unwrap_or(1).max(1) as usize;
+    let size = dtype.size;
+    let valid = valid_frames(dtype, le, frames);
+    let Some(i) = le
+        .chunks_exact(size)
+        .enumerate()
+        .position(|(i, b)| i % frames < valid && is_nan(size, b))
+    else {
+        return Ok(());
+    };
+    let mut index = Vec::with_capacity(shape.len());
+    let mut rest = i as u64;
+    for &d in shape.iter().rev() {
+        let d = d.max(1);
+        index.push(rest % d);
+        rest /= d;
+    }
+    index.reverse();
+    Err(format!(
+        "NaN at frame {} (index {index:?}) before the trial's NaN tail: only the trailing {} of {frames} frames may be NaN",
+        i % frames,
+        frames - valid
+    ))
+}
+
+/// Whether a little-endian float element of `size` bytes (2, 4 or 8) is NaN.
+fn is_nan(size: usize, b: &[u8]) -> bool {
+    match size {
+        4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
+        8 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_nan(),
+        _ => half::f16::from_le_bytes([b[0], b[1]]).is_nan(),
+    }
 }
 
 /// Every value is zero (NaN is not zero). Floats compare their bits without the sign bit, in
@@ -423,5 +467,39 @@ mod tests {
         assert!(all_zero(dt, &f32_bytes(&[0.0, -0.0, 0.0])));
         assert!(!all_zero(dt, &f32_bytes(&[0.0, f32::NAN])));
         assert!(!all_zero(dt, &f32_bytes(&[0.0, 1e-30])));
+    }
+
+    #[test]
+    fn nan_tail_only() {
+        let dt = Dtype::parse("<f4").unwrap_or_else(|e| panic!("{e}"));
+        let n = f32::NAN;
+        let tail = NanPolicy::TailOnly;
+        // 2 rows x 4 frames, tail = frame 3.
+        assert!(check_trial_nan(
+            tail,
+            dt,
+            &[2, 4],
+            &f32_bytes(&[1., 2., 3., n, 4., 5., 6., n])
+        )
+        .is_ok());
+        let err = check_trial_nan(
+            tail,
+            dt,
+            &[2, 4],
+            &f32_bytes(&[1., n, 3., n, 4., 5., 6., n]),
+        )
+        .unwrap_err();
+        assert!(err.contains("frame 1") && err.contains("[0, 1]"), "{err}");
+        // A frame NaN in one row only is not part of the tail.
+        assert!(check_trial_nan(
+            tail,
+            dt,
+            &[2, 4],
+            &f32_bytes(&[1., 2., 3., n, 4., 5., 6., 7.])
+        )
+        .is_err());
+        // All NaN: everything is tail.
+        assert!(check_trial_nan(tail, dt, &[1, 2], &f32_bytes(&[n, n])).is_ok());
+        assert!(check_trial_nan(NanPolicy::Allow, dt, &[1, 2], &f32_bytes(&[n, 1.])).is_ok());
     }
 }
