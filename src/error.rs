@@ -53,6 +53,22 @@ pub enum Error {
     #[error("{} source(s) failed\n{}\n  hint: fix or replace the named sources; the next ingest retries them", failures.len(), failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
     SourcesFailed { failures: Vec<String> },
 
+    /// The command line asks for something impossible in this environment (e.g. `--shard auto`
+    /// outside a job array).
+    #[error("{problem}\n  hint: {hint}")]
+    Usage { problem: String, hint: String },
+
+    /// A shard task does not belong to the sharded run already under way for its dataset.
+    #[error("{}: this folder holds a sharded run that this task does not belong to: {why}\n  hint: finish it (`finalize`) or remove the folder, then submit every shard again with the same --shard count, source and pipeline", path.display())]
+    ShardConflict { path: PathBuf, why: String },
+
+    /// `finalize` found shards missing or damaged; nothing was published.
+    #[error("{}: cannot finalize, {} problem(s):\n{}\n  hint: resubmit the named shard tasks (the same `convert ... --shard K/N` command), then run finalize again", path.display(), problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    ShardsIncomplete {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+
     /// A check of our own output failed: a bug in this tool, not in the input.
     #[error("internal error: {0}\n  hint: this is a bug in sensorium-ingest; please report it with the command line")]
     Internal(String),
@@ -104,6 +120,13 @@ impl Error {
         }
     }
 
+    pub fn usage(problem: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::Usage {
+            problem: problem.into(),
+            hint: hint.into(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
@@ -115,11 +138,12 @@ impl Error {
     /// Exit codes follow BSD `sysexits.h`, so shell scripts and schedulers can tell classes apart.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::BadInput { .. } => 65,                            // EX_DATAERR
-            Error::BadPipeline { .. } => 78,                         // EX_CONFIG
-            Error::Io { .. } => 74,                                  // EX_IOERR
-            Error::Exists { .. } => 73,                              // EX_CANTCREAT
-            Error::Busy { .. } => 75,                                // EX_TEMPFAIL: try again later
+            Error::BadInput { .. } => 65,                              // EX_DATAERR
+            Error::BadPipeline { .. } => 78,                           // EX_CONFIG
+            Error::Io { .. } => 74,                                    // EX_IOERR
+            Error::Exists { .. } | Error::ShardConflict { .. } => 73,  // EX_CANTCREAT
+            Error::Busy { .. } | Error::ShardsIncomplete { .. } => 75, // EX_TEMPFAIL: try again later
+            Error::Usage { .. } => 2,                                  // as clap's own usage errors
             Error::Interrupted => 130, // the shell's convention for death by SIGINT
             Error::Verify { .. } | Error::SourcesFailed { .. } => 1, // like cmp/diff: the check ran and found differences
             Error::Internal(_) => 70,                                // EX_SOFTWARE

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sensorium_ingest::inspect::inspect;
-use sensorium_ingest::pipeline::runner::{convert, plan_run, ConvertOptions, RunPlan};
+use sensorium_ingest::pipeline::runner::{
+    convert, plan_run, ConvertOptions, ConvertReport, RunPlan,
+};
+use sensorium_ingest::pipeline::shards::{self, FinalizeOptions, Finalized, ShardArg};
 use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPELINE_NAME};
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
@@ -95,6 +98,25 @@ enum Command {
         /// Show what would run and why, write nothing (same as `plan`).
         #[arg(long)]
         dry_run: bool,
+        /// Convert only part K (0-based) of N of the trial arrays, for a job array; then run
+        /// `finalize STORE/NAME` once every part is done. `auto`: K and N from a SLURM job array;
+        /// `auto/N`: K from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX (Kubernetes).
+        #[arg(long, value_name = "K/N|auto|auto/N")]
+        shard: Option<ShardArg>,
+    },
+    /// Finish a sharded conversion: check every part's receipt, write the tables, manifest and
+    /// lock, and publish STORE/NAME (identical to a single-process conversion).
+    #[command(
+        after_help = "Examples:\n  # three tasks (any machines sharing the store), then one finalize:\n  sensorium-ingest convert mouse.zip --out store/ --shard 0/3\n  sensorium-ingest convert mouse.zip --out store/ --shard 1/3\n  sensorium-ingest convert mouse.zip --out store/ --shard 2/3\n  sensorium-ingest finalize store/mouse\n\nExit status: 0 when published (or already complete), 75 when parts are missing or damaged\n(each is named: resubmit those tasks and finalize again), 65 when the source changed."
+    )]
+    Finalize {
+        /// STORE/NAME, the dataset the parts belong to.
+        dataset: PathBuf,
+        /// The source, when it is not where the first task found it.
+        #[arg(long, value_name = "SOURCE")]
+        source: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Show each stage of a conversion and whether it would run or be reused, and why.
     #[command(
@@ -214,6 +236,33 @@ fn print_plan(plan: &RunPlan) {
     }
 }
 
+fn print_report(verb: &str, report: &ConvertReport) {
+    let mb = |b: u64| b as f64 / 1e6;
+    out!(
+                "{verb} {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
+                report.dataset,
+                report.trials,
+                report.dataset_dir.display(),
+                mb(report.source_bytes),
+                mb(report.output_bytes),
+                report.source_bytes as f64 / report.output_bytes.max(1) as f64,
+                report.seconds,
+                mb(report.stages.iter().map(|s| s.bytes).sum()) / report.seconds.max(1e-9),
+                report.threads
+            );
+    for s in &report.stages {
+        out!(
+            "  {:<14} {:<12} {:<17} {:>6} entries {:>10.1} MB {:>7.2} s",
+            s.id,
+            s.kind,
+            s.action,
+            s.entries,
+            mb(s.bytes),
+            s.seconds
+        );
+    }
+}
+
 fn stderr_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
@@ -296,10 +345,39 @@ fn run(cli: Cli) -> Result<(), Error> {
             target,
             threads,
             dry_run,
+            shard,
         } => {
             let options = target.options(threads, progress)?;
+            let shard = shard
+                .map(|s| s.resolve(|name| std::env::var(name).ok()))
+                .transpose()?;
             if dry_run {
                 print_plan(&plan_run(&options)?);
+                return Ok(());
+            }
+            if let Some(shard) = shard {
+                let r = shards::convert_shard(&options, shard)?;
+                let what = if r.up_to_date {
+                    "the dataset is complete and up to date; nothing to do".to_string()
+                } else if r.trials.is_empty() {
+                    "no trials in this part (there are more tasks than blocks of trials); its receipt says so".to_string()
+                } else if r.already_done {
+                    "already converted (its receipt matches its files); nothing to do".to_string()
+                } else {
+                    format!(
+                        "converted {:.1} MB in {:.1} s",
+                        r.bytes as f64 / 1e6,
+                        r.seconds
+                    )
+                };
+                out!(
+                    "{} shard {}: trials {}..{} -> {}: {what}",
+                    r.dataset,
+                    r.shard,
+                    r.trials.start,
+                    r.trials.end,
+                    r.shards_dir.display()
+                );
                 return Ok(());
             }
             let report = convert(&options)?;
@@ -311,29 +389,24 @@ fn run(cli: Cli) -> Result<(), Error> {
                 );
                 return Ok(());
             }
-            let mb = |b: u64| b as f64 / 1e6;
-            out!(
-                "converted {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
-                report.dataset,
-                report.trials,
-                report.dataset_dir.display(),
-                mb(report.source_bytes),
-                mb(report.output_bytes),
-                report.source_bytes as f64 / report.output_bytes.max(1) as f64,
-                report.seconds,
-                mb(report.stages.iter().map(|s| s.bytes).sum()) / report.seconds.max(1e-9),
-                report.threads
-            );
-            for s in &report.stages {
-                out!(
-                    "  {:<14} {:<12} {:<17} {:>6} entries {:>10.1} MB {:>7.2} s",
-                    s.id,
-                    s.kind,
-                    s.action,
-                    s.entries,
-                    mb(s.bytes),
-                    s.seconds
-                );
+            print_report("converted", &report);
+            Ok(())
+        }
+        Command::Finalize {
+            dataset,
+            source,
+            threads,
+        } => {
+            match shards::finalize(&FinalizeOptions {
+                dataset_dir: dataset,
+                source,
+                threads,
+                progress,
+            })? {
+                Finalized::AlreadyComplete(dir) => {
+                    out!("{} is complete; no sharded run to finalize", dir.display())
+                }
+                Finalized::Converted(report) => print_report("finalized", &report),
             }
             Ok(())
         }

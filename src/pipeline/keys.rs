@@ -110,6 +110,8 @@ pub enum Origin {
     Existing,
     /// The staging folder of an interrupted run.
     Partial,
+    /// The tasks of a sharded run (`finalize`), checked against their receipts.
+    Shards,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +131,10 @@ impl Decision {
                 origin: Origin::Partial,
                 ..
             } => "finished by an interrupted run; its output is kept".into(),
+            Decision::Reuse {
+                origin: Origin::Shards,
+                ..
+            } => "converted by the tasks of a sharded run".into(),
             Decision::Run { reason } => reason.clone(),
         }
     }

@@ -3,4 +3,5 @@
 pub mod keys;
 pub mod plan;
 pub mod runner;
+pub mod shards;
 pub mod spec;

@@ -89,21 +89,24 @@ pub struct PlannedStage {
 }
 
 /// Everything known before any output is written.
-struct Prepared<'p> {
-    pipeline: &'p Pipeline,
-    source: Source,
-    name: String,
-    dataset_dir: PathBuf,
-    staging_dir: PathBuf,
-    plan: Plan<'p>,
-    keys: Vec<StageKey>,
-    source_fingerprint: String,
-    pipeline_hash: String,
-    existing: Option<Lock>,
-    decisions: Vec<Decision>,
+pub(crate) struct Prepared<'p> {
+    pub(crate) pipeline: &'p Pipeline,
+    pub(crate) pipeline_file: String,
+    pub(crate) source: Source,
+    pub(crate) name: String,
+    pub(crate) dataset_dir: PathBuf,
+    pub(crate) staging_dir: PathBuf,
+    /// Where the stages decided `Reuse { origin: Shards }` find their files (`finalize`).
+    pub(crate) shards_dir: Option<PathBuf>,
+    pub(crate) plan: Plan<'p>,
+    pub(crate) keys: Vec<StageKey>,
+    pub(crate) source_fingerprint: String,
+    pub(crate) pipeline_hash: String,
+    pub(crate) existing: Option<Lock>,
+    pub(crate) decisions: Vec<Decision>,
 }
 
-fn prepare<'p>(opts: &ConvertOptions, pipeline: &'p Pipeline) -> Result<Prepared<'p>> {
+pub(crate) fn prepare<'p>(opts: &ConvertOptions, pipeline: &'p Pipeline) -> Result<Prepared<'p>> {
     let source = Source::open(&opts.source)?;
     let name = opts.name.clone().unwrap_or_else(|| source.dataset_name());
     check_dataset_name(&name)?;
@@ -126,7 +129,9 @@ fn prepare<'p>(opts: &ConvertOptions, pipeline: &'p Pipeline) -> Result<Prepared
     );
     Ok(Prepared {
         pipeline,
+        pipeline_file: opts.pipeline_file.clone(),
         source,
+        shards_dir: None,
         name,
         dataset_dir,
         staging_dir,
@@ -140,7 +145,7 @@ fn prepare<'p>(opts: &ConvertOptions, pipeline: &'p Pipeline) -> Result<Prepared
 }
 
 impl Prepared<'_> {
-    fn up_to_date(&self) -> bool {
+    pub(crate) fn up_to_date(&self) -> bool {
         self.existing
             .as_ref()
             .is_some_and(|l| l.pipeline_hash == self.pipeline_hash)
@@ -239,22 +244,56 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     })
 }
 
+/// Worker threads: as asked, or every core.
+pub(crate) fn thread_count(threads: Option<usize>) -> usize {
+    threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1)
+}
+
+/// The locks of stages whose outputs a sharded run's tasks wrote, by stage index.
+pub(crate) type AssembleShards<'a> =
+    dyn Fn(&Pipeline, &Prepared) -> Result<Vec<(usize, StageLock)>> + 'a;
+
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
+    convert_with(opts, None)
+}
+
+/// `finalize` of a sharded run: a conversion whose `trial_array` stages are taken from the
+/// shards folder (`collect` checks the receipts and returns their locks) instead of being run.
+pub(crate) fn convert_assembled(
+    opts: &ConvertOptions,
+    shards_dir: &Path,
+    collect: &AssembleShards,
+) -> Result<ConvertReport> {
+    convert_with(opts, Some((shards_dir, collect)))
+}
+
+fn convert_with(
+    opts: &ConvertOptions,
+    shards: Option<(&Path, &AssembleShards)>,
+) -> Result<ConvertReport> {
     let started = Instant::now();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
-    let prep = prepare(opts, &pipeline)?;
-    let threads = opts
-        .threads
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1);
+    let mut prep = prepare(opts, &pipeline)?;
+    if let Some((dir, collect)) = shards {
+        for (index, lock) in collect(&pipeline, &prep)? {
+            prep.decisions[index] = Decision::Reuse {
+                origin: Origin::Shards,
+                lock,
+            };
+        }
+        prep.shards_dir = Some(dir.to_path_buf());
+    }
+    let threads = thread_count(opts.threads);
     let mut report = ConvertReport {
         dataset: prep.name.clone(),
         dataset_dir: prep.dataset_dir.clone(),
@@ -333,15 +372,7 @@ fn run_stages_and_publish(
         .build()
         .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
 
-    let provenance = Provenance {
-        tool_version: crate::VERSION.to_string(),
-        dataset: prep.name.clone(),
-        source: prep.source.name.clone(),
-        pipeline: pipeline.pipeline.clone(),
-        pipeline_hash: prep.pipeline_hash.clone(),
-        stage: String::new(),
-        stage_hash: String::new(),
-    };
+    let provenance = provenance(prep, pipeline);
     let mut progress = Progress {
         source_fingerprint: prep.source_fingerprint.clone(),
         stages: Vec::new(),
@@ -362,6 +393,11 @@ fn run_stages_and_publish(
         // files make the stage run again instead of being carried into the new dataset.
         let checked;
         let decision = match decision {
+            // A sharded run's files were checked against their receipts already.
+            Decision::Reuse {
+                origin: Origin::Shards,
+                ..
+            } => decision,
             Decision::Reuse { origin, lock } => {
                 let dir = if *origin == Origin::Existing {
                     &prep.dataset_dir
@@ -386,11 +422,44 @@ fn run_stages_and_publish(
         };
         let locked = match decision {
             Decision::Reuse { origin, lock } => {
-                if *origin == Origin::Existing {
-                    link_outputs(&prep.dataset_dir, staging, lock)?;
+                let mut lock = lock.clone();
+                match origin {
+                    Origin::Existing => link_outputs(&prep.dataset_dir, staging, &lock)?,
+                    Origin::Partial => {}
+                    Origin::Shards => {
+                        let dir = prep.shards_dir.as_deref().ok_or_else(|| {
+                            Error::Internal("shards reused without a shards folder".into())
+                        })?;
+                        link_outputs(dir, staging, &lock)?;
+                        // The tasks wrote the shards; the array's metadata is written once, here.
+                        let StagePlan::TrialArray(p) = stage_plan else {
+                            return Err(Error::Internal(format!(
+                                "stage {} came from shards but is not a trial_array",
+                                stage.id()
+                            )));
+                        };
+                        let stage_provenance = Provenance {
+                            stage: stage.id().to_string(),
+                            stage_hash: key.config_hash.clone(),
+                            ..provenance.clone()
+                        };
+                        let ctx = StageContext {
+                            source: &prep.source,
+                            pipeline,
+                            plan: &prep.plan,
+                            dataset_dir: staging,
+                            provenance: &stage_provenance,
+                            measures: &measures,
+                            pipeline_file: &opts.pipeline_file,
+                        };
+                        let file = stages::trial_array::write_metadata(&ctx, p)?;
+                        let hash = validate::hash_file(&staging.join(&file))?.1;
+                        lock.outputs.insert(file, hash);
+                        check_stage_output(staging, &prep.plan, stage, stage_plan)?;
+                    }
                 }
                 tracing::info!(stage = stage.id(), from = ?origin, "stage reused");
-                lock.clone()
+                lock
             }
             Decision::Run { reason } => {
                 tracing::info!(stage = stage.id(), kind = stage.name(), reason = %reason, "stage started");
@@ -595,6 +664,19 @@ fn run_stages_and_publish(
     Ok(report)
 }
 
+/// What every output records about where it came from (`stage` filled in per stage).
+pub(crate) fn provenance(prep: &Prepared, pipeline: &Pipeline) -> Provenance {
+    Provenance {
+        tool_version: crate::VERSION.to_string(),
+        dataset: prep.name.clone(),
+        source: prep.source.name.clone(),
+        pipeline: pipeline.pipeline.clone(),
+        pipeline_hash: prep.pipeline_hash.clone(),
+        stage: String::new(),
+        stage_hash: String::new(),
+    }
+}
+
 /// The dataset's line in the store's catalog.
 fn catalog_row(prep: &Prepared, pipeline: &Pipeline, source_checksum: &str) -> Result<CatalogRow> {
     let dtype = prep
@@ -628,7 +710,7 @@ fn catalog_row(prep: &Prepared, pipeline: &Pipeline, source_checksum: &str) -> R
 }
 
 /// Entries a stage reads and their stored size, for progress totals.
-fn stage_totals(source: &Source, plan: &Plan, stage: usize) -> (u64, u64) {
+pub(crate) fn stage_totals(source: &Source, plan: &Plan, stage: usize) -> (u64, u64) {
     source
         .entries
         .iter()
@@ -803,7 +885,7 @@ fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .or_else(|_| std::env::var("HOSTNAME"))

@@ -60,6 +60,9 @@ pub struct StageResult {
     pub measures: Vec<(Measure, MeasureValues)>,
     /// Decoded payload bytes handled, for throughput figures.
     pub bytes: u64,
+    /// Files written, relative to the dataset folder, where the stage lists them (the shard
+    /// files of a sharded run's part).
+    pub written: Vec<String>,
 }
 
 /// Reads an entry the plan has checked, verifies it still matches the planned header, and

@@ -10,16 +10,79 @@ use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::pipeline::plan::TrialPlan;
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
-use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrStore};
+use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
 
 /// What one shard's task reports: the entries it read and its trials' measures.
 type ShardDone = (Vec<EntryRecord>, Vec<Vec<MeasureValue>>);
 
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<StageResult> {
-    let c = plan.config;
-    let n_trials = plan.trials.len() as u64;
-    let mut shape = vec![n_trials];
+    let (array, shard) = open_array(ctx, plan, true)?;
+    write_trials(ctx, plan, &array, &shard, 0..plan.trials.len())
+}
+
+/// One task's part of a sharded run: the shards holding trials `trials` (a range aligned to the
+/// shard's trial extent), without the array's metadata, which `finalize` writes once. The
+/// result lists the files written.
+pub fn run_part(
+    ctx: &StageContext,
+    plan: &TrialPlan<TrialArrayConfig>,
+    trials: std::ops::Range<usize>,
+) -> Result<StageResult> {
+    let (array, shard) = open_array(ctx, plan, false)?;
+    let per_shard = shard[0] as usize;
+    if trials.start % per_shard != 0
+        || (trials.end % per_shard != 0 && trials.end != plan.trials.len())
+    {
+        return Err(Error::Internal(format!(
+            "trials {trials:?} of stage {} are not aligned to its {per_shard}-trial shards",
+            plan.config.id
+        )));
+    }
+    let mut result = write_trials(ctx, plan, &array, &shard, trials.clone())?;
+    let (store_dir, _) = split_zarr_path(&plan.config.output);
+    for group in trials.start / per_shard..trials.end.div_ceil(per_shard) {
+        let mut indices = vec![0u64; shard.len()];
+        indices[0] = group as u64;
+        let file = format!("{store_dir}/{}", array.chunk_key(&indices).as_str());
+        // An all-fill shard is not stored at all (zarrs erases it), in a single run as here.
+        if ctx.dataset_dir.join(&file).is_file() {
+            result.written.push(file);
+        }
+    }
+    Ok(result)
+}
+
+/// Writes the array's metadata only (`finalize` of a sharded run); returns its file, relative
+/// to the dataset folder.
+pub fn write_metadata(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<String> {
+    open_array(ctx, plan, true)?;
+    let (store_dir, array_path) = split_zarr_path(&plan.config.output);
+    Ok(format!(
+        "{store_dir}{}/zarr.json",
+        array_path.trim_end_matches('/')
+    ))
+}
+
+/// Trials per shard of this stage's array: the grain a sharded run splits the trial axis at.
+pub fn trials_per_shard(plan: &TrialPlan<TrialArrayConfig>, pipeline_file: &str) -> Result<usize> {
+    let (_, shard) = resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?;
+    Ok(shard[0] as usize)
+}
+
+fn array_shape(plan: &TrialPlan<TrialArrayConfig>) -> Vec<u64> {
+    let mut shape = vec![plan.trials.len() as u64];
     shape.extend(&plan.trial_shape);
+    shape
+}
+
+/// The array's handle and its shard shape; its metadata is written when `store_metadata`.
+fn open_array(
+    ctx: &StageContext,
+    plan: &TrialPlan<TrialArrayConfig>,
+    store_metadata: bool,
+) -> Result<(ZarrArray, Vec<u64>)> {
+    let c = plan.config;
+    let shape = array_shape(plan);
     let (chunk, shard) = resolve_shapes(c, &shape, ctx.pipeline_file)?;
     let (store_dir, array_path) = split_zarr_path(&c.output);
     let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir))?;
@@ -31,23 +94,40 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
     for (k, v) in &c.attributes {
         attributes.insert(k.clone(), v.clone());
     }
-    let array = store.create_array(&ArraySpec {
+    let spec = ArraySpec {
         path: &array_path,
-        shape: shape.clone(),
+        shape,
         dtype: plan.dtype,
         shard_shape: Some(shard.clone()),
         chunk_shape: chunk,
         dimension_names: c.dimension_names.clone(),
         attributes,
         compression: &c.compression,
-    })?;
+    };
+    let array = if store_metadata {
+        store.create_array(&spec)?
+    } else {
+        store.array(&spec)?
+    };
+    Ok((array, shard))
+}
 
+/// Reads the trials `part` (whole shards) into the array, shard by shard.
+fn write_trials(
+    ctx: &StageContext,
+    plan: &TrialPlan<TrialArrayConfig>,
+    array: &ZarrArray,
+    shard: &[u64],
+    part: std::ops::Range<usize>,
+) -> Result<StageResult> {
+    let c = plan.config;
     let trials_per_shard = shard[0] as usize;
     let trial_bytes = plan.trial_shape.iter().product::<u64>() as usize * plan.dtype.size;
     let layout = Padding::new(&plan.trial_shape, &shard[1..], plan.dtype.size);
     let fill = fill_pattern(plan.dtype);
     let frames = *plan.trial_shape.last().unwrap_or(&1);
-    let groups: Vec<usize> = (0..plan.trials.len().div_ceil(trials_per_shard)).collect();
+    let groups: Vec<usize> =
+        (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
     let mut result = StageResult::default();
     let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
     // Every shard is one task on the pool. A task inflates its trials straight into its thread's
@@ -64,7 +144,7 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
                     .as_mut()
                     .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
                 let first = group * trials_per_shard;
-                let trials = &plan.trials[first..(first + trials_per_shard).min(plan.trials.len())];
+                let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
                 buffer.clear();
                 buffer.reserve(trials_per_shard * layout.padded);
                 let mut records = Vec::with_capacity(trials.len());
@@ -130,7 +210,7 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
             all.extend(part);
         }
     }
-    result.bytes = n_trials * trial_bytes as u64;
+    result.bytes = part.len() as u64 * trial_bytes as u64;
     for (m, values) in c.measures.iter().zip(measures) {
         let values = match m {
             Measure::ValidFrames => {

@@ -70,7 +70,16 @@ impl ZarrStore {
         group.store_metadata().map_err(|e| self.err(path, e))
     }
 
+    /// Creates an array: its metadata (`zarr.json`) is written, its chunks are not.
     pub fn create_array(&self, spec: &ArraySpec) -> Result<ZarrArray> {
+        let array = self.array(spec)?;
+        array.store_metadata().map_err(|e| self.err(spec.path, e))?;
+        Ok(array)
+    }
+
+    /// An array handle for writing chunks, without writing its metadata: a shard task of a
+    /// sharded run writes chunks only, `finalize` writes the metadata once.
+    pub fn array(&self, spec: &ArraySpec) -> Result<ZarrArray> {
         let (grid, inner) = match &spec.shard_shape {
             Some(shard) => (shard.clone(), Some(spec.chunk_shape.clone())),
             None => (spec.chunk_shape.clone(), None),
@@ -91,11 +100,9 @@ impl ZarrStore {
             .codec_specific_options(CodecSpecificOptions::default().with_option(
                 ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
             ));
-        let array = builder
+        builder
             .build(self.store.clone(), spec.path)
-            .map_err(|e| self.err(spec.path, e))?;
-        array.store_metadata().map_err(|e| self.err(spec.path, e))?;
-        Ok(array)
+            .map_err(|e| self.err(spec.path, e))
     }
 }
 

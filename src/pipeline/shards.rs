@@ -1,0 +1,823 @@
+//! Sharded runs, for cluster job arrays: `convert --shard K/N` converts part K of N of the trial
+//! axis of every `trial_array` stage into `STORE/.<name>.shards/` and records a receipt;
+//! `finalize STORE/NAME` checks every receipt against the files, runs the remaining stages
+//! (tables, statistics), writes the manifest and lock, and publishes the dataset exactly as a
+//! single-process `convert` would (byte for byte, `run.json` aside).
+//!
+//! Why the work splits this way: `trial_array` shards are independent, deterministic files,
+//! and they are nearly all of the work; every other stage writes one small file. Parts are whole
+//! blocks of trials, a block being the least common multiple of the stages' trials per shard,
+//! so no two tasks ever write the same file. The tasks share no state but files whose names are
+//! theirs alone (their shards and their receipt) and `job.json`, which the first task creates
+//! with an atomic link and the others only read: no lock that NFS could break.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::plan::StagePlan;
+use super::runner::{self, ConvertOptions, Prepared};
+use super::spec::Pipeline;
+use crate::error::{Error, Result};
+use crate::lock::{write_synced, LockedEntry, StageLock};
+use crate::progress::{self, ProgressMode, StageProgress};
+use crate::stages::{self, MeasureValues, StageContext};
+use crate::validate;
+use crate::writers::Provenance;
+
+pub const JOB_FILE: &str = "job.json";
+pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
+pub const RECEIPT_FORMAT: &str = "sensorium-ingest-shard-receipt/1";
+const RECEIPTS: &str = "receipts";
+
+/// Where the tasks of a sharded run of dataset `name` write.
+pub fn shards_dir(store: &Path, name: &str) -> PathBuf {
+    store.join(format!(".{name}.shards"))
+}
+
+/// `--shard` as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardArg {
+    /// `K/N`.
+    Fixed(Shard),
+    /// `auto`: from a SLURM job array (`SLURM_ARRAY_TASK_ID`, `_MIN`, `_STEP`, `_COUNT`).
+    Auto,
+    /// `auto/N`: the index from `SLURM_ARRAY_TASK_ID` or `JOB_COMPLETION_INDEX` (Kubernetes
+    /// Indexed Jobs), the count given. Safe for resubmitting one task of an array.
+    AutoOf(usize),
+}
+
+/// Part `index` (0-based) of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for ShardArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<ShardArg, String> {
+        let count = |n: &str| -> std::result::Result<usize, String> {
+            match n.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!(
+                    "{n:?} is not a shard count (a whole number above 0)"
+                )),
+            }
+        };
+        if text == "auto" {
+            return Ok(ShardArg::Auto);
+        }
+        let Some((k, n)) = text.split_once('/') else {
+            return Err("expected K/N (e.g. 0/3), auto, or auto/N".into());
+        };
+        let n = count(n)?;
+        if k == "auto" {
+            return Ok(ShardArg::AutoOf(n));
+        }
+        let index: usize = k
+            .parse()
+            .map_err(|_| format!("{k:?} is not a shard index (0 to N-1)"))?;
+        if index >= n {
+            return Err(format!(
+                "shard index {index} is not below the count {n} (indices start at 0)"
+            ));
+        }
+        Ok(ShardArg::Fixed(Shard { index, count: n }))
+    }
+}
+
+impl ShardArg {
+    /// The shard this task converts; `env` looks up environment variables.
+    pub fn resolve(self, env: impl Fn(&str) -> Option<String>) -> Result<Shard> {
+        let number = |name: &str| -> Result<Option<usize>> {
+            match env(name) {
+                None => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                    Error::usage(
+                        format!("--shard auto: {name}={v:?} is not a whole number"),
+                        "run inside a job array, or give the shard as K/N",
+                    )
+                }),
+            }
+        };
+        match self {
+            ShardArg::Fixed(s) => Ok(s),
+            ShardArg::Auto => {
+                let (Some(id), Some(count)) = (
+                    number("SLURM_ARRAY_TASK_ID")?,
+                    number("SLURM_ARRAY_TASK_COUNT")?,
+                ) else {
+                    return Err(Error::usage(
+                        "--shard auto needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set",
+                        "submit with `sbatch --array=0-<N-1>`; elsewhere (Kubernetes: JOB_COMPLETION_INDEX) give the count: --shard auto/N",
+                    ));
+                };
+                let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+                let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+                let offset = id.checked_sub(min).filter(|o| o % step == 0);
+                match offset.map(|o| o / step) {
+                    Some(index) if index < count => Ok(Shard { index, count }),
+                    _ => Err(Error::usage(
+                        format!("--shard auto: task {id} of an array of {count} (min {min}, step {step}) is not one of {count} evenly spaced tasks"),
+                        "submit a plain range array (--array=0-<N-1>); to resubmit one task, use --shard auto/N or K/N",
+                    )),
+                }
+            }
+            ShardArg::AutoOf(count) => {
+                let index = match number("SLURM_ARRAY_TASK_ID")? {
+                    Some(id) => id,
+                    None => number("JOB_COMPLETION_INDEX")?.ok_or_else(|| {
+                        Error::usage(
+                            format!("--shard auto/{count} needs SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX, and neither is set"),
+                            "run inside a SLURM job array or a Kubernetes Indexed Job, or give the shard as K/N",
+                        )
+                    })?,
+                };
+                if index >= count {
+                    return Err(Error::usage(
+                        format!("--shard auto/{count}: the task index is {index}, not below {count}"),
+                        format!("number the tasks 0 to {} (sbatch --array=0-{}, or completions: {count})", count - 1, count - 1),
+                    ));
+                }
+                Ok(Shard { index, count })
+            }
+        }
+    }
+}
+
+/// What every task of one sharded run must agree on; written once as `job.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub format: String,
+    pub dataset: String,
+    pub tool_version: String,
+    pub source_name: String,
+    /// The source as the first task saw it (absolute); `finalize --source` overrides it.
+    pub source_path: PathBuf,
+    pub source_fingerprint: String,
+    pub pipeline_hash: String,
+    pub pipeline_file: String,
+    pub pipeline_text: String,
+    pub force: bool,
+    pub shards: usize,
+    pub trials: usize,
+    /// Trials per block: parts are whole blocks.
+    pub trial_block: usize,
+}
+
+impl Job {
+    /// Everything but where the files were seen from: two tasks may mount the source or the
+    /// pipeline file at different paths.
+    fn identity(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.format,
+            self.dataset,
+            self.tool_version,
+            self.source_fingerprint,
+            self.pipeline_hash,
+            self.force,
+            self.shards,
+            self.trials,
+            self.trial_block
+        )
+    }
+
+    fn identity_hash(&self) -> String {
+        format!(
+            "blake3:{}",
+            blake3::hash(self.identity().as_bytes()).to_hex()
+        )
+    }
+}
+
+/// One task's record: its trials and, per `trial_array` stage, what a lock records (files and
+/// their BLAKE3, entries, measures). Written last, aside and renamed, so it exists only when
+/// every file it names is complete.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Receipt {
+    pub format: String,
+    pub dataset: String,
+    /// BLAKE3 of the job's identity (see `Job::identity`).
+    pub job: String,
+    pub shard: Shard,
+    pub trials: Range<usize>,
+    pub host: String,
+    pub stages: Vec<StageLock>,
+    /// BLAKE3 of this file's JSON with this field empty.
+    pub checksum: String,
+}
+
+impl Receipt {
+    fn body_hash(&self) -> Result<String> {
+        let mut blank = self.clone();
+        blank.checksum = String::new();
+        let body =
+            serde_json::to_string_pretty(&blank).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(format!("blake3:{}", blake3::hash(body.as_bytes()).to_hex()))
+    }
+
+    fn write(&mut self, path: &Path) -> Result<()> {
+        self.checksum = self.body_hash()?;
+        let mut text =
+            serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
+        text.push('\n');
+        let tmp = path.with_extension("json.tmp");
+        write_synced(&tmp, text.as_bytes())?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot record the receipt", e))
+    }
+
+    /// Reads a receipt; `Err` says why it cannot be trusted.
+    fn read(path: &Path) -> std::result::Result<Receipt, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("unreadable: {e}"))?;
+        let receipt: Receipt =
+            serde_json::from_str(&text).map_err(|e| format!("not a receipt: {e}"))?;
+        if receipt.format != RECEIPT_FORMAT {
+            return Err(format!("unknown format {:?}", receipt.format));
+        }
+        if receipt.body_hash().map_err(|e| e.to_string())? != receipt.checksum {
+            return Err("its checksum does not match its content (damaged)".into());
+        }
+        Ok(receipt)
+    }
+
+    /// The first file it names whose content differs from the recorded hash.
+    fn damaged_file(&self, dir: &Path) -> Option<String> {
+        use rayon::prelude::*;
+        let mut bad: Vec<&String> = self
+            .stages
+            .iter()
+            .flat_map(|s| s.outputs.iter())
+            .collect::<Vec<_>>()
+            .par_iter()
+            .filter(|(file, hash)| {
+                validate::hash_file(&dir.join(file))
+                    .map(|(_, h)| &h != *hash)
+                    .unwrap_or(true)
+            })
+            .map(|(file, _)| *file)
+            .collect();
+        bad.sort();
+        bad.first().map(|f| f.to_string())
+    }
+}
+
+fn receipt_path(dir: &Path, shard: Shard) -> PathBuf {
+    dir.join(RECEIPTS)
+        .join(format!("{:04}-of-{:04}.json", shard.index, shard.count))
+}
+
+/// Trials per block: the least common multiple of every `trial_array` stage's trials per shard.
+fn trial_block(pipeline: &Pipeline, prep: &Prepared) -> Result<usize> {
+    let mut block: Option<usize> = None;
+    for (stage, plan) in pipeline.stages.iter().zip(&prep.plan.stages) {
+        if let StagePlan::TrialArray(p) = plan {
+            let per_shard = stages::trial_array::trials_per_shard(p, &prep.pipeline_file)?.max(1);
+            let b = block.unwrap_or(1);
+            let lcm = b / gcd(b, per_shard) * per_shard;
+            tracing::debug!(stage = stage.id(), per_shard, "trials per shard");
+            block = Some(lcm);
+        }
+    }
+    block.ok_or_else(|| {
+        Error::usage(
+            "--shard: the pipeline has no trial_array stage, so there is nothing to split",
+            "convert without --shard",
+        )
+    })
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The trials of part `shard`: whole blocks, spread as evenly as blocks allow (a task may get
+/// none when there are more tasks than blocks).
+pub fn part(trials: usize, block: usize, shard: Shard) -> Range<usize> {
+    let blocks = trials.div_ceil(block.max(1));
+    let first = shard.index * blocks / shard.count;
+    let last = (shard.index + 1) * blocks / shard.count;
+    (first * block).min(trials)..(last * block).min(trials)
+}
+
+/// What one task did.
+#[derive(Debug, Serialize)]
+pub struct ShardReport {
+    pub dataset: String,
+    pub shard: Shard,
+    pub trials: Range<usize>,
+    /// The dataset in the store is already complete and current: nothing to do.
+    pub up_to_date: bool,
+    /// A receipt for this very part was already there and its files intact: nothing redone.
+    pub already_done: bool,
+    pub shards_dir: PathBuf,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// `convert --shard`: one task of a sharded run.
+pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport> {
+    let started = Instant::now();
+    let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
+    let prep = runner::prepare(opts, &pipeline)?;
+    let dir = shards_dir(&opts.store, &prep.name);
+    let block = trial_block(&pipeline, &prep)?;
+    let n = prep.plan.n_trials();
+    let trials = part(n, block, shard);
+    let mut report = ShardReport {
+        dataset: prep.name.clone(),
+        shard,
+        trials: trials.clone(),
+        up_to_date: false,
+        already_done: false,
+        shards_dir: dir.clone(),
+        bytes: 0,
+        seconds: 0.0,
+    };
+    if prep.up_to_date() && !dir.exists() {
+        report.up_to_date = true;
+        return Ok(report);
+    }
+    let job = Job {
+        format: JOB_FORMAT.into(),
+        dataset: prep.name.clone(),
+        tool_version: crate::VERSION.into(),
+        source_name: prep.source.name.clone(),
+        source_path: std::fs::canonicalize(&opts.source).unwrap_or_else(|_| opts.source.clone()),
+        source_fingerprint: prep.source_fingerprint.clone(),
+        pipeline_hash: prep.pipeline_hash.clone(),
+        pipeline_file: opts.pipeline_file.clone(),
+        pipeline_text: opts.pipeline_text.clone(),
+        force: opts.force,
+        shards: shard.count,
+        trials: n,
+        trial_block: block,
+    };
+    std::fs::create_dir_all(dir.join(RECEIPTS))
+        .map_err(|e| Error::io(dir.join(RECEIPTS), "cannot create the shards folder", e))?;
+    join_job(&dir, &job)?;
+
+    let receipt_file = receipt_path(&dir, shard);
+    if let Ok(r) = Receipt::read(&receipt_file) {
+        if r.job == job.identity_hash() && r.shard == shard && r.trials == trials {
+            match r.damaged_file(&dir) {
+                None => {
+                    report.already_done = true;
+                    report.seconds = started.elapsed().as_secs_f64();
+                    return Ok(report);
+                }
+                Some(file) => {
+                    tracing::warn!(file = %file, "a file of this shard's earlier receipt is damaged; converting the shard again")
+                }
+            }
+        }
+    }
+    // The old receipt goes before any file it names is rewritten: a receipt never vouches for a
+    // file being written.
+    if receipt_file.exists() {
+        std::fs::remove_file(&receipt_file)
+            .map_err(|e| Error::io(&receipt_file, "cannot remove an old receipt", e))?;
+    }
+
+    let threads = runner::thread_count(opts.threads);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
+    let provenance = runner::provenance(&prep, &pipeline);
+    let no_measures = BTreeMap::new();
+    let mut locks = Vec::new();
+    for (((stage, plan), key), index) in pipeline
+        .stages
+        .iter()
+        .zip(&prep.plan.stages)
+        .zip(&prep.keys)
+        .zip(0..)
+    {
+        let StagePlan::TrialArray(p) = plan else {
+            continue;
+        };
+        crate::interrupt::check()?;
+        let stage_provenance = Provenance {
+            stage: stage.id().to_string(),
+            stage_hash: key.config_hash.clone(),
+            ..provenance.clone()
+        };
+        let ctx = StageContext {
+            source: &prep.source,
+            pipeline: &pipeline,
+            plan: &prep.plan,
+            dataset_dir: &dir,
+            provenance: &stage_provenance,
+            measures: &no_measures,
+            pipeline_file: &opts.pipeline_file,
+        };
+        let (entries, bytes) = runner::stage_totals(&prep.source, &prep.plan, index);
+        let share = |total: u64| total * trials.len() as u64 / n.max(1) as u64;
+        progress::set_current(Some(std::sync::Arc::new(StageProgress::new(
+            opts.progress,
+            stage.id(),
+            share(entries),
+            share(bytes),
+        ))));
+        tracing::info!(stage = stage.id(), shard = %shard, first = trials.start, end = trials.end, "stage started");
+        let result = pool.install(|| stages::trial_array::run_part(&ctx, p, trials.clone()));
+        progress::set_current(None);
+        let result = result?;
+        report.bytes += result.bytes;
+        let outputs = result
+            .written
+            .iter()
+            .map(|f| Ok((f.clone(), validate::hash_file(&dir.join(f))?.1)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let entries = result
+            .entries
+            .iter()
+            .map(|r| LockedEntry::from_record(&prep.source.entries[r.entry].path, r))
+            .collect();
+        let measures = result
+            .measures
+            .iter()
+            .map(|(m, v)| (m.to_string(), v.clone()))
+            .collect();
+        locks.push(key.lock(stage, outputs, entries, measures));
+    }
+    let mut receipt = Receipt {
+        format: RECEIPT_FORMAT.into(),
+        dataset: prep.name.clone(),
+        job: job.identity_hash(),
+        shard,
+        trials,
+        host: runner::hostname(),
+        stages: locks,
+        checksum: String::new(),
+    };
+    receipt.write(&receipt_file)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Creates `job.json` if this is the first task, or checks that this task belongs to the run
+/// already recorded there. The file is written aside and hard-linked into place: creating a link
+/// fails if the name exists, atomically, on local file systems and NFS alike.
+fn join_job(dir: &Path, job: &Job) -> Result<()> {
+    let path = dir.join(JOB_FILE);
+    let mut text = serde_json::to_string_pretty(job).map_err(|e| Error::Internal(e.to_string()))?;
+    text.push('\n');
+    if !path.exists() {
+        let tmp = dir.join(format!(
+            "{JOB_FILE}.{}.{}.tmp",
+            runner::hostname(),
+            std::process::id()
+        ));
+        write_synced(&tmp, text.as_bytes())?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(&path, "cannot record the sharded run", e)),
+        }
+    }
+    let theirs = read_job(dir)?;
+    if theirs.identity() != job.identity() {
+        return Err(Error::ShardConflict {
+            path: dir.to_path_buf(),
+            why: describe_difference(&theirs, job),
+        });
+    }
+    Ok(())
+}
+
+fn describe_difference(theirs: &Job, ours: &Job) -> String {
+    let mut diffs = Vec::new();
+    if theirs.shards != ours.shards {
+        diffs.push(format!(
+            "it was split in {} shards, this task says {}",
+            theirs.shards, ours.shards
+        ));
+    }
+    if theirs.source_fingerprint != ours.source_fingerprint {
+        diffs.push(format!(
+            "it was made from another source (or the source changed): {}",
+            theirs.source_path.display()
+        ));
+    }
+    if theirs.pipeline_hash != ours.pipeline_hash || theirs.force != ours.force {
+        diffs.push(format!(
+            "it was made with another pipeline or --force setting ({})",
+            theirs.pipeline_file
+        ));
+    }
+    if theirs.tool_version != ours.tool_version {
+        diffs.push(format!(
+            "it was made by sensorium-ingest {}",
+            theirs.tool_version
+        ));
+    }
+    if diffs.is_empty() {
+        diffs.push("its trial blocks differ".into());
+    }
+    diffs.join("; ")
+}
+
+fn read_job(dir: &Path) -> Result<Job> {
+    let path = dir.join(JOB_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, "cannot read", e))?;
+    let job: Job = serde_json::from_str(&text).map_err(|e| {
+        Error::bad_input(
+            path.display().to_string(),
+            format!("not a sharded run's job file: {e}"),
+            format!("remove {} and convert every shard again", dir.display()),
+        )
+    })?;
+    if job.format != JOB_FORMAT {
+        return Err(Error::bad_input(
+            path.display().to_string(),
+            format!("unknown job format {:?}", job.format),
+            "finalize with the sensorium-ingest version that converted the shards",
+        ));
+    }
+    Ok(job)
+}
+
+/// What `finalize` was asked and did.
+pub struct FinalizeOptions {
+    /// `STORE/NAME`.
+    pub dataset_dir: PathBuf,
+    /// The source, where it is not at the path the first task recorded.
+    pub source: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub progress: ProgressMode,
+}
+
+pub enum Finalized {
+    Converted(runner::ConvertReport),
+    /// No sharded run is pending and the dataset is complete (a finalize job run twice).
+    AlreadyComplete(PathBuf),
+}
+
+/// `finalize STORE/NAME`: checks every receipt and publishes the dataset.
+pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
+    let name = opts
+        .dataset_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            Error::usage(
+                format!("{}: not a dataset path", opts.dataset_dir.display()),
+                "give STORE/NAME, the folder the dataset is published as",
+            )
+        })?
+        .to_string();
+    let store = match opts.dataset_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = shards_dir(&store, &name);
+    if !dir.join(JOB_FILE).is_file() {
+        if opts.dataset_dir.join(crate::manifest::FILE_NAME).is_file() {
+            return Ok(Finalized::AlreadyComplete(opts.dataset_dir.clone()));
+        }
+        return Err(Error::bad_input(
+            dir.display().to_string(),
+            format!("no sharded run of {name} to finalize"),
+            "run `sensorium-ingest convert SOURCE --out STORE --shard K/N` for every K first (the dataset name must match)",
+        ));
+    }
+    let job = read_job(&dir)?;
+    let source = opts
+        .source
+        .clone()
+        .unwrap_or_else(|| job.source_path.clone());
+    let convert_opts = ConvertOptions {
+        source,
+        store: store.clone(),
+        name: Some(name),
+        pipeline_text: job.pipeline_text.clone(),
+        pipeline_file: job.pipeline_file.clone(),
+        force: job.force,
+        threads: opts.threads,
+        progress: opts.progress,
+    };
+    let report = runner::convert_assembled(&convert_opts, &dir, &|pipeline, prep| {
+        collect_receipts(pipeline, prep, &job, &dir)
+    })?;
+    std::fs::remove_dir_all(&dir).map_err(|e| {
+        Error::io(
+            &dir,
+            "the dataset is published, but its shards folder cannot be removed",
+            e,
+        )
+    })?;
+    Ok(Finalized::Converted(report))
+}
+
+/// Checks every receipt of the run against the plan and the files, and merges them into one
+/// lock per `trial_array` stage (by stage index), as a single run would have recorded it.
+fn collect_receipts(
+    pipeline: &Pipeline,
+    prep: &Prepared,
+    job: &Job,
+    dir: &Path,
+) -> Result<Vec<(usize, StageLock)>> {
+    if job.source_fingerprint != prep.source_fingerprint {
+        return Err(Error::bad_input(
+            prep.source.name.clone(),
+            "the source is not the one the shards were converted from (it changed, or this is another file)",
+            format!("point --source at the original, or remove {} and convert every shard again", dir.display()),
+        ));
+    }
+    let block = trial_block(pipeline, prep)?;
+    let n = prep.plan.n_trials();
+    if block != job.trial_block || n != job.trials {
+        return Err(Error::Internal(format!(
+            "the plan ({n} trials, blocks of {block}) differs from the shards' job ({} trials, blocks of {})",
+            job.trials, job.trial_block
+        )));
+    }
+    let mut problems = Vec::new();
+    let mut receipts = Vec::with_capacity(job.shards);
+    for index in 0..job.shards {
+        let shard = Shard {
+            index,
+            count: job.shards,
+        };
+        let path = receipt_path(dir, shard);
+        let receipt = match Receipt::read(&path) {
+            Ok(r) => r,
+            Err(_) if !path.exists() => {
+                problems.push(format!(
+                    "shard {shard}: no receipt (the task did not finish)"
+                ));
+                continue;
+            }
+            Err(why) => {
+                problems.push(format!("shard {shard}: receipt {}: {why}", path.display()));
+                continue;
+            }
+        };
+        if receipt.job != job.identity_hash()
+            || receipt.shard != shard
+            || receipt.trials != part(n, block, shard)
+        {
+            problems.push(format!(
+                "shard {shard}: receipt {} belongs to another run",
+                path.display()
+            ));
+            continue;
+        }
+        if let Some(file) = receipt.damaged_file(dir) {
+            problems.push(format!(
+                "shard {shard}: {file} is missing or does not match its receipt"
+            ));
+            continue;
+        }
+        receipts.push(receipt);
+    }
+    if !problems.is_empty() {
+        return Err(Error::ShardsIncomplete {
+            path: dir.to_path_buf(),
+            problems,
+        });
+    }
+    let mut merged = Vec::new();
+    for (index, ((stage, plan), key)) in pipeline
+        .stages
+        .iter()
+        .zip(&prep.plan.stages)
+        .zip(&prep.keys)
+        .enumerate()
+    {
+        if !matches!(plan, StagePlan::TrialArray(_)) {
+            continue;
+        }
+        let mut outputs = BTreeMap::new();
+        let mut entries = Vec::new();
+        let mut measures: BTreeMap<String, MeasureValues> = BTreeMap::new();
+        for receipt in &receipts {
+            let part = receipt
+                .stages
+                .iter()
+                .find(|s| s.id == stage.id() && s.key == key.key)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "receipt of shard {} has no record of stage {} with this key",
+                        receipt.shard,
+                        stage.id()
+                    ))
+                })?;
+            outputs.extend(part.outputs.clone());
+            entries.extend(part.entries.iter().cloned());
+            for (m, values) in &part.measures {
+                match (measures.get_mut(m), values) {
+                    (None, v) => {
+                        measures.insert(m.clone(), v.clone());
+                    }
+                    (Some(MeasureValues::Int32(all)), MeasureValues::Int32(more)) => {
+                        all.extend(more)
+                    }
+                    (Some(MeasureValues::Bool(all)), MeasureValues::Bool(more)) => all.extend(more),
+                    _ => {
+                        return Err(Error::Internal(format!(
+                            "measure {m} of stage {} has different types across receipts",
+                            stage.id()
+                        )))
+                    }
+                }
+            }
+        }
+        if entries.len() != n {
+            return Err(Error::Internal(format!(
+                "the receipts of stage {} cover {} trials, the plan has {n}",
+                stage.id(),
+                entries.len()
+            )));
+        }
+        merged.push((index, key.lock(stage, outputs, entries, measures)));
+    }
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn parts_are_whole_blocks_covering_every_trial_once() {
+        for trials in [0, 1, 15, 16, 17, 40, 711] {
+            for count in 1..9 {
+                let mut next = 0;
+                for index in 0..count {
+                    let p = part(trials, 16, Shard { index, count });
+                    assert_eq!(p.start, next, "trials {trials}, {index}/{count}");
+                    assert!(p.start % 16 == 0);
+                    assert!(p.end % 16 == 0 || p.end == trials);
+                    next = p.end;
+                }
+                assert_eq!(next, trials);
+            }
+        }
+    }
+
+    #[test]
+    fn shard_arguments() {
+        let fixed: ShardArg = "2/3".parse().unwrap();
+        assert_eq!(fixed, ShardArg::Fixed(Shard { index: 2, count: 3 }));
+        assert!("3/3".parse::<ShardArg>().is_err());
+        assert!("1/0".parse::<ShardArg>().is_err());
+        assert!("x/3".parse::<ShardArg>().is_err());
+        assert!("3".parse::<ShardArg>().is_err());
+        assert_eq!("auto/4".parse::<ShardArg>(), Ok(ShardArg::AutoOf(4)));
+
+        let slurm = [
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ];
+        assert_eq!(
+            ShardArg::Auto.resolve(env(&slurm)).unwrap(),
+            Shard { index: 2, count: 3 }
+        );
+        assert!(ShardArg::Auto.resolve(env(&[])).is_err());
+        let k8s = [("JOB_COMPLETION_INDEX", "1")];
+        assert_eq!(
+            ShardArg::AutoOf(3).resolve(env(&k8s)).unwrap(),
+            Shard { index: 1, count: 3 }
+        );
+        assert!(ShardArg::AutoOf(1).resolve(env(&k8s)).is_err());
+        assert!(ShardArg::AutoOf(3).resolve(env(&[])).is_err());
+        let resubmitted = [
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ];
+        assert_eq!(
+            ShardArg::AutoOf(3).resolve(env(&resubmitted)).unwrap(),
+            Shard { index: 2, count: 3 }
+        );
+    }
+}
