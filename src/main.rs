@@ -353,6 +353,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .transpose()?;
             if dry_run {
                 print_plan(&plan_run(&options)?);
+                if let Some(shard) = shard {
+                    let (trials, block) = shards::plan_part(&options, shard)?;
+                    out!(
+                        "  shard {shard}: trials {}..{} (parts are whole blocks of {block} trials); trial_array stages only, then `finalize`",
+                        trials.start,
+                        trials.end
+                    );
+                }
                 return Ok(());
             }
             if let Some(shard) = shard {

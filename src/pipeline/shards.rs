@@ -315,6 +315,14 @@ pub fn part(trials: usize, block: usize, shard: Shard) -> Range<usize> {
     (first * block).min(trials)..(last * block).min(trials)
 }
 
+/// The trials part `shard` would convert, and the block size (for `--dry-run`).
+pub fn plan_part(opts: &ConvertOptions, shard: Shard) -> Result<(Range<usize>, usize)> {
+    let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
+    let prep = runner::prepare(opts, &pipeline)?;
+    let block = trial_block(&pipeline, &prep)?;
+    Ok((part(prep.plan.n_trials(), block, shard), block))
+}
+
 /// What one task did.
 #[derive(Debug, Serialize)]
 pub struct ShardReport {

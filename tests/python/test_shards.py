@@ -229,6 +229,13 @@ def test_bad_shard_syntax(single, tmp_path, bad):
     assert "--shard" in proc.stderr
 
 
+def test_dry_run_shows_the_part(single, tmp_path):
+    src, _ = single
+    out = ok(shard_task(src, tmp_path / "store", "2/3", "--dry-run")).stdout
+    assert "shard 2/3: trials 32..40 (parts are whole blocks of 16 trials)" in out
+    assert not (tmp_path / "store").exists()
+
+
 def test_shard_of_an_up_to_date_dataset_does_nothing(single, tmp_path):
     src, _ = single
     store = tmp_path / "store"
