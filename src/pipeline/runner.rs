@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::keys::{decide, stage_keys, Decision, Origin, StageKey};
 use super::plan::{plan, Disposition, Plan, StagePlan};
-use super::spec::{Measure, Pipeline};
+use super::spec::{Measure, Pipeline, Stage};
 use crate::catalog::{self, CatalogRow};
 use crate::error::{Error, Result};
 use crate::inspect::tier_counts;
@@ -420,6 +420,16 @@ fn run_stages_and_publish(
             }
             run => run,
         };
+        let stage_provenance = stage_provenance(&provenance, stage, key);
+        let ctx = StageContext {
+            source: &prep.source,
+            pipeline,
+            plan: &prep.plan,
+            dataset_dir: staging,
+            provenance: &stage_provenance,
+            measures: &measures,
+            pipeline_file: &opts.pipeline_file,
+        };
         let locked = match decision {
             Decision::Reuse { origin, lock } => {
                 let mut lock = lock.clone();
@@ -438,20 +448,6 @@ fn run_stages_and_publish(
                                 stage.id()
                             )));
                         };
-                        let stage_provenance = Provenance {
-                            stage: stage.id().to_string(),
-                            stage_hash: key.config_hash.clone(),
-                            ..provenance.clone()
-                        };
-                        let ctx = StageContext {
-                            source: &prep.source,
-                            pipeline,
-                            plan: &prep.plan,
-                            dataset_dir: staging,
-                            provenance: &stage_provenance,
-                            measures: &measures,
-                            pipeline_file: &opts.pipeline_file,
-                        };
                         let file = stages::trial_array::write_metadata(&ctx, p)?;
                         let hash = validate::hash_file(&staging.join(&file))?.1;
                         lock.outputs.insert(file, hash);
@@ -463,20 +459,6 @@ fn run_stages_and_publish(
             }
             Decision::Run { reason } => {
                 tracing::info!(stage = stage.id(), kind = stage.name(), reason = %reason, "stage started");
-                let stage_provenance = Provenance {
-                    stage: stage.id().to_string(),
-                    stage_hash: key.config_hash.clone(),
-                    ..provenance.clone()
-                };
-                let ctx = StageContext {
-                    source: &prep.source,
-                    pipeline,
-                    plan: &prep.plan,
-                    dataset_dir: staging,
-                    provenance: &stage_provenance,
-                    measures: &measures,
-                    pipeline_file: &opts.pipeline_file,
-                };
                 let (entries, bytes) = stage_totals(&prep.source, &prep.plan, index);
                 progress::set_current(Some(std::sync::Arc::new(StageProgress::new(
                     opts.progress,
@@ -495,16 +477,6 @@ fn run_stages_and_publish(
                 // Validation between stages: what this stage wrote, read back from disk.
                 check_stage_output(staging, &prep.plan, stage, stage_plan)?;
                 let outputs = hash_stage_outputs(staging, stage.output(), &groups)?;
-                let entries = result
-                    .entries
-                    .iter()
-                    .map(|r| LockedEntry::from_record(&prep.source.entries[r.entry].path, r))
-                    .collect();
-                let measures = result
-                    .measures
-                    .iter()
-                    .map(|(m, v)| (m.to_string(), v.clone()))
-                    .collect();
                 report.stages.push(StageReport {
                     id: stage.id().into(),
                     kind: stage.name().into(),
@@ -513,7 +485,7 @@ fn run_stages_and_publish(
                     bytes: result.bytes,
                     seconds: 0.0,
                 });
-                key.lock(stage, outputs, entries, measures)
+                lock_from_result(key, stage, &prep.source, outputs, &result)
             }
         };
         if let Decision::Reuse { origin, .. } = decision {
@@ -662,6 +634,36 @@ fn run_stages_and_publish(
         &catalog_row(prep, pipeline, &manifest.source.checksum)?,
     )?;
     Ok(report)
+}
+
+/// The provenance of one stage's outputs.
+pub(crate) fn stage_provenance(base: &Provenance, stage: &Stage, key: &StageKey) -> Provenance {
+    Provenance {
+        stage: stage.id().to_string(),
+        stage_hash: key.config_hash.clone(),
+        ..base.clone()
+    }
+}
+
+/// A finished stage's lock: its key, the files it wrote and what it reported.
+pub(crate) fn lock_from_result(
+    key: &StageKey,
+    stage: &Stage,
+    source: &Source,
+    outputs: BTreeMap<String, String>,
+    result: &StageResult,
+) -> StageLock {
+    let entries = result
+        .entries
+        .iter()
+        .map(|r| LockedEntry::from_record(&source.entries[r.entry].path, r))
+        .collect();
+    let measures = result
+        .measures
+        .iter()
+        .map(|(m, v)| (m.to_string(), v.clone()))
+        .collect();
+    key.lock(stage, outputs, entries, measures)
 }
 
 /// What every output records about where it came from (`stage` filled in per stage).

@@ -22,11 +22,10 @@ use super::plan::StagePlan;
 use super::runner::{self, ConvertOptions, Prepared};
 use super::spec::Pipeline;
 use crate::error::{Error, Result};
-use crate::lock::{write_synced, LockedEntry, StageLock};
+use crate::lock::{write_synced, StageLock};
 use crate::progress::{self, ProgressMode, StageProgress};
 use crate::stages::{self, MeasureValues, StageContext};
 use crate::validate;
-use crate::writers::Provenance;
 
 pub const JOB_FILE: &str = "job.json";
 pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
@@ -421,11 +420,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             continue;
         };
         crate::interrupt::check()?;
-        let stage_provenance = Provenance {
-            stage: stage.id().to_string(),
-            stage_hash: key.config_hash.clone(),
-            ..provenance.clone()
-        };
+        let stage_provenance = runner::stage_provenance(&provenance, stage, key);
         let ctx = StageContext {
             source: &prep.source,
             pipeline: &pipeline,
@@ -453,17 +448,13 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             .iter()
             .map(|f| Ok((f.clone(), validate::hash_file(&dir.join(f))?.1)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        let entries = result
-            .entries
-            .iter()
-            .map(|r| LockedEntry::from_record(&prep.source.entries[r.entry].path, r))
-            .collect();
-        let measures = result
-            .measures
-            .iter()
-            .map(|(m, v)| (m.to_string(), v.clone()))
-            .collect();
-        locks.push(key.lock(stage, outputs, entries, measures));
+        locks.push(runner::lock_from_result(
+            key,
+            stage,
+            &prep.source,
+            outputs,
+            &result,
+        ));
     }
     let mut receipt = Receipt {
         format: RECEIPT_FORMAT.into(),
