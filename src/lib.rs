@@ -11,6 +11,8 @@
 
 pub mod catalog;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod inspect;
 pub mod interrupt;

@@ -7,9 +7,9 @@
 //! --test fuzz_props` runs longer without libFuzzer.
 
 use proptest::prelude::*;
+use sensorium_ingest::fuzzing::{archive as archive_target, npy_header as npy_target};
 use sensorium_ingest::npy;
-use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE};
-use sensorium_ingest::source::{read_npy, read_npy_header, Source};
+use sensorium_ingest::pipeline::spec::DEFAULT_PIPELINE;
 
 const NPY_SEEDS: &[&[u8]] = &[
     include_bytes!("../fuzz/corpus/npy_header/f4-3d.npy"),
@@ -31,38 +31,6 @@ fn cases(default: u32) -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The npy target's body (fuzz/fuzz_targets/npy_header.rs).
-fn npy_target(data: &[u8]) {
-    let _ = npy::header_end(data);
-    if let Ok(header) = npy::parse_header(data) {
-        assert!(header.payload_offset <= data.len());
-        if header.check_file_len(data.len() as u64).is_ok() {
-            let payload = &data[header.payload_offset..];
-            assert_eq!(Some(payload.len() as u64), header.payload_len());
-            if !header.dtype.is_numeric() {
-                let _ = npy::decode_strings(&header, payload);
-            }
-        }
-    }
-}
-
-/// The archive target's body (fuzz/fuzz_targets/archive.rs).
-fn archive_target(dir: &std::path::Path, data: &[u8]) {
-    let path = dir.join("mouse.zip");
-    std::fs::write(&path, data).expect("write the case to a temp file");
-    let Ok(source) = Source::open(&path) else {
-        return;
-    };
-    let Ok(mut reader) = source.reader() else {
-        return;
-    };
-    for entry in &source.entries {
-        let _ = reader.read(entry);
-        let _ = read_npy_header(&source, reader.as_mut(), entry);
-        let _ = read_npy(&source, reader.as_mut(), entry);
-    }
 }
 
 /// Byte edits applied to a seed: overwrite at positions, then cut.
@@ -157,7 +125,7 @@ proptest! {
 
     #[test]
     fn pipeline_arbitrary_text(text in "\\PC{0,300}") {
-        let _ = Pipeline::parse(&text, "prop.yaml");
+        sensorium_ingest::fuzzing::pipeline(&text);
     }
 
     #[test]
@@ -172,7 +140,7 @@ proptest! {
             let end = (end..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
             text.replace_range(at..end, &insert);
         }
-        let _ = Pipeline::parse(&text, "prop.yaml");
+        sensorium_ingest::fuzzing::pipeline(&text);
     }
 
     #[test]
@@ -191,7 +159,7 @@ proptest! {
                 lines.insert(i, lines[i]);
             }
         }
-        let _ = Pipeline::parse(&lines.join("\n"), "prop.yaml");
+        sensorium_ingest::fuzzing::pipeline(&lines.join("\n"));
     }
 }
 
