@@ -5,7 +5,9 @@
 use rayon::prelude::*;
 use zarrs::array::ArrayBytes;
 
-use super::{read_planned, EntryRecord, MeasureValues, StageContext, StageResult};
+use super::{
+    read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
+};
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::pipeline::plan::TrialPlan;
@@ -65,21 +67,37 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
                     .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
                 let first = group * trials_per_shard;
                 let trials = &plan.trials[first..(first + trials_per_shard).min(plan.trials.len())];
-                buffer.clear();
-                buffer.reserve(trials_per_shard * layout.padded);
+                // Sized once per thread; every byte of it is rewritten for each shard.
+                buffer.resize(trials_per_shard * layout.padded, 0);
                 let mut records = Vec::with_capacity(trials.len());
                 let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
-                for planned in trials {
-                    let (header, bytes, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
-                    let le =
-                        npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
-                    if le.len() != trial_bytes {
-                        return Err(Error::Internal(format!(
-                            "{}: {} payload bytes, the plan expects {trial_bytes}",
-                            ctx.source.locate(&ctx.source.entries[planned.entry]),
-                            le.len()
-                        )));
-                    }
+                let mut bytes: Vec<u8>;
+                for (planned, slot) in trials.iter().zip(buffer.chunks_exact_mut(layout.padded)) {
+                    let (hash, values_blake3, le) = if layout.contiguous()
+                        && npy::is_little_endian_c(&planned.header)
+                    {
+                        // The usual case: the payload is inflated straight into its slot.
+                        let (payload, pad) = slot.split_at_mut(trial_bytes.min(slot.len()));
+                        let read =
+                            read_planned_into(ctx.source, reader.as_mut(), planned, payload)?;
+                        write_fill(pad, &fill);
+                        (read.blake3, read.payload_blake3, &*payload)
+                    } else {
+                        let (header, read, hash) =
+                            read_planned(ctx.source, reader.as_mut(), planned)?;
+                        bytes = read;
+                        let le =
+                            npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
+                        if le.len() != trial_bytes {
+                            return Err(Error::Internal(format!(
+                                "{}: {} payload bytes, the plan expects {trial_bytes}",
+                                ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                le.len()
+                            )));
+                        }
+                        layout.place(le, slot, &fill);
+                        (hash, blake3::hash(le).to_hex().to_string(), le)
+                    };
                     check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
                         .map_err(|problem| {
                             Error::bad_input(
@@ -91,23 +109,17 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<Sta
                     for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
                         values.push(measure(*m, plan.dtype, le, frames));
                     }
-                    // The trial's values as the array stores them, for `verify`.
-                    let values_blake3 = Some(blake3::hash(le).to_hex().to_string());
-                    layout.place(le, buffer, &fill);
                     records.push(EntryRecord {
                         entry: planned.entry,
                         blake3: hash,
                         output: c.output.clone(),
-                        values_blake3,
+                        // The trial's values as the array stores them, for `verify`.
+                        values_blake3: Some(values_blake3),
                         index: Some((first + records.len()) as u64),
                     });
                 }
                 // The last shard may hold fewer trials than the shard shape: fill the rest.
-                extend_fill(
-                    buffer,
-                    &fill,
-                    (trials_per_shard - trials.len()) * layout.padded,
-                );
+                write_fill(&mut buffer[trials.len() * layout.padded..], &fill);
                 let mut indices = vec![0u64; shard.len()];
                 indices[0] = group as u64;
                 array
@@ -230,13 +242,18 @@ impl Padding {
         }
     }
 
-    /// Appends one trial (`le`: its little-endian C-order bytes) as one padded slot.
-    fn place(&self, le: &[u8], out: &mut Vec<u8>, fill: &[u8]) {
+    /// Whether a trial's bytes are one block at the start of its slot (fill, if any, after it),
+    /// so a payload can be read straight into place.
+    fn contiguous(&self) -> bool {
+        self.axis.is_none_or(|a| a == 0)
+    }
+
+    /// Writes one trial (`le`: its little-endian C-order bytes) into its padded slot.
+    fn place(&self, le: &[u8], slot: &mut [u8], fill: &[u8]) {
         let Some(axis) = self.axis else {
-            out.extend_from_slice(le);
+            slot.copy_from_slice(le);
             return;
         };
-        let base = out.len();
         // Byte strides of the padded slot over the axes before `axis`.
         let mut strides = vec![0usize; axis];
         let mut stride = self.padded_shape[axis..].iter().product::<usize>() * self.size;
@@ -245,10 +262,12 @@ impl Padding {
             stride *= self.padded_shape[a];
         }
         let mut index = vec![0usize; axis];
+        let mut end = 0;
         for block in le.chunks_exact(self.block) {
             let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
-            extend_fill(out, fill, base + offset - out.len());
-            out.extend_from_slice(block);
+            write_fill(&mut slot[end..offset], fill);
+            end = offset + block.len();
+            slot[offset..end].copy_from_slice(block);
             for a in (0..axis).rev() {
                 index[a] += 1;
                 if index[a] < self.shape[a] {
@@ -257,7 +276,7 @@ impl Padding {
                 index[a] = 0;
             }
         }
-        extend_fill(out, fill, base + self.padded - out.len());
+        write_fill(&mut slot[end..], fill);
     }
 }
 
@@ -267,12 +286,10 @@ fn fill_pattern(dtype: Dtype) -> Vec<u8> {
     element.repeat((65_536 / element.len().max(1)).max(1))
 }
 
-/// Appends `len` bytes of fill (`len` is a whole number of elements).
-fn extend_fill(out: &mut Vec<u8>, pattern: &[u8], mut len: usize) {
-    while len > 0 {
-        let n = len.min(pattern.len());
-        out.extend_from_slice(&pattern[..n]);
-        len -= n;
+/// Overwrites `out` (a whole number of elements) with fill.
+fn write_fill(out: &mut [u8], pattern: &[u8]) {
+    for run in out.chunks_mut(pattern.len()) {
+        run.copy_from_slice(&pattern[..run.len()]);
     }
 }
 
@@ -428,21 +445,24 @@ mod tests {
         let fill = [9u8];
         // (2, 3) trial in a (3, 4) slot: rows of 3 bytes at 0 and 4, fill elsewhere.
         let p = Padding::new(&[2, 3], &[3, 4], 1);
-        let mut out = vec![7u8];
+        assert!(!p.contiguous());
+        let mut out = vec![7u8; 12];
         p.place(&[1, 2, 3, 4, 5, 6], &mut out, &fill);
-        assert_eq!(out, [7, 1, 2, 3, 9, 4, 5, 6, 9, 9, 9, 9, 9]);
+        assert_eq!(out, [1, 2, 3, 9, 4, 5, 6, 9, 9, 9, 9, 9]);
         // Padded first axis only: one block, then fill.
         let p = Padding::new(&[2, 2], &[3, 2], 1);
-        let mut out = Vec::new();
+        assert!(p.contiguous());
+        let mut out = vec![7u8; 6];
         p.place(&[1, 2, 3, 4], &mut out, &fill);
         assert_eq!(out, [1, 2, 3, 4, 9, 9]);
         // No padding: a straight copy.
         let p = Padding::new(&[2, 2], &[2, 2], 1);
-        let mut out = Vec::new();
+        assert!(p.contiguous());
+        let mut out = vec![7u8; 4];
         p.place(&[1, 2, 3, 4], &mut out, &fill);
         assert_eq!(out, [1, 2, 3, 4]);
-        let mut out = Vec::new();
-        extend_fill(&mut out, &[5, 5], 5);
+        let mut out = vec![0u8; 5];
+        write_fill(&mut out, &[5, 5]);
         assert_eq!(out, [5, 5, 5, 5, 5]);
     }
 
