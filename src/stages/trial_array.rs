@@ -364,11 +364,16 @@ pub fn check_trial_nan(
     let frames = shape.last().copied().unwrap_or(1).max(1) as usize;
     let size = dtype.size;
     let valid = valid_frames(dtype, le, frames);
-    let Some(i) = le
-        .chunks_exact(size)
-        .enumerate()
-        .position(|(i, b)| i % frames < valid && is_nan(size, b))
-    else {
+    // Each row's frames before the tail are scanned by a branch-free `any_nan`; only a row that
+    // has a NaN there is scanned again element by element, to name it.
+    let Some(i) = le.chunks(frames * size).enumerate().find_map(|(r, row)| {
+        let head = &row[..(valid * size).min(row.len())];
+        if !any_nan(size, head) {
+            return None;
+        }
+        let k = head.chunks_exact(size).position(|b| is_nan(size, b))?;
+        Some(r * frames + k)
+    }) else {
         return Ok(());
     };
     let mut index = Vec::with_capacity(shape.len());
@@ -392,6 +397,34 @@ fn is_nan(size: usize, b: &[u8]) -> bool {
         4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
         8 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_nan(),
         _ => half::f16::from_le_bytes([b[0], b[1]]).is_nan(),
+    }
+}
+
+/// Whether any little-endian float element of `size` bytes (2, 4 or 8) in `le` is NaN: exponent
+/// all ones and a non-zero mantissa, compared on the bits in blocks without early exit inside a
+/// block, so the loop vectorises.
+fn any_nan(size: usize, le: &[u8]) -> bool {
+    const BLOCK: usize = 4096;
+    match size {
+        4 => le.chunks(BLOCK).any(|block| {
+            block.chunks_exact(4).fold(0u32, |acc, b| {
+                acc | ((u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff > 0x7f80_0000)
+                    as u32)
+            }) != 0
+        }),
+        8 => le.chunks(BLOCK).any(|block| {
+            block.chunks_exact(8).fold(0u32, |acc, b| {
+                acc | ((u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                    & 0x7fff_ffff_ffff_ffff
+                    > 0x7ff0_0000_0000_0000) as u32)
+            }) != 0
+        }),
+        2 => le.chunks(BLOCK).any(|block| {
+            block.chunks_exact(2).fold(0u32, |acc, b| {
+                acc | ((u16::from_le_bytes([b[0], b[1]]) & 0x7fff > 0x7c00) as u32)
+            }) != 0
+        }),
+        _ => false,
     }
 }
 
@@ -487,6 +520,47 @@ mod tests {
         assert!(all_zero(dt, &f32_bytes(&[0.0, -0.0, 0.0])));
         assert!(!all_zero(dt, &f32_bytes(&[0.0, f32::NAN])));
         assert!(!all_zero(dt, &f32_bytes(&[0.0, 1e-30])));
+    }
+
+    #[test]
+    fn any_nan_agrees_with_is_nan() {
+        let specials32 = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        let nans32 = [
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc0_0000),
+        ];
+        assert!(!any_nan(4, &f32_bytes(&specials32)));
+        for n in nans32 {
+            let mut v = specials32.to_vec();
+            v.insert(3, n);
+            assert!(any_nan(4, &f32_bytes(&v)) && is_nan(4, &n.to_le_bytes()));
+        }
+        let b64 = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert!(!any_nan(
+            8,
+            &b64(&[0.0, f64::INFINITY, -f64::INFINITY, 1e300])
+        ));
+        assert!(any_nan(
+            8,
+            &b64(&[0.0, f64::from_bits(0x7ff0_0000_0000_0001)])
+        ));
+        let b16 = |v: &[half::f16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert!(!any_nan(
+            2,
+            &b16(&[half::f16::INFINITY, half::f16::MAX, half::f16::ZERO])
+        ));
+        assert!(any_nan(2, &b16(&[half::f16::ZERO, half::f16::NAN])));
+        assert!(any_nan(2, &b16(&[half::f16::from_bits(0xfc01)])));
     }
 
     #[test]
