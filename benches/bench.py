@@ -121,10 +121,13 @@ def main() -> int:
             for name in names:
                 if out.exists():
                     shutil.rmtree(out)
+                load1 = os.getloadavg()[0]
                 r = run_measured(cmds[name])
+                r["load"] = load1
                 results.setdefault((n, name), []).append(r)
                 print(f"rep {rep} {n:4d} trials {name:8s} wall {r['wall']:7.2f} s  cpu "
-                      f"{r['cpu']:7.2f} s  rss {r['rss']:7.1f} MB", file=sys.stderr)
+                      f"{r['cpu']:7.2f} s  rss {r['rss']:7.1f} MB  load {load1:4.1f}",
+                      file=sys.stderr)
     if out.exists():
         shutil.rmtree(out)
 
@@ -143,8 +146,11 @@ def main() -> int:
                       f"{med(n, name, 'rss'):8.1f} {raw / w / 1e9:8.2f}")
     n = a.trials
     load = os.getloadavg()
+    before = sorted(x["load"] for v in results.values() for x in v)
     print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
-          f"{load[2]:.1f} (other processes compete for the cores when it exceeds the core count)")
+          f"{load[2]:.1f} at the end; 1-minute load before each run {before[0]:.1f}-{before[-1]:.1f} "
+          f"(median {statistics.median(before):.1f}); other processes compete for the cores "
+          f"when it exceeds the core count")
     print(f"ours used {med(n, 'ours', 'cpu') / med(n, 'ours', 'wall'):.2f} cores on average "
           f"(2 threads), ours-1t {med(n, 'ours-1t', 'cpu') / med(n, 'ours-1t', 'wall'):.2f}")
     print("\nCPU-time ratios (what the wall ratios become when every process gets the cores it asks for):")

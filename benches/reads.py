@@ -34,7 +34,8 @@ DEFAULT = (REPO / "pipelines" / "sensorium2023.yaml").read_text()
 RESP_ANCHOR = "    chunk_shape: [1, 512, full]\n    shard_shape: [4, full, full]\n"
 VID_ANCHOR = "    chunk_shape: [1, full, full, full]\n    shard_shape: [16, full, full, full]\n"
 
-# name -> (responses chunk, responses shard, videos chunk, videos shard, zstd level)
+# name -> (responses chunk, responses shard, videos chunk, videos shard, zstd level or a whole
+# `compression` mapping for videos, responses and statistics)
 LAYOUTS = {
     "r512-s4-z1": ("[1, 512, full]", "[4, full, full]", None, None, 1),
     "r512-s4-z3": ("[1, 512, full]", "[4, full, full]", None, None, 3),
@@ -42,12 +43,18 @@ LAYOUTS = {
     "rtrial-s4-z1": ("[1, full, full]", "[4, full, full]", None, None, 1),
     "r512f64-s4-z1": ("[1, 512, 64]", "[4, full, full]", "[1, full, full, 64]", None, 1),
     "r512-s16-z1": ("[1, 512, full]", "[16, full, full]", None, None, 1),
+    "r512-s4-z-1": ("[1, 512, full]", "[4, full, full]", None, None, -1),
+    "r512-s4-blosc-lz4": ("[1, 512, full]", "[4, full, full]", None, None,
+                          "{codec: blosc_lz4, level: 5}"),
+    "r512-s4-blosc-zstd1": ("[1, 512, full]", "[4, full, full]", None, None,
+                            "{codec: blosc_zstd, level: 1}"),
 }
 
 
 def pipeline_text(rc, rs, vc, vs, level) -> str:
-    text = re.sub(r"compression: \{codec: zstd, level: -?\d+\}",
-                  f"compression: {{codec: zstd, level: {level}}}", DEFAULT)
+    codec = level if isinstance(level, str) else f"{{codec: zstd, level: {level}}}"
+    text = re.sub(r"compression: \{codec: zstd, level: -?\d+\}(?=\n    dimension_names:|"
+                  r"\n    attributes:)", f"compression: {codec}", DEFAULT)
     assert RESP_ANCHOR in text and VID_ANCHOR in text, "default pipeline changed: update anchors"
     text = text.replace(RESP_ANCHOR, f"    chunk_shape: {rc}\n    shard_shape: {rs}\n")
     if vc or vs:
@@ -134,7 +141,7 @@ def main() -> int:
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         assert os.waitstatus_to_exitcode(status) == 0, name
-        ds = next(out.iterdir())
+        ds = next(p for p in out.iterdir() if (p / "data.zarr").is_dir())
         size = sum(f.stat().st_size for f in (ds / "data.zarr").rglob("*") if f.is_file()
                    and "statistics" not in f.parts)
         g = zarr.open_group(ds / "data.zarr", mode="r")

@@ -13,6 +13,11 @@ use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPEL
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
 use sensorium_ingest::Error;
+
+/// mimalloc keeps freed pages for reuse: with glibc malloc, the shards' and zstd's multi-MB
+/// buffers were mapped and unmapped again and again (page faults; docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sensorium_ingest::{ingest, verify};
 
 #[derive(Parser)]

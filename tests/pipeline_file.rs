@@ -96,6 +96,21 @@ fn bad_settings_are_refused() {
             "    compression: {codec: zstd, level: 99}\n    attributes:\n      units: grey",
             "level",
         ),
+        (
+            "    compression: {codec: zstd, level: 1}\n    attributes:\n      units: grey",
+            "    compression: {codec: blosc_lz4, level: 12}\n    attributes:\n      units: grey",
+            "blosc level 12",
+        ),
+        (
+            "    compression: {codec: zstd, level: 1}\n    attributes:\n      units: grey",
+            "    compression: {codec: zstd, level: 1, shuffle: byte}\n    attributes:\n      units: grey",
+            "`shuffle` applies to the blosc codecs only",
+        ),
+        (
+            "    compression: {codec: zstd, level: 3}",
+            "    compression: {codec: blosc_zstd}",
+            "blosc codecs are for Zarr arrays",
+        ),
         ("contract: sensorium2023", "contract: nonsense", "contract"),
         (
             "output: data.zarr/videos",
@@ -118,6 +133,25 @@ fn bad_settings_are_refused() {
         let (_, problem) = pipeline_error(&DEFAULT_PIPELINE.replacen(from, to, 1));
         assert!(problem.contains(expect), "{to}: {problem}");
     }
+}
+
+#[test]
+fn blosc_codecs_parse_for_arrays() {
+    let text = DEFAULT_PIPELINE.replacen(
+        "compression: {codec: zstd, level: 1}",
+        "compression: {codec: blosc_lz4, level: 5, shuffle: bit}",
+        1,
+    );
+    let pipeline = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let yaml = yaml_serde::to_string(&pipeline).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        yaml.contains("blosc_lz4") && yaml.contains("shuffle: bit"),
+        "{yaml}"
+    );
+    // Without `shuffle`, the serialized form (and so every stage hash) is what it was.
+    let default = yaml_serde::to_string(&parse(DEFAULT_PIPELINE).unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!default.contains("shuffle"), "{default}");
 }
 
 #[test]

@@ -238,6 +238,10 @@ pub struct Compression {
     pub codec: Codec,
     #[serde(default)]
     pub level: Option<i32>,
+    /// Blosc codecs only: the filter before compression, `byte` (the default), `bit` or `none`.
+    /// Left out of the serialized form when absent, so existing stage hashes do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle: Option<Shuffle>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -245,7 +249,26 @@ pub struct Compression {
 pub enum Codec {
     Zstd,
     Gzip,
+    /// Zarr v3 `blosc` codec with LZ4 inside (Zarr arrays only).
+    BloscLz4,
+    /// Zarr v3 `blosc` codec with zstd inside (Zarr arrays only).
+    BloscZstd,
     None,
+}
+
+impl Codec {
+    pub fn is_blosc(self) -> bool {
+        matches!(self, Codec::BloscLz4 | Codec::BloscZstd)
+    }
+}
+
+/// The blosc shuffle filter: regroups the bytes (or bits) of each element before compressing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Shuffle {
+    None,
+    Byte,
+    Bit,
 }
 
 /// An axis extent in a chunk or shard shape: a number, or `full` for the whole axis.
@@ -430,7 +453,8 @@ impl Pipeline {
                             "write arrays to e.g. `data.zarr/videos`",
                         );
                     }
-                    check_codec(&c.compression).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
+                    check_codec(&c.compression, false)
+                        .or_else(|p| bad(format!("{here}: {p}"), HINT))?;
                 }
                 Stage::Statistics(c) => {
                     if !output.contains(".zarr") {
@@ -439,7 +463,8 @@ impl Pipeline {
                             "write statistics to e.g. `data.zarr/statistics`",
                         );
                     }
-                    check_codec(&c.compression).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
+                    check_codec(&c.compression, false)
+                        .or_else(|p| bad(format!("{here}: {p}"), HINT))?;
                 }
                 Stage::TrialTable(c) => {
                     if !output.ends_with(".parquet") {
@@ -451,7 +476,8 @@ impl Pipeline {
                     let mut names = vec![&c.trial_column, &c.frame_column];
                     names.extend(c.columns.iter());
                     check_column_names(&names).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
-                    check_codec(&c.compression).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
+                    check_codec(&c.compression, true)
+                        .or_else(|p| bad(format!("{here}: {p}"), HINT))?;
                 }
                 Stage::MetaTable(c) => {
                     if !output.ends_with(".parquet") {
@@ -482,7 +508,8 @@ impl Pipeline {
                             _ => return bad(format!("{here}: derived column {:?} reads measure {} of stage {:?}, which does not compute it", d.column, d.measure, d.stage), "add the measure to that stage's `measures`"),
                         }
                     }
-                    check_codec(&c.compression).or_else(|p| bad(format!("{here}: {p}"), HINT))?;
+                    check_codec(&c.compression, true)
+                        .or_else(|p| bad(format!("{here}: {p}"), HINT))?;
                 }
             }
         }
@@ -629,13 +656,25 @@ fn check_column_names(names: &[&String]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn check_codec(c: &Compression) -> std::result::Result<(), String> {
+/// Checks a stage's compression; `table` for Parquet outputs, which have no blosc.
+fn check_codec(c: &Compression, table: bool) -> std::result::Result<(), String> {
+    if c.codec.is_blosc() && table {
+        return Err(
+            "blosc codecs are for Zarr arrays; Parquet tables take `zstd`, `gzip` or `none`".into(),
+        );
+    }
+    if c.shuffle.is_some() && !c.codec.is_blosc() {
+        return Err("`shuffle` applies to the blosc codecs only".into());
+    }
     match (c.codec, c.level) {
         (Codec::Zstd, Some(l)) if !(-7..=22).contains(&l) => {
             Err(format!("zstd level {l} is outside -7..=22"))
         }
         (Codec::Gzip, Some(l)) if !(0..=9).contains(&l) => {
             Err(format!("gzip level {l} is outside 0..=9"))
+        }
+        (Codec::BloscLz4 | Codec::BloscZstd, Some(l)) if !(0..=9).contains(&l) => {
+            Err(format!("blosc level {l} is outside 0..=9"))
         }
         (Codec::None, Some(_)) => Err("codec `none` takes no level".into()),
         _ => Ok(()),

@@ -239,6 +239,48 @@ impl ArchiveReader {
 }
 
 impl EntryReader for ArchiveReader {
+    fn read_into(
+        &mut self,
+        entry: &Entry,
+        head: &mut [u8],
+        rest: &mut [u8],
+        seen: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
+        let located = || format!("{}: {}", self.path.display(), entry.raw_path);
+        let damaged = |e: &dyn std::fmt::Display| {
+            Error::bad_input(
+                located(),
+                format!("cannot read the entry: {e}"),
+                "the archive is damaged (bad CRC, truncated or corrupt data); download it again",
+            )
+        };
+        let want = (head.len() + rest.len()) as u64;
+        if want != entry.size {
+            return Err(Error::Internal(format!(
+                "{}: asked to read {want} bytes of an entry of {}",
+                located(),
+                entry.size
+            )));
+        }
+        let mut file = self
+            .archive
+            .by_index(entry.index)
+            .map_err(|e| damaged(&e))?;
+        // Reading on to the end (one byte past the declared size at most) makes zip verify the
+        // CRC-32.
+        let held = match super::fill_exact(&mut file, head, rest, seen) {
+            Ok(super::Filled::Exact) => return Ok(()),
+            Ok(super::Filled::Short(n)) => n.to_string(),
+            Ok(super::Filled::Long) => format!("more than {want}"),
+            Err(e) => return Err(damaged(&e)),
+        };
+        Err(Error::bad_input(
+            located(),
+            format!("entry declares {} bytes but holds {held}", entry.size),
+            "the archive is damaged; download it again",
+        ))
+    }
+
     fn read(&mut self, entry: &Entry) -> Result<Vec<u8>> {
         // zip verifies the CRC-32 when the entry is read to its end.
         self.read_limited(entry, None)

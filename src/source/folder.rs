@@ -135,6 +135,37 @@ impl FolderReader {
 }
 
 impl EntryReader for FolderReader {
+    fn read_into(
+        &mut self,
+        entry: &Entry,
+        head: &mut [u8],
+        rest: &mut [u8],
+        seen: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
+        let want = (head.len() + rest.len()) as u64;
+        if want != entry.size {
+            return Err(Error::Internal(format!(
+                "{}: asked to read {want} bytes of a file of {}",
+                entry.raw_path, entry.size
+            )));
+        }
+        let (mut file, path) = self.open(entry)?;
+        let now = match super::fill_exact(&mut file, head, rest, seen) {
+            Ok(super::Filled::Exact) => return Ok(()),
+            Ok(super::Filled::Short(n)) => n.to_string(),
+            Ok(super::Filled::Long) => format!("more than {want}"),
+            Err(e) => return Err(Error::io(&path, "cannot read", e)),
+        };
+        Err(Error::bad_input(
+            path.display().to_string(),
+            format!(
+                "file changed while reading: it was {} bytes when listed, {now} now",
+                entry.size
+            ),
+            "wait until the folder is fully copied, then run again",
+        ))
+    }
+
     fn read(&mut self, entry: &Entry) -> Result<Vec<u8>> {
         let (file, path) = self.open(entry)?;
         let mut buf = Vec::with_capacity(entry.size.min(super::PREALLOCATE_LIMIT) as usize);

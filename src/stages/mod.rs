@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::npy::Header;
+use crate::npy::{self, Header};
 use crate::pipeline::plan::{ArrayEntry, Plan};
 use crate::pipeline::spec::{Measure, Pipeline};
 use crate::source::{read_npy, EntryReader, Source};
@@ -85,6 +85,75 @@ pub(crate) fn read_planned(
     let hash = blake3::hash(&bytes).to_hex().to_string();
     crate::progress::entry_read(entry.size);
     Ok((header, bytes, hash))
+}
+
+/// What `read_planned_into` read: the entry's BLAKE3 (as `read_planned`) and the BLAKE3 of its
+/// payload alone.
+pub(crate) struct ReadInto {
+    pub blake3: String,
+    pub payload_blake3: String,
+}
+
+/// `read_planned` for an entry whose payload the caller places itself: inflates the payload
+/// straight into `payload` (which must be exactly the planned payload's length) without an
+/// intermediate copy, hashing the entry and the payload as the bytes arrive. The same checks as
+/// `read_planned`: size and CRC-32 (by the reader), header against the entry's size and against
+/// the plan.
+pub(crate) fn read_planned_into(
+    source: &Source,
+    reader: &mut dyn EntryReader,
+    planned: &ArrayEntry,
+    payload: &mut [u8],
+) -> Result<ReadInto> {
+    crate::interrupt::check()?;
+    let entry = &source.entries[planned.entry];
+    let offset = planned.header.payload_offset;
+    if planned.header.payload_len() != Some(payload.len() as u64)
+        || (offset as u64).checked_add(payload.len() as u64) != Some(entry.size)
+    {
+        return Err(Error::Internal(format!(
+            "{}: {} payload bytes after a {offset}-byte header, the plan expects {:?} in {} bytes",
+            source.locate(entry),
+            payload.len(),
+            planned.header.payload_len(),
+            entry.size
+        )));
+    }
+    let mut head = vec![0u8; offset];
+    let mut whole = blake3::Hasher::new();
+    let mut values = blake3::Hasher::new();
+    reader.read_into(entry, &mut head, payload, &mut |at, piece| {
+        whole.update(piece);
+        if at >= offset {
+            values.update(piece);
+        }
+    })?;
+    let header = npy::parse_header(&head).map_err(|problem| {
+        Error::bad_input(
+            source.locate(entry),
+            problem,
+            "the file is not a readable NumPy array; re-export it with numpy.save",
+        )
+    })?;
+    header.check_file_len(entry.size).map_err(|problem| {
+        Error::bad_input(
+            source.locate(entry),
+            problem,
+            "the file is truncated or its header is wrong; re-download the archive",
+        )
+    })?;
+    if header != planned.header {
+        return Err(Error::bad_input(
+            source.locate(entry),
+            "the entry changed between reading its header and reading its data",
+            "the source is being modified while converting; wait until it is complete and run again",
+        ));
+    }
+    crate::progress::entry_read(entry.size);
+    Ok(ReadInto {
+        blake3: whole.finalize().to_hex().to_string(),
+        payload_blake3: values.finalize().to_hex().to_string(),
+    })
 }
 
 /// How many items to hand to the thread pool at once: enough to keep every thread busy,

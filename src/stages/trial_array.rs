@@ -5,7 +5,9 @@
 use rayon::prelude::*;
 use zarrs::array::ArrayBytes;
 
-use super::{read_planned, EntryRecord, MeasureValues, StageContext, StageResult};
+use super::{
+    read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
+};
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::pipeline::plan::TrialPlan;
@@ -145,21 +147,37 @@ fn write_trials(
                     .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
                 let first = group * trials_per_shard;
                 let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
-                buffer.clear();
-                buffer.reserve(trials_per_shard * layout.padded);
+                // Sized once per thread; every byte of it is rewritten for each shard.
+                buffer.resize(trials_per_shard * layout.padded, 0);
                 let mut records = Vec::with_capacity(trials.len());
                 let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
-                for planned in trials {
-                    let (header, bytes, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
-                    let le =
-                        npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
-                    if le.len() != trial_bytes {
-                        return Err(Error::Internal(format!(
-                            "{}: {} payload bytes, the plan expects {trial_bytes}",
-                            ctx.source.locate(&ctx.source.entries[planned.entry]),
-                            le.len()
-                        )));
-                    }
+                let mut bytes: Vec<u8>;
+                for (planned, slot) in trials.iter().zip(buffer.chunks_exact_mut(layout.padded)) {
+                    let (hash, values_blake3, le) = if layout.contiguous()
+                        && npy::is_little_endian_c(&planned.header)
+                    {
+                        // The usual case: the payload is inflated straight into its slot.
+                        let (payload, pad) = slot.split_at_mut(trial_bytes.min(slot.len()));
+                        let read =
+                            read_planned_into(ctx.source, reader.as_mut(), planned, payload)?;
+                        write_fill(pad, &fill);
+                        (read.blake3, read.payload_blake3, &*payload)
+                    } else {
+                        let (header, read, hash) =
+                            read_planned(ctx.source, reader.as_mut(), planned)?;
+                        bytes = read;
+                        let le =
+                            npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
+                        if le.len() != trial_bytes {
+                            return Err(Error::Internal(format!(
+                                "{}: {} payload bytes, the plan expects {trial_bytes}",
+                                ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                le.len()
+                            )));
+                        }
+                        layout.place(le, slot, &fill);
+                        (hash, blake3::hash(le).to_hex().to_string(), le)
+                    };
                     check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
                         .map_err(|problem| {
                             Error::bad_input(
@@ -171,23 +189,17 @@ fn write_trials(
                     for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
                         values.push(measure(*m, plan.dtype, le, frames));
                     }
-                    // The trial's values as the array stores them, for `verify`.
-                    let values_blake3 = Some(blake3::hash(le).to_hex().to_string());
-                    layout.place(le, buffer, &fill);
                     records.push(EntryRecord {
                         entry: planned.entry,
                         blake3: hash,
                         output: c.output.clone(),
-                        values_blake3,
+                        // The trial's values as the array stores them, for `verify`.
+                        values_blake3: Some(values_blake3),
                         index: Some((first + records.len()) as u64),
                     });
                 }
                 // The last shard may hold fewer trials than the shard shape: fill the rest.
-                extend_fill(
-                    buffer,
-                    &fill,
-                    (trials_per_shard - trials.len()) * layout.padded,
-                );
+                write_fill(&mut buffer[trials.len() * layout.padded..], &fill);
                 let mut indices = vec![0u64; shard.len()];
                 indices[0] = group as u64;
                 array
@@ -310,13 +322,18 @@ impl Padding {
         }
     }
 
-    /// Appends one trial (`le`: its little-endian C-order bytes) as one padded slot.
-    fn place(&self, le: &[u8], out: &mut Vec<u8>, fill: &[u8]) {
+    /// Whether a trial's bytes are one block at the start of its slot (fill, if any, after it),
+    /// so a payload can be read straight into place.
+    fn contiguous(&self) -> bool {
+        self.axis.is_none_or(|a| a == 0)
+    }
+
+    /// Writes one trial (`le`: its little-endian C-order bytes) into its padded slot.
+    fn place(&self, le: &[u8], slot: &mut [u8], fill: &[u8]) {
         let Some(axis) = self.axis else {
-            out.extend_from_slice(le);
+            slot.copy_from_slice(le);
             return;
         };
-        let base = out.len();
         // Byte strides of the padded slot over the axes before `axis`.
         let mut strides = vec![0usize; axis];
         let mut stride = self.padded_shape[axis..].iter().product::<usize>() * self.size;
@@ -325,10 +342,12 @@ impl Padding {
             stride *= self.padded_shape[a];
         }
         let mut index = vec![0usize; axis];
+        let mut end = 0;
         for block in le.chunks_exact(self.block) {
             let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
-            extend_fill(out, fill, base + offset - out.len());
-            out.extend_from_slice(block);
+            write_fill(&mut slot[end..offset], fill);
+            end = offset + block.len();
+            slot[offset..end].copy_from_slice(block);
             for a in (0..axis).rev() {
                 index[a] += 1;
                 if index[a] < self.shape[a] {
@@ -337,7 +356,7 @@ impl Padding {
                 index[a] = 0;
             }
         }
-        extend_fill(out, fill, base + self.padded - out.len());
+        write_fill(&mut slot[end..], fill);
     }
 }
 
@@ -347,12 +366,10 @@ fn fill_pattern(dtype: Dtype) -> Vec<u8> {
     element.repeat((65_536 / element.len().max(1)).max(1))
 }
 
-/// Appends `len` bytes of fill (`len` is a whole number of elements).
-fn extend_fill(out: &mut Vec<u8>, pattern: &[u8], mut len: usize) {
-    while len > 0 {
-        let n = len.min(pattern.len());
-        out.extend_from_slice(&pattern[..n]);
-        len -= n;
+/// Overwrites `out` (a whole number of elements) with fill.
+fn write_fill(out: &mut [u8], pattern: &[u8]) {
+    for run in out.chunks_mut(pattern.len()) {
+        run.copy_from_slice(&pattern[..run.len()]);
     }
 }
 
@@ -395,6 +412,10 @@ pub fn valid_frames(dtype: Dtype, le: &[u8], frames: usize) -> usize {
     let size = dtype.size;
     let mut best = 0;
     for row in le.chunks_exact(frames * size) {
+        // The usual row: NaN from `best` on, so it cannot raise the answer.
+        if !any_nan_is(false, size, &row[best * size..]) {
+            continue;
+        }
         let mut k = frames;
         while k > best && is_nan(size, &row[(k - 1) * size..k * size]) {
             k -= 1;
@@ -427,11 +448,16 @@ pub fn check_trial_nan(
     let frames = shape.last().copied().unwrap_or(1).max(1) as usize;
     let size = dtype.size;
     let valid = valid_frames(dtype, le, frames);
-    let Some(i) = le
-        .chunks_exact(size)
-        .enumerate()
-        .position(|(i, b)| i % frames < valid && is_nan(size, b))
-    else {
+    // Each row's frames before the tail are scanned by a branch-free `any_nan`; only a row that
+    // has a NaN there is scanned again element by element, to name it.
+    let Some(i) = le.chunks(frames * size).enumerate().find_map(|(r, row)| {
+        let head = &row[..(valid * size).min(row.len())];
+        if !any_nan(size, head) {
+            return None;
+        }
+        let k = head.chunks_exact(size).position(|b| is_nan(size, b))?;
+        Some(r * frames + k)
+    }) else {
         return Ok(());
     };
     let mut index = Vec::with_capacity(shape.len());
@@ -458,25 +484,69 @@ fn is_nan(size: usize, b: &[u8]) -> bool {
     }
 }
 
+/// Whether any element (`N` bytes) of `le` passes `test`. Blocks without early exit inside a
+/// block, elements taken as fixed-size arrays: the loop vectorises (built from single bytes it
+/// does not, and runs ~10x slower).
+fn any_element<const N: usize>(le: &[u8], test: impl Fn([u8; N]) -> bool) -> bool {
+    const BLOCK: usize = 4096;
+    le.chunks(BLOCK).any(|block| {
+        block.chunks_exact(N).fold(false, |acc, b| {
+            let Ok(b) = <[u8; N]>::try_from(b) else {
+                return acc;
+            };
+            acc | test(b)
+        })
+    })
+}
+
+/// Whether any little-endian float element of `size` bytes (2, 4 or 8) in `le` is NaN (exponent
+/// all ones, mantissa non-zero), or with `!nan`, whether any is not NaN.
+fn any_nan_is(nan: bool, size: usize, le: &[u8]) -> bool {
+    match size {
+        4 => any_element::<4>(le, |b| {
+            (u32::from_le_bytes(b) & 0x7fff_ffff > 0x7f80_0000) == nan
+        }),
+        8 => any_element::<8>(le, |b| {
+            (u64::from_le_bytes(b) & 0x7fff_ffff_ffff_ffff > 0x7ff0_0000_0000_0000) == nan
+        }),
+        2 => any_element::<2>(le, |b| (u16::from_le_bytes(b) & 0x7fff > 0x7c00) == nan),
+        _ => !nan,
+    }
+}
+
+/// Whether any float element of `size` bytes in `le` is NaN.
+fn any_nan(size: usize, le: &[u8]) -> bool {
+    any_nan_is(true, size, le)
+}
+
 /// Every value is zero (NaN is not zero). Floats compare their bits without the sign bit, in
-/// blocks without early exit inside a block, so the loop vectorises.
+/// blocks without early exit inside a block, so the loop vectorises (elements are taken as
+/// fixed-size arrays: built from single bytes, the loop does not vectorise and runs ~10x slower).
 pub fn all_zero(dtype: Dtype, le: &[u8]) -> bool {
     const BLOCK: usize = 4096;
     match (dtype.kind, dtype.size) {
         (Kind::Float, 4) => le.chunks(BLOCK).all(|block| {
             block.chunks_exact(4).fold(0u32, |acc, b| {
-                acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
+                let Ok(b) = <[u8; 4]>::try_from(b) else {
+                    return acc;
+                };
+                acc | (u32::from_le_bytes(b) & 0x7fff_ffff)
             }) == 0
         }),
         (Kind::Float, 8) => le.chunks(BLOCK).all(|block| {
             block.chunks_exact(8).fold(0u64, |acc, b| {
-                acc | (u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-                    & 0x7fff_ffff_ffff_ffff)
+                let Ok(b) = <[u8; 8]>::try_from(b) else {
+                    return acc;
+                };
+                acc | (u64::from_le_bytes(b) & 0x7fff_ffff_ffff_ffff)
             }) == 0
         }),
         (Kind::Float, _) => le.chunks(BLOCK).all(|block| {
             block.chunks_exact(2).fold(0u16, |acc, b| {
-                acc | (u16::from_le_bytes([b[0], b[1]]) & 0x7fff)
+                let Ok(b) = <[u8; 2]>::try_from(b) else {
+                    return acc;
+                };
+                acc | (u16::from_le_bytes(b) & 0x7fff)
             }) == 0
         }),
         _ => le.iter().all(|&b| b == 0),
@@ -508,21 +578,24 @@ mod tests {
         let fill = [9u8];
         // (2, 3) trial in a (3, 4) slot: rows of 3 bytes at 0 and 4, fill elsewhere.
         let p = Padding::new(&[2, 3], &[3, 4], 1);
-        let mut out = vec![7u8];
+        assert!(!p.contiguous());
+        let mut out = vec![7u8; 12];
         p.place(&[1, 2, 3, 4, 5, 6], &mut out, &fill);
-        assert_eq!(out, [7, 1, 2, 3, 9, 4, 5, 6, 9, 9, 9, 9, 9]);
+        assert_eq!(out, [1, 2, 3, 9, 4, 5, 6, 9, 9, 9, 9, 9]);
         // Padded first axis only: one block, then fill.
         let p = Padding::new(&[2, 2], &[3, 2], 1);
-        let mut out = Vec::new();
+        assert!(p.contiguous());
+        let mut out = vec![7u8; 6];
         p.place(&[1, 2, 3, 4], &mut out, &fill);
         assert_eq!(out, [1, 2, 3, 4, 9, 9]);
         // No padding: a straight copy.
         let p = Padding::new(&[2, 2], &[2, 2], 1);
-        let mut out = Vec::new();
+        assert!(p.contiguous());
+        let mut out = vec![7u8; 4];
         p.place(&[1, 2, 3, 4], &mut out, &fill);
         assert_eq!(out, [1, 2, 3, 4]);
-        let mut out = Vec::new();
-        extend_fill(&mut out, &[5, 5], 5);
+        let mut out = vec![0u8; 5];
+        write_fill(&mut out, &[5, 5]);
         assert_eq!(out, [5, 5, 5, 5, 5]);
     }
 
@@ -547,6 +620,52 @@ mod tests {
         assert!(all_zero(dt, &f32_bytes(&[0.0, -0.0, 0.0])));
         assert!(!all_zero(dt, &f32_bytes(&[0.0, f32::NAN])));
         assert!(!all_zero(dt, &f32_bytes(&[0.0, 1e-30])));
+    }
+
+    #[test]
+    fn any_nan_agrees_with_is_nan() {
+        let specials32 = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        let nans32 = [
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc0_0000),
+        ];
+        assert!(!any_nan(4, &f32_bytes(&specials32)));
+        for n in nans32 {
+            let mut v = specials32.to_vec();
+            v.insert(3, n);
+            assert!(any_nan(4, &f32_bytes(&v)) && is_nan(4, &n.to_le_bytes()));
+        }
+        let b64 = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert!(!any_nan(
+            8,
+            &b64(&[0.0, f64::INFINITY, -f64::INFINITY, 1e300])
+        ));
+        assert!(any_nan(
+            8,
+            &b64(&[0.0, f64::from_bits(0x7ff0_0000_0000_0001)])
+        ));
+        let b16 = |v: &[half::f16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert!(!any_nan(
+            2,
+            &b16(&[half::f16::INFINITY, half::f16::MAX, half::f16::ZERO])
+        ));
+        assert!(any_nan(2, &b16(&[half::f16::ZERO, half::f16::NAN])));
+        assert!(any_nan(2, &b16(&[half::f16::from_bits(0xfc01)])));
+        // And the other way round: whether any element is not NaN.
+        assert!(!any_nan_is(false, 4, &f32_bytes(&nans32)));
+        assert!(any_nan_is(false, 4, &f32_bytes(&[f32::NAN, f32::INFINITY])));
+        assert!(!any_nan_is(false, 8, &b64(&[f64::NAN, -f64::NAN])));
+        assert!(!any_nan_is(false, 4, &[]));
     }
 
     #[test]
@@ -581,5 +700,72 @@ mod tests {
         // All NaN: everything is tail.
         assert!(check_trial_nan(tail, dt, &[1, 2], &f32_bytes(&[n, n])).is_ok());
         assert!(check_trial_nan(NanPolicy::Allow, dt, &[1, 2], &f32_bytes(&[n, 1.])).is_ok());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The scans' plain definitions, element by element.
+        fn naive(v: &[f64], frames: usize) -> (usize, Option<usize>, bool) {
+            let valid = v
+                .chunks(frames)
+                .map(|row| row.iter().rposition(|x| !x.is_nan()).map_or(0, |k| k + 1))
+                .max()
+                .unwrap_or(0);
+            let first_bad = (0..v.len()).find(|&i| i % frames < valid && v[i].is_nan());
+            (valid, first_bad, v.iter().all(|&x| x == 0.0))
+        }
+
+        fn value(code: u8) -> f64 {
+            match code {
+                0 => f64::NAN,
+                1 => -f64::NAN,
+                2 => 0.0,
+                3 => -0.0,
+                4 => f64::INFINITY,
+                5 => f64::NEG_INFINITY,
+                _ => 1.5,
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn vectorised_scans_match_their_definitions(
+                rows in 1usize..5,
+                frames in 1usize..70,
+                tail in 0usize..70,
+                codes in prop::collection::vec(0u8..8, 350),
+            ) {
+                let mut v: Vec<f64> = codes[..rows * frames].iter().map(|&c| value(c)).collect();
+                // A NaN tail over every row, as the real data have.
+                for (i, x) in v.iter_mut().enumerate() {
+                    if i % frames >= frames.saturating_sub(tail) {
+                        *x = f64::NAN;
+                    }
+                }
+                let (valid, first_bad, zero) = naive(&v, frames);
+                let shape = [rows as u64, frames as u64];
+                for dt in ["<f4", "<f8", "<f2"] {
+                    let dtype = Dtype::parse(dt).unwrap_or_else(|e| panic!("{e}"));
+                    let le: Vec<u8> = match dtype.size {
+                        4 => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+                        8 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+                        _ => v.iter().flat_map(|&x| half::f16::from_f64(x).to_le_bytes()).collect(),
+                    };
+                    prop_assert_eq!(valid_frames(dtype, &le, frames), valid, "{}", dt);
+                    prop_assert_eq!(all_zero(dtype, &le), zero, "{}", dt);
+                    let checked = check_trial_nan(NanPolicy::TailOnly, dtype, &shape, &le);
+                    match first_bad {
+                        None => prop_assert!(checked.is_ok(), "{}: {:?}", dt, checked),
+                        Some(i) => {
+                            let err = checked.err().unwrap_or_default();
+                            let want = format!("index [{}, {}]", i / frames, i % frames);
+                            prop_assert!(err.contains(&want), "{}: {} lacks {}", dt, err, want);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -45,6 +45,12 @@ impl TableWriter {
                     .map_err(|e| Error::Internal(e.to_string()))?,
             ),
             Codec::None => parquet::basic::Compression::UNCOMPRESSED,
+            // Refused for tables when the pipeline is checked.
+            Codec::BloscLz4 | Codec::BloscZstd => {
+                return Err(Error::Internal(
+                    "a blosc codec reached the Parquet writer".into(),
+                ))
+            }
         };
         let metadata = vec![
             KeyValue::new(

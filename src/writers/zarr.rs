@@ -4,14 +4,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use zarrs::array::codec::api::{BytesToBytesCodecTraits, CodecSpecificOptions};
-use zarrs::array::codec::{GzipCodec, ShardingCodecOptions, SubchunkWriteOrder, ZstdCodec};
+use zarrs::array::codec::{
+    BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode, GzipCodec,
+    ShardingCodecOptions, SubchunkWriteOrder, ZstdCodec,
+};
 use zarrs::array::{Array, ArrayBuilder, ArrayBytes, FillValue};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::GroupBuilder;
 
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Kind};
-use crate::pipeline::spec::{Codec, Compression};
+use crate::pipeline::spec::{Codec, Compression, Shuffle};
 
 pub type ZarrArray = Array<FilesystemStore>;
 
@@ -92,7 +95,7 @@ impl ZarrStore {
         );
         builder
             .subchunk_shape(inner)
-            .bytes_to_bytes_codecs(codecs(spec.compression)?)
+            .bytes_to_bytes_codecs(codecs(spec.compression, spec.dtype.size)?)
             .dimension_names(Some(spec.dimension_names.clone()))
             .attributes(spec.attributes.clone())
             // Inner chunks are written in C order, not in the order threads finish them, so a
@@ -156,8 +159,26 @@ pub fn fill_bytes(dtype: Dtype) -> Vec<u8> {
     fill_value(dtype)
 }
 
-fn codecs(c: &Compression) -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>> {
+/// The bytes-to-bytes codecs of a compression setting; `typesize` (bytes per element) is what
+/// blosc's shuffle regroups by.
+fn codecs(c: &Compression, typesize: usize) -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>> {
+    let blosc = |cname| -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>> {
+        let level = u8::try_from(c.level.unwrap_or(5))
+            .ok()
+            .and_then(|l| BloscCompressionLevel::try_from(l).ok())
+            .ok_or_else(|| Error::Internal(format!("blosc level {:?}", c.level)))?;
+        let shuffle = match c.shuffle.unwrap_or(Shuffle::Byte) {
+            Shuffle::None => BloscShuffleMode::NoShuffle,
+            Shuffle::Byte => BloscShuffleMode::Shuffle,
+            Shuffle::Bit => BloscShuffleMode::BitShuffle,
+        };
+        let codec = BloscCodec::new(cname, level, None, shuffle, Some(typesize))
+            .map_err(|e| Error::Internal(format!("blosc codec: {e}")))?;
+        Ok(vec![Arc::new(codec)])
+    };
     Ok(match c.codec {
+        Codec::BloscLz4 => blosc(BloscCompressor::LZ4)?,
+        Codec::BloscZstd => blosc(BloscCompressor::Zstd)?,
         Codec::Zstd => vec![Arc::new(ZstdCodec::new(c.level.unwrap_or(3), false))],
         Codec::Gzip => vec![Arc::new(
             GzipCodec::new(c.level.unwrap_or(6) as u32)
