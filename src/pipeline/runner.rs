@@ -476,7 +476,8 @@ fn run_stages_and_publish(
                 let result = result?;
                 // Validation between stages: what this stage wrote, read back from disk.
                 check_stage_output(staging, &prep.plan, stage, stage_plan)?;
-                let outputs = hash_stage_outputs(staging, stage.output(), &groups)?;
+                let outputs =
+                    pool.install(|| hash_stage_outputs(staging, stage.output(), &groups))?;
                 report.stages.push(StageReport {
                     id: stage.id().into(),
                     kind: stage.name().into(),
@@ -836,8 +837,10 @@ fn hash_stage_outputs(
     } else {
         vec![output.to_string()]
     };
+    // In parallel: a stage's files are hundreds of MB, and this is its serial tail otherwise.
+    use rayon::prelude::*;
     files
-        .into_iter()
+        .into_par_iter()
         .filter(|f| !group_files.contains(f))
         .map(|f| {
             let hash = validate::hash_file(&staging.join(&f))?.1;

@@ -443,11 +443,14 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         progress::set_current(None);
         let result = result?;
         report.bytes += result.bytes;
-        let outputs = result
-            .written
-            .iter()
-            .map(|f| Ok((f.clone(), validate::hash_file(&dir.join(f))?.1)))
-            .collect::<Result<BTreeMap<_, _>>>()?;
+        let outputs = pool.install(|| {
+            use rayon::prelude::*;
+            result
+                .written
+                .par_iter()
+                .map(|f| Ok((f.clone(), validate::hash_file(&dir.join(f))?.1)))
+                .collect::<Result<BTreeMap<_, _>>>()
+        })?;
         locks.push(runner::lock_from_result(
             key,
             stage,
