@@ -272,3 +272,44 @@ def test_everything_variant_sharded(mouse, tmp_path):
     ok(helpers.run("finalize", store / name))
     assert_same_outputs(store / name, single_store / name)
     ok(helpers.run("verify", store))
+
+
+# A task killed at any moment (node failure, time limit) is simply resubmitted.
+KILL_POINTS = 8
+
+
+def test_a_task_killed_at_any_point_is_resubmitted(mouse, tmp_path):
+    import signal
+    import time
+    bulky = mouse("shards-bulky", trials=48, neurons=300, frames=240, seed=604)
+    name = Source(bulky).dataset
+    single_store = tmp_path / "single"
+    ok(helpers.run("convert", bulky, "--out", single_store))
+    # The reference task's duration sets the kill points.
+    probe = tmp_path / "probe"
+    started = time.monotonic()
+    ok(shard_task(bulky, probe, "1/2", "--threads", "1"))
+    duration = time.monotonic() - started
+    killed_before_receipt = 0
+    for k in range(KILL_POINTS):
+        store = tmp_path / f"kill{k}"
+        ok(shard_task(bulky, store, "0/2"))
+        if k % 2:       # an earlier, complete run of the same part: the kill hits a rewrite
+            ok(shard_task(bulky, store, "1/2"))
+            (store / f".{name}.shards" / "receipts" / "0001-of-0002.json").unlink()
+        child = subprocess.Popen([str(helpers.binary()), "convert", str(bulky), "--out", str(store),
+                                  "--shard", "1/2", "--threads", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * (k + 0.5) / KILL_POINTS)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        receipt = store / f".{name}.shards" / "receipts" / "0001-of-0002.json"
+        if not receipt.exists():
+            killed_before_receipt += 1
+            proc = fail(helpers.run("finalize", store / name), TEMPFAIL)
+            assert "shard 1/2: no receipt" in proc.stderr
+        ok(shard_task(bulky, store, "1/2"))
+        ok(helpers.run("finalize", store / name))
+        assert_same_outputs(store / name, single_store / name)
+        assert published(store) == ["catalog", name]
+    assert killed_before_receipt >= KILL_POINTS // 2
