@@ -344,14 +344,25 @@ pub fn read_npy_header(
             prefix = reader.read_prefix(entry, end)?;
         }
     }
-    let header = npy::parse_header(&prefix).map_err(|problem| {
+    checked_header(source, entry, &prefix, entry.size)
+}
+
+/// Parses the npy header at the start of `bytes` and checks it against the entry's length
+/// (`file_len`): the shape and dtype it declares must need exactly the bytes that are there.
+pub fn checked_header(
+    source: &Source,
+    entry: &Entry,
+    bytes: &[u8],
+    file_len: u64,
+) -> Result<npy::Header> {
+    let header = npy::parse_header(bytes).map_err(|problem| {
         Error::bad_input(
             source.locate(entry),
             problem,
             "the file is not a readable NumPy array; re-export it with numpy.save",
         )
     })?;
-    header.check_file_len(entry.size).map_err(|problem| {
+    header.check_file_len(file_len).map_err(|problem| {
         Error::bad_input(
             source.locate(entry),
             problem,
@@ -368,22 +379,7 @@ pub fn read_npy(
     entry: &Entry,
 ) -> Result<(npy::Header, Vec<u8>)> {
     let bytes = reader.read(entry)?;
-    let header = npy::parse_header(&bytes).map_err(|problem| {
-        Error::bad_input(
-            source.locate(entry),
-            problem,
-            "the file is not a readable NumPy array; re-export it with numpy.save",
-        )
-    })?;
-    header
-        .check_file_len(bytes.len() as u64)
-        .map_err(|problem| {
-            Error::bad_input(
-                source.locate(entry),
-                problem,
-                "the file is truncated or its header is wrong; re-download the archive",
-            )
-        })?;
+    let header = checked_header(source, entry, &bytes, bytes.len() as u64)?;
     Ok((header, bytes))
 }
 

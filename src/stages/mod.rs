@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::npy::{self, Header};
+use crate::npy::Header;
 use crate::pipeline::plan::{ArrayEntry, Plan};
 use crate::pipeline::spec::{Measure, Pipeline};
-use crate::source::{read_npy, EntryReader, Source};
+use crate::source::{checked_header, read_npy, EntryReader, Source};
 use crate::writers::Provenance;
 
 /// What every stage sees.
@@ -128,20 +128,7 @@ pub(crate) fn read_planned_into(
             values.update(piece);
         }
     })?;
-    let header = npy::parse_header(&head).map_err(|problem| {
-        Error::bad_input(
-            source.locate(entry),
-            problem,
-            "the file is not a readable NumPy array; re-export it with numpy.save",
-        )
-    })?;
-    header.check_file_len(entry.size).map_err(|problem| {
-        Error::bad_input(
-            source.locate(entry),
-            problem,
-            "the file is truncated or its header is wrong; re-download the archive",
-        )
-    })?;
+    let header = checked_header(source, entry, &head, entry.size)?;
     if header != planned.header {
         return Err(Error::bad_input(
             source.locate(entry),
