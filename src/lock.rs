@@ -86,9 +86,7 @@ impl Lock {
     pub fn to_json(&self) -> Result<String> {
         let mut lock = self.clone();
         lock.checksum = String::new();
-        let body =
-            serde_json::to_string_pretty(&lock).map_err(|e| Error::Internal(e.to_string()))?;
-        lock.checksum = format!("blake3:{}", blake3::hash(body.as_bytes()).to_hex());
+        lock.checksum = self_checksum(&lock)?;
         let mut text =
             serde_json::to_string_pretty(&lock).map_err(|e| Error::Internal(e.to_string()))?;
         text.push('\n');
@@ -109,10 +107,7 @@ impl Lock {
         let lock: Lock = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
         let mut blank = lock.clone();
         blank.checksum = String::new();
-        let body =
-            serde_json::to_string_pretty(&blank).map_err(|e| Error::Internal(e.to_string()))?;
-        let want = format!("blake3:{}", blake3::hash(body.as_bytes()).to_hex());
-        if want != lock.checksum {
+        if self_checksum(&blank)? != lock.checksum {
             return Err(damaged("its checksum does not match its content".into()));
         }
         Ok(lock)
@@ -132,14 +127,31 @@ impl Progress {
         serde_json::from_str(&text).ok()
     }
 
-    /// Written aside and renamed, so a kill leaves the old or the new version, never half.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(PROGRESS_FILE);
-        let tmp = dir.join(format!("{PROGRESS_FILE}.tmp"));
         let text = serde_json::to_string(self).map_err(|e| Error::Internal(e.to_string()))?;
-        write_synced(&tmp, text.as_bytes())?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "cannot record progress", e))
+        write_replacing(
+            &dir.join(PROGRESS_FILE),
+            text.as_bytes(),
+            "cannot record progress",
+        )
     }
+}
+
+/// The self-checksum of a record (lock, shard receipt): BLAKE3 of its pretty JSON, given with
+/// its checksum field empty.
+pub fn self_checksum(blank: &impl Serialize) -> Result<String> {
+    let body = serde_json::to_string_pretty(blank).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(format!("blake3:{}", blake3::hash(body.as_bytes()).to_hex()))
+}
+
+/// Writes `path` aside (`<path>.tmp`), flushes it and renames it into place, so a kill leaves
+/// the old or the new version, never half of one.
+pub fn write_replacing(path: &Path, bytes: &[u8], action: &'static str) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, action, e))
 }
 
 /// Writes a file and flushes it to disk before returning.

@@ -769,7 +769,7 @@ fn prepare_staging(prep: &Prepared) -> Result<()> {
 }
 
 /// The first output of a stage whose content no longer matches the lock, if any.
-fn damaged_output(dir: &Path, lock: &StageLock) -> Option<String> {
+pub(crate) fn damaged_output(dir: &Path, lock: &StageLock) -> Option<String> {
     use rayon::prelude::*;
     let mut bad: Vec<&String> = lock
         .outputs

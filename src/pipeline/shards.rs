@@ -22,7 +22,7 @@ use super::plan::StagePlan;
 use super::runner::{self, ConvertOptions, Prepared};
 use super::spec::Pipeline;
 use crate::error::{Error, Result};
-use crate::lock::{write_synced, StageLock};
+use crate::lock::{self_checksum, write_replacing, write_synced, StageLock};
 use crate::progress::{self, ProgressMode, StageProgress};
 use crate::stages::{self, MeasureValues, StageContext};
 use crate::validate;
@@ -222,9 +222,7 @@ impl Receipt {
     fn body_hash(&self) -> Result<String> {
         let mut blank = self.clone();
         blank.checksum = String::new();
-        let body =
-            serde_json::to_string_pretty(&blank).map_err(|e| Error::Internal(e.to_string()))?;
-        Ok(format!("blake3:{}", blake3::hash(body.as_bytes()).to_hex()))
+        self_checksum(&blank)
     }
 
     fn write(&mut self, path: &Path) -> Result<()> {
@@ -232,9 +230,7 @@ impl Receipt {
         let mut text =
             serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
         text.push('\n');
-        let tmp = path.with_extension("json.tmp");
-        write_synced(&tmp, text.as_bytes())?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot record the receipt", e))
+        write_replacing(path, text.as_bytes(), "cannot record the receipt")
     }
 
     /// Reads a receipt; `Err` says why it cannot be trusted.
@@ -253,22 +249,9 @@ impl Receipt {
 
     /// The first file it names whose content differs from the recorded hash.
     fn damaged_file(&self, dir: &Path) -> Option<String> {
-        use rayon::prelude::*;
-        let mut bad: Vec<&String> = self
-            .stages
+        self.stages
             .iter()
-            .flat_map(|s| s.outputs.iter())
-            .collect::<Vec<_>>()
-            .par_iter()
-            .filter(|(file, hash)| {
-                validate::hash_file(&dir.join(file))
-                    .map(|(_, h)| &h != *hash)
-                    .unwrap_or(true)
-            })
-            .map(|(file, _)| *file)
-            .collect();
-        bad.sort();
-        bad.first().map(|f| f.to_string())
+            .find_map(|stage| runner::damaged_output(dir, stage))
     }
 }
 
