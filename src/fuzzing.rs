@@ -25,7 +25,9 @@ pub fn npy_header(data: &[u8]) {
 }
 
 /// The archive inventory on arbitrary bytes, written to `dir/mouse.zip`: open it as a source,
-/// list it, read every entry whole and as an npy header.
+/// list it, read every entry whole, into place (split after its first bytes, as trials are) and
+/// as an npy header. Whole and in-place reads must agree: both succeed with the same bytes, or
+/// both fail.
 pub fn archive(dir: &Path, data: &[u8]) {
     let path = dir.join("mouse.zip");
     if std::fs::write(&path, data).is_err() {
@@ -38,7 +40,34 @@ pub fn archive(dir: &Path, data: &[u8]) {
         return;
     };
     for entry in &source.entries {
-        let _ = reader.read(entry);
+        let whole = reader.read(entry);
+        // Entries this small input can hold are small; a claim beyond 64 MiB fails both reads.
+        if entry.size <= 64 << 20 {
+            let size = entry.size as usize;
+            let mut into = vec![0u8; size];
+            let (head, rest) = into.split_at_mut(size.min(128));
+            let mut pieces = Vec::new();
+            let read = reader.read_into(entry, head, rest, &mut |at, piece| {
+                pieces.push((at, piece.len()))
+            });
+            match (&whole, read) {
+                (Ok(bytes), Ok(())) => {
+                    assert_eq!(bytes, &into);
+                    // Every byte handed over once, in order.
+                    let ends = pieces.iter().fold(0, |end, &(at, len)| {
+                        assert_eq!(at, end);
+                        at + len
+                    });
+                    assert_eq!(ends, size);
+                }
+                (Err(_), Err(_)) => {}
+                (whole, read) => panic!(
+                    "whole read {:?} but in-place read {:?}",
+                    whole.as_ref().map(|b| b.len()),
+                    read.err()
+                ),
+            }
+        }
         let _ = read_npy_header(&source, reader.as_mut(), entry);
         let _ = read_npy(&source, reader.as_mut(), entry);
     }

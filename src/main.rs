@@ -244,7 +244,7 @@ fn print_plan(plan: &RunPlan) {
 fn print_report(verb: &str, report: &ConvertReport) {
     let mb = |b: u64| b as f64 / 1e6;
     out!(
-                "{verb} {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} threads",
+                "{verb} {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} thread{}",
                 report.dataset,
                 report.trials,
                 report.dataset_dir.display(),
@@ -253,7 +253,8 @@ fn print_report(verb: &str, report: &ConvertReport) {
                 report.source_bytes as f64 / report.output_bytes.max(1) as f64,
                 report.seconds,
                 mb(report.stages.iter().map(|s| s.bytes).sum()) / report.seconds.max(1e-9),
-                report.threads
+                report.threads,
+                if report.threads == 1 { "" } else { "s" }
             );
     for s in &report.stages {
         out!(

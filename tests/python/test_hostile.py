@@ -254,6 +254,24 @@ def test_entry_inflates_beyond_declared_size(tmp_path, entries, store):
     convert_refused(write_zip(tmp_path, items), store, "data", victim)
 
 
+@pytest.mark.parametrize("victim", [f"data/videos/{VICTIM}.npy",
+                                    "meta/statistics/videos/all/mean.npy"])
+def test_entry_inflates_short_of_declared_size(tmp_path, entries, store, victim):
+    """A complete deflate stream that ends 8 bytes early, the entry declaring (and its CRC
+    matching) the whole npy: the trial path (inflated into the shard buffer) and the whole-entry
+    path (statistics) both name the entry and both sizes. (Both victims are larger than the
+    header probe, so the header is read without reaching the end of the entry.)"""
+    items = []
+    for p, b in sorted(entries.items()):
+        e = Entry.of(f"{STEM}/{p}", b)
+        if p == victim:
+            e.stored = zipcraft.deflate(b[:-8], 6)
+        items.append(e)
+    size = len(entries[victim])
+    convert_refused(write_zip(tmp_path, items), store, "data", victim,
+                    f"declares {size} bytes but holds {size - 8}")
+
+
 def test_entry_too_large_to_read(tmp_path, entries, store):
     """5 GiB of zeros, honestly declared (zip64, ratio within deflate's limits): no Sensorium
     file comes near that, and entries are read whole, so it is refused before reading."""
