@@ -19,6 +19,7 @@ pub mod interrupt;
 pub mod lock;
 pub mod manifest;
 pub mod npy;
+pub mod per_thread;
 pub mod pipeline;
 pub mod progress;
 pub mod source;

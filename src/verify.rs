@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::lock::{self, Lock};
 use crate::manifest::{self, Manifest};
 use crate::npy;
+use crate::per_thread::map_with_state;
 use crate::pipeline::runner::RUN_RECORD;
 use crate::source::Source;
 use crate::validate;
@@ -289,48 +290,48 @@ fn compare_with_source(
             located(p)
         ));
     }
-    let problems: Vec<String> = source
-        .entries
-        .par_iter()
-        .map_init(
-            || source.reader(),
-            |reader, entry| -> Option<String> {
-                let info = in_manifest.get(entry.path.as_str())?;
-                let reader = match reader {
-                    Ok(r) => r,
-                    Err(e) => return Some(e.to_string()),
-                };
-                let bytes = match reader.read(entry) {
-                    Ok(b) => b,
-                    Err(e) => return Some(e.to_string()),
-                };
-                if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
-                    return Some(format!(
-                        "{}: differs from the entry that was converted",
-                        located(&entry.path)
-                    ));
-                }
-                if let Some(values) = &info.values_blake3 {
-                    let header = npy::parse_header(&bytes)
-                        .and_then(|h| h.check_file_len(bytes.len() as u64).map(|_| h));
-                    match header {
-                        Ok(h) => {
-                            let le = npy::to_little_endian_c(&h, &bytes[h.payload_offset..]);
-                            if blake3::hash(&le).to_hex().as_str() != values {
-                                return Some(format!(
-                                    "{}: decoded values differ from the output's",
-                                    located(&entry.path)
-                                ));
-                            }
+    let problems: Vec<String> = map_with_state(
+        source.entries.len(),
+        || source.reader(),
+        |i, reader| -> Option<String> {
+            let entry = &source.entries[i];
+            let info = in_manifest.get(entry.path.as_str())?;
+            let reader = match reader {
+                Ok(r) => r,
+                Err(e) => return Some(e.to_string()),
+            };
+            let bytes = match reader.read(entry) {
+                Ok(b) => b,
+                Err(e) => return Some(e.to_string()),
+            };
+            if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
+                return Some(format!(
+                    "{}: differs from the entry that was converted",
+                    located(&entry.path)
+                ));
+            }
+            if let Some(values) = &info.values_blake3 {
+                let header = npy::parse_header(&bytes)
+                    .and_then(|h| h.check_file_len(bytes.len() as u64).map(|_| h));
+                match header {
+                    Ok(h) => {
+                        let le = npy::to_little_endian_c(&h, &bytes[h.payload_offset..]);
+                        if blake3::hash(&le).to_hex().as_str() != values {
+                            return Some(format!(
+                                "{}: decoded values differ from the output's",
+                                located(&entry.path)
+                            ));
                         }
-                        Err(e) => return Some(format!("{}: {e}", located(&entry.path))),
                     }
+                    Err(e) => return Some(format!("{}: {e}", located(&entry.path))),
                 }
-                None
-            },
-        )
-        .flatten()
-        .collect();
+            }
+            None
+        },
+    )
+    .into_iter()
+    .flatten()
+    .collect();
     report.failures.extend(problems);
     Ok(())
 }

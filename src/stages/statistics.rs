@@ -2,12 +2,11 @@
 //! values) into its own small Zarr array `<output>/<var>/<subset>/<stat>`. Arrays are
 //! independent, so they are written in parallel (each thread with its own source reader).
 
-use rayon::prelude::*;
-
 use super::trial_array::split_zarr_path;
 use super::{read_planned, EntryRecord, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy;
+use crate::per_thread::map_with_state;
 use crate::pipeline::plan::{ArrayEntry, StatisticsPlan};
 use crate::pipeline::spec::StatisticsConfig;
 use crate::source::EntryReader;
@@ -17,19 +16,17 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
     let (store_dir, base) = split_zarr_path(&c.output);
     let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir))?;
-    let done: Vec<Result<(EntryRecord, u64)>> = plan
-        .arrays
-        .par_iter()
-        .map_init(
-            || ctx.source.reader(),
-            |reader, (name, planned)| {
-                let reader = reader
-                    .as_mut()
-                    .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
-                write_one(ctx, c, &store, &base, name, planned, reader.as_mut())
-            },
-        )
-        .collect();
+    let done: Vec<Result<(EntryRecord, u64)>> = map_with_state(
+        plan.arrays.len(),
+        || ctx.source.reader(),
+        |i, reader| {
+            let (name, planned) = &plan.arrays[i];
+            let reader = reader
+                .as_mut()
+                .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+            write_one(ctx, c, &store, &base, name, planned, reader.as_mut())
+        },
+    );
     let mut result = StageResult::default();
     for r in done {
         let (record, bytes) = r?;

@@ -2,14 +2,14 @@
 //! Trials are streamed shard by shard: a shard's trials are read (each thread with its own
 //! source reader), copied as raw little-endian bytes into the shard buffer and written at once.
 
-use rayon::prelude::*;
-use zarrs::array::ArrayBytes;
+use zarrs::array::{ArrayBytes, CodecOptions};
 
 use super::{
     read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
 };
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
+use crate::per_thread::map_with_state;
 use crate::pipeline::plan::TrialPlan;
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
 use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
@@ -137,84 +137,88 @@ fn write_trials(
     // shard (fill where a `full` shard reaches past the array's edge), so zarrs encodes it without
     // a merge copy. Tasks keep only entry records and measures: memory is bounded by the thread
     // count whatever the number of trials, with no window barrier between groups of shards.
-    let done: Vec<Result<ShardDone>> = groups
-        .par_iter()
-        .map_init(
-            || (ctx.source.reader(), Vec::<u8>::new(), Vec::<u8>::new()),
-            |(reader, buffer, scratch), &group| {
-                let reader = reader
-                    .as_mut()
-                    .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
-                let first = group * trials_per_shard;
-                let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
-                // Sized once per thread; every byte of it is rewritten for each shard.
-                buffer.resize(trials_per_shard * layout.padded, 0);
-                let mut records = Vec::with_capacity(trials.len());
-                let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
-                let mut bytes: Vec<u8>;
-                for (planned, slot) in trials.iter().zip(buffer.chunks_exact_mut(layout.padded)) {
-                    let (hash, values_blake3, le) = if layout.contiguous()
-                        && npy::is_little_endian_c(&planned.header)
-                    {
-                        // The usual case: the payload is inflated straight into its slot.
-                        let (payload, pad) = slot.split_at_mut(trial_bytes.min(slot.len()));
-                        let read =
-                            read_planned_into(ctx.source, reader.as_mut(), planned, payload)?;
-                        write_fill(pad, &fill);
-                        (read.blake3, read.payload_blake3, &*payload)
-                    } else {
-                        let (header, read, hash) =
-                            read_planned(ctx.source, reader.as_mut(), planned)?;
-                        bytes = read;
-                        let le =
-                            npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
-                        if le.len() != trial_bytes {
-                            return Err(Error::Internal(format!(
-                                "{}: {} payload bytes, the plan expects {trial_bytes}",
-                                ctx.source.locate(&ctx.source.entries[planned.entry]),
-                                le.len()
-                            )));
-                        }
-                        layout.place(le, slot, &fill);
-                        (hash, blake3::hash(le).to_hex().to_string(), le)
-                    };
-                    check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
-                        .map_err(|problem| {
-                            Error::bad_input(
-                                ctx.source.locate(&ctx.source.entries[planned.entry]),
-                                problem,
-                                "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
-                            )
-                        })?;
-                    for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
-                        values.push(measure(*m, plan.dtype, le, frames));
+    let done: Vec<Result<ShardDone>> = map_with_state(
+        groups.len(),
+        || (ctx.source.reader(), Vec::<u8>::new(), Vec::<u8>::new()),
+        |i, (reader, buffer, scratch)| {
+            let group = groups[i];
+            let reader = reader
+                .as_mut()
+                .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+            let first = group * trials_per_shard;
+            let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
+            // Sized once per thread; every byte of it is rewritten for each shard.
+            buffer.resize(trials_per_shard * layout.padded, 0);
+            let mut records = Vec::with_capacity(trials.len());
+            let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
+            let mut bytes: Vec<u8>;
+            for (planned, slot) in trials.iter().zip(buffer.chunks_exact_mut(layout.padded)) {
+                let (hash, values_blake3, le) = if layout.contiguous()
+                    && npy::is_little_endian_c(&planned.header)
+                {
+                    // The usual case: the payload is inflated straight into its slot.
+                    let (payload, pad) = slot.split_at_mut(trial_bytes.min(slot.len()));
+                    let read = read_planned_into(ctx.source, reader.as_mut(), planned, payload)?;
+                    write_fill(pad, &fill);
+                    (read.blake3, read.payload_blake3, &*payload)
+                } else {
+                    let (header, read, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
+                    bytes = read;
+                    let le =
+                        npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
+                    if le.len() != trial_bytes {
+                        return Err(Error::Internal(format!(
+                            "{}: {} payload bytes, the plan expects {trial_bytes}",
+                            ctx.source.locate(&ctx.source.entries[planned.entry]),
+                            le.len()
+                        )));
                     }
-                    records.push(EntryRecord {
-                        entry: planned.entry,
-                        blake3: hash,
-                        output: c.output.clone(),
-                        // The trial's values as the array stores them, for `verify`.
-                        values_blake3: Some(values_blake3),
-                        index: Some((first + records.len()) as u64),
-                    });
-                }
-                // The last shard may hold fewer trials than the shard shape: fill the rest.
-                write_fill(&mut buffer[trials.len() * layout.padded..], &fill);
-                let mut indices = vec![0u64; shard.len()];
-                indices[0] = group as u64;
-                array
-                    .store_chunk(&indices, ArrayBytes::from(&buffer[..]))
-                    .map_err(|e| {
-                        Error::io(
-                            ctx.dataset_dir.join(&c.output),
-                            "cannot write a shard",
-                            std::io::Error::other(e.to_string()),
+                    layout.place(le, slot, &fill);
+                    (hash, blake3::hash(le).to_hex().to_string(), le)
+                };
+                check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
+                    .map_err(|problem| {
+                        Error::bad_input(
+                            ctx.source.locate(&ctx.source.entries[planned.entry]),
+                            problem,
+                            "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
                         )
                     })?;
-                Ok((records, group_measures))
-            },
-        )
-        .collect();
+                for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
+                    values.push(measure(*m, plan.dtype, le, frames));
+                }
+                records.push(EntryRecord {
+                    entry: planned.entry,
+                    blake3: hash,
+                    output: c.output.clone(),
+                    // The trial's values as the array stores them, for `verify`.
+                    values_blake3: Some(values_blake3),
+                    index: Some((first + records.len()) as u64),
+                });
+            }
+            // The last shard may hold fewer trials than the shard shape: fill the rest.
+            write_fill(&mut buffer[trials.len() * layout.padded..], &fill);
+            let mut indices = vec![0u64; shard.len()];
+            indices[0] = group as u64;
+            // Encoded on this thread alone: shards are the unit of parallelism. (Letting
+            // zarrs spread a shard's chunks over the pool made a waiting thread pick up
+            // another shard with a second buffer: +40 MB peak for no speed.)
+            array
+                .store_chunk_opt(
+                    &indices,
+                    ArrayBytes::from(&buffer[..]),
+                    &CodecOptions::default().with_concurrent_target(1),
+                )
+                .map_err(|e| {
+                    Error::io(
+                        ctx.dataset_dir.join(&c.output),
+                        "cannot write a shard",
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
+            Ok((records, group_measures))
+        },
+    );
     for r in done {
         let (records, group_measures) = r?;
         result.entries.extend(records);
