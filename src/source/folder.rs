@@ -135,14 +135,8 @@ impl FolderReader {
 }
 
 impl EntryReader for FolderReader {
-    fn read_into(
-        &mut self,
-        entry: &Entry,
-        head: &mut [u8],
-        rest: &mut [u8],
-        seen: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<()> {
-        let want = (head.len() + rest.len()) as u64;
+    fn read_exact_into(&mut self, entry: &Entry, out: &mut [u8]) -> Result<()> {
+        let want = out.len() as u64;
         if want != entry.size {
             return Err(Error::Internal(format!(
                 "{}: asked to read {want} bytes of a file of {}",
@@ -150,7 +144,7 @@ impl EntryReader for FolderReader {
             )));
         }
         let (mut file, path) = self.open(entry)?;
-        let now = match super::fill_exact(&mut file, head, rest, seen) {
+        let now = match super::fill_exact(&mut file, out) {
             Ok(super::Filled::Exact) => return Ok(()),
             Ok(super::Filled::Short(n)) => n.to_string(),
             Ok(super::Filled::Long) => format!("more than {want}"),

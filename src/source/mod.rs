@@ -37,29 +37,15 @@ pub trait EntryReader: Send {
     fn read(&mut self, entry: &Entry) -> Result<Vec<u8>>;
     /// The first bytes of an entry (at most `len`), for headers.
     fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>>;
-    /// The whole entry, straight into the caller's memory: its first `head.len()` bytes into
-    /// `head`, the rest into `rest` (the two lengths must add up to the declared size). `seen`
-    /// gets every piece as soon as it is read, in order, with its offset in the entry (`head`
-    /// whole first, then `rest` in pieces of at most [`PIECE_LEN`] bytes), so a caller can hash
-    /// the bytes while they are still in cache. Verified like `read` (size, CRC-32 in archives);
-    /// on error, `head` and `rest` hold partial data.
-    fn read_into(
-        &mut self,
-        entry: &Entry,
-        head: &mut [u8],
-        rest: &mut [u8],
-        seen: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<()>;
+    /// The whole entry, straight into the caller's memory: `out` must be exactly the declared
+    /// size. Verified like `read` (size, CRC-32 in archives); on error, `out` holds partial data.
+    fn read_exact_into(&mut self, entry: &Entry, out: &mut [u8]) -> Result<()>;
 }
-
-/// Size of the pieces `EntryReader::read_into` reads and hands over: small enough to stay in a
-/// core's L2 cache between being inflated and being hashed.
-pub const PIECE_LEN: usize = 128 << 10;
 
 /// How a stream ended against the length it had to have.
 pub(crate) enum Filled {
-    /// Exactly `head.len() + rest.len()` bytes, then the end (for zip entries, the end is where
-    /// the CRC-32 is checked).
+    /// Exactly `out.len()` bytes, then the end (for zip entries, the end is where the CRC-32 is
+    /// checked).
     Exact,
     /// Fewer: the stream ended after this many bytes.
     Short(u64),
@@ -67,28 +53,16 @@ pub(crate) enum Filled {
     Long,
 }
 
-/// Fills `head` then `rest` (in pieces) from `r`, handing each piece to `seen`, then checks that
-/// the stream ends there.
-pub(crate) fn fill_exact(
-    r: &mut dyn std::io::Read,
-    head: &mut [u8],
-    rest: &mut [u8],
-    seen: &mut dyn FnMut(usize, &[u8]),
-) -> std::io::Result<Filled> {
-    let mut at = 0u64;
-    let pieces = std::iter::once(head).chain(rest.chunks_mut(PIECE_LEN));
-    for piece in pieces {
-        let mut got = 0;
-        while got < piece.len() {
-            match r.read(&mut piece[got..]) {
-                Ok(0) => return Ok(Filled::Short(at + got as u64)),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+/// Fills `out` from `r`, then checks that the stream ends there.
+pub(crate) fn fill_exact(r: &mut dyn std::io::Read, out: &mut [u8]) -> std::io::Result<Filled> {
+    let mut got = 0;
+    while got < out.len() {
+        match r.read(&mut out[got..]) {
+            Ok(0) => return Ok(Filled::Short(got as u64)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        seen(at as usize, piece);
-        at += piece.len() as u64;
     }
     let mut probe = [0u8; 1];
     loop {
@@ -387,34 +361,23 @@ pub fn read_npy(
 mod tests {
     use super::*;
 
-    fn fill(
-        data: &[u8],
-        head_len: usize,
-        rest_len: usize,
-    ) -> (Filled, Vec<u8>, Vec<(usize, usize)>) {
-        let (mut head, mut rest) = (vec![0u8; head_len], vec![0u8; rest_len]);
-        let mut pieces = Vec::new();
-        let filled = fill_exact(&mut &data[..], &mut head, &mut rest, &mut |at, p| {
-            pieces.push((at, p.len()))
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        head.extend(rest);
-        (filled, head, pieces)
+    fn fill(data: &[u8], len: usize) -> (Filled, Vec<u8>) {
+        let mut out = vec![0u8; len];
+        let filled = fill_exact(&mut &data[..], &mut out).unwrap_or_else(|e| panic!("{e}"));
+        (filled, out)
     }
 
     #[test]
-    fn fill_exact_checks_the_length_and_hands_over_every_piece() {
-        let data: Vec<u8> = (0..PIECE_LEN * 2 + 10).map(|i| i as u8).collect();
-        let (filled, bytes, pieces) = fill(&data, 10, PIECE_LEN * 2);
+    fn fill_exact_checks_the_length() {
+        let data: Vec<u8> = (0..300_000).map(|i| i as u8).collect();
+        let (filled, bytes) = fill(&data, data.len());
         assert!(matches!(filled, Filled::Exact));
         assert_eq!(bytes, data);
-        assert_eq!(
-            pieces,
-            [(0, 10), (10, PIECE_LEN), (10 + PIECE_LEN, PIECE_LEN)]
-        );
-        let (filled, _, _) = fill(&data, 10, PIECE_LEN * 2 + 1);
+        let (filled, _) = fill(&data, data.len() + 1);
         assert!(matches!(filled, Filled::Short(n) if n == data.len() as u64));
-        let (filled, _, _) = fill(&data, 10, PIECE_LEN * 2 - 1);
+        let (filled, _) = fill(&data, data.len() - 1);
         assert!(matches!(filled, Filled::Long));
+        let (filled, _) = fill(&[], 0);
+        assert!(matches!(filled, Filled::Exact));
     }
 }

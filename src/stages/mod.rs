@@ -94,41 +94,32 @@ pub(crate) struct ReadInto {
     pub payload_blake3: String,
 }
 
-/// `read_planned` for an entry whose payload the caller places itself: inflates the payload
-/// straight into `payload` (which must be exactly the planned payload's length) without an
-/// intermediate copy, hashing the entry and the payload as the bytes arrive. The same checks as
-/// `read_planned`: size and CRC-32 (by the reader), header against the entry's size and against
-/// the plan.
+/// `read_planned` for an entry the caller places itself: reads the whole entry (header, then
+/// payload) straight into `whole`, which must be exactly the entry's size, so a payload lands
+/// where the caller wants it without an intermediate copy. The same checks as `read_planned`:
+/// size and CRC-32 (by the reader), header against the entry's size and against the plan.
 pub(crate) fn read_planned_into(
     source: &Source,
     reader: &mut dyn EntryReader,
     planned: &ArrayEntry,
-    payload: &mut [u8],
+    whole: &mut [u8],
 ) -> Result<ReadInto> {
     crate::interrupt::check()?;
     let entry = &source.entries[planned.entry];
     let offset = planned.header.payload_offset;
-    if planned.header.payload_len() != Some(payload.len() as u64)
-        || (offset as u64).checked_add(payload.len() as u64) != Some(entry.size)
+    if whole.len() as u64 != entry.size
+        || planned.header.payload_len() != (whole.len() as u64).checked_sub(offset as u64)
     {
         return Err(Error::Internal(format!(
-            "{}: {} payload bytes after a {offset}-byte header, the plan expects {:?} in {} bytes",
+            "{}: asked to read {} bytes, the plan expects a {offset}-byte header and {:?} payload bytes in {} bytes",
             source.locate(entry),
-            payload.len(),
+            whole.len(),
             planned.header.payload_len(),
             entry.size
         )));
     }
-    let mut head = vec![0u8; offset];
-    let mut whole = blake3::Hasher::new();
-    let mut values = blake3::Hasher::new();
-    reader.read_into(entry, &mut head, payload, &mut |at, piece| {
-        whole.update(piece);
-        if at >= offset {
-            values.update(piece);
-        }
-    })?;
-    let header = checked_header(source, entry, &head, entry.size)?;
+    reader.read_exact_into(entry, whole)?;
+    let header = checked_header(source, entry, &whole[..offset], entry.size)?;
     if header != planned.header {
         return Err(Error::bad_input(
             source.locate(entry),
@@ -136,12 +127,23 @@ pub(crate) fn read_planned_into(
             "the source is being modified while converting; wait until it is complete and run again",
         ));
     }
+    // Both hashes in one pass, piece by piece, so each piece is read from memory once.
+    let mut all = blake3::Hasher::new();
+    let mut payload = blake3::Hasher::new();
+    all.update(&whole[..offset]);
+    for piece in whole[offset..].chunks(HASH_PIECE_LEN) {
+        all.update(piece);
+        payload.update(piece);
+    }
     crate::progress::entry_read(entry.size);
     Ok(ReadInto {
-        blake3: whole.finalize().to_hex().to_string(),
-        payload_blake3: values.finalize().to_hex().to_string(),
+        blake3: all.finalize().to_hex().to_string(),
+        payload_blake3: payload.finalize().to_hex().to_string(),
     })
 }
+
+/// Pieces hashed by both hashers in turn: small enough to stay in a core's L2 cache.
+const HASH_PIECE_LEN: usize = 128 << 10;
 
 /// How many items to hand to the thread pool at once: enough to keep every thread busy,
 /// few enough that memory stays bounded whatever the number of trials.

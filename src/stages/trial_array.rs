@@ -137,6 +137,14 @@ fn write_trials(
     // shard (fill where a `full` shard reaches past the array's edge), so zarrs encodes it without
     // a merge copy. Tasks keep only entry records and measures: memory is bounded by the thread
     // count whatever the number of trials, with no window barrier between groups of shards.
+    // Room before the first slot for the longest header: a trial is read whole (header, then
+    // payload) so that its payload lands in its slot, its header just before.
+    let lead = plan
+        .trials
+        .iter()
+        .map(|t| t.header.payload_offset)
+        .max()
+        .unwrap_or(0);
     let done: Vec<Result<ShardDone>> = map_with_state(
         groups.len(),
         || (ctx.source.reader(), Vec::<u8>::new(), Vec::<u8>::new()),
@@ -148,19 +156,29 @@ fn write_trials(
             let first = group * trials_per_shard;
             let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
             // Sized once per thread; every byte of it is rewritten for each shard.
-            buffer.resize(trials_per_shard * layout.padded, 0);
+            buffer.resize(lead + trials_per_shard * layout.padded, 0);
             let mut records = Vec::with_capacity(trials.len());
             let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
             let mut bytes: Vec<u8>;
-            for (planned, slot) in trials.iter().zip(buffer.chunks_exact_mut(layout.padded)) {
+            // Last to first: a trial read in place puts its header over the end of the slot
+            // before its own (or into the lead), which is filled after it.
+            for (k, planned) in trials.iter().enumerate().rev() {
+                let start = lead + k * layout.padded;
+                let end = start + layout.padded;
                 let (hash, values_blake3, le) = if layout.contiguous()
                     && npy::is_little_endian_c(&planned.header)
                 {
                     // The usual case: the payload is inflated straight into its slot.
-                    let (payload, pad) = slot.split_at_mut(trial_bytes.min(slot.len()));
-                    let read = read_planned_into(ctx.source, reader.as_mut(), planned, payload)?;
-                    write_fill(pad, &fill);
-                    (read.blake3, read.payload_blake3, &*payload)
+                    let offset = planned.header.payload_offset;
+                    let payload_end = start + trial_bytes.min(layout.padded);
+                    let whole = &mut buffer[start - offset.min(lead)..payload_end];
+                    let read = read_planned_into(ctx.source, reader.as_mut(), planned, whole)?;
+                    write_fill(&mut buffer[payload_end..end], &fill);
+                    (
+                        read.blake3,
+                        read.payload_blake3,
+                        &buffer[start..payload_end],
+                    )
                 } else {
                     let (header, read, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
                     bytes = read;
@@ -173,7 +191,7 @@ fn write_trials(
                             le.len()
                         )));
                     }
-                    layout.place(le, slot, &fill);
+                    layout.place(le, &mut buffer[start..end], &fill);
                     (hash, blake3::hash(le).to_hex().to_string(), le)
                 };
                 check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
@@ -193,11 +211,15 @@ fn write_trials(
                     output: c.output.clone(),
                     // The trial's values as the array stores them, for `verify`.
                     values_blake3: Some(values_blake3),
-                    index: Some((first + records.len()) as u64),
+                    index: Some((first + k) as u64),
                 });
             }
+            records.reverse();
+            for values in &mut group_measures {
+                values.reverse();
+            }
             // The last shard may hold fewer trials than the shard shape: fill the rest.
-            write_fill(&mut buffer[trials.len() * layout.padded..], &fill);
+            write_fill(&mut buffer[lead + trials.len() * layout.padded..], &fill);
             let mut indices = vec![0u64; shard.len()];
             indices[0] = group as u64;
             // Encoded on this thread alone: shards are the unit of parallelism. (Letting
@@ -206,7 +228,7 @@ fn write_trials(
             array
                 .store_chunk_opt(
                     &indices,
-                    ArrayBytes::from(&buffer[..]),
+                    ArrayBytes::from(&buffer[lead..]),
                     &CodecOptions::default().with_concurrent_target(1),
                 )
                 .map_err(|e| {

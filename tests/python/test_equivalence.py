@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import re
 import zipfile
 
+import numpy as np
 import pytest
 
 import gen_mouse
@@ -118,3 +121,45 @@ def test_renamed_zip_still_finds_its_top_folder(tmp_path_factory, zipped, from_z
         a = zarr.open_array(str(ds / "data.zarr" / var), mode="r")[...]
         b = zarr.open_array(str(from_zip / "data.zarr" / var), mode="r")[...]
         assert a.tobytes() == b.tobytes(), var
+
+
+def _npy_with_long_header(arr: np.ndarray) -> bytes:
+    """A valid npy 1.0 file whose header is padded to 256 bytes (numpy writes 128)."""
+    d = "{'descr': '%s', 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(arr.dtype), arr.shape)
+    header = d.ljust(256 - 10 - 1) + "\n"
+    return (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+            + np.ascontiguousarray(arr).tobytes())
+
+
+def test_mixed_layouts_and_header_lengths_in_one_shard(tmp_path_factory, zipped, from_zip):
+    """Trials of one stage stored differently - C order, Fortran order, a 256-byte header - in
+    one shard: C-order trials are inflated in place, last to first, each header landing over
+    the end of the slot before (or the lead), Fortran ones go the general way. Every value must
+    equal the conversion of the untouched mouse."""
+    import zarr
+
+    src = tmp_path_factory.mktemp("mixed") / zipped.name
+    changed = 0
+    with zipfile.ZipFile(zipped) as zin, \
+            zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            m = re.search(r"/data/(videos|responses)/(\d+)\.npy$", info.filename)
+            if m and int(m.group(2)) % 3:
+                arr = np.load(io.BytesIO(data))
+                out = io.BytesIO()
+                if int(m.group(2)) % 3 == 1:
+                    np.save(out, np.asfortranarray(arr))
+                    data = out.getvalue()
+                else:
+                    data = _npy_with_long_header(arr)
+                assert np.array_equal(np.load(io.BytesIO(data)), arr, equal_nan=True)
+                changed += 1
+            zout.writestr(info.filename, data)
+    assert changed == 2 * 8
+    mixed = _convert(tmp_path_factory, "eq-mixed", src)
+    for var in ("videos", "responses"):
+        got = zarr.open_group(mixed / "data.zarr", mode="r")[var][:]
+        want = zarr.open_group(from_zip / "data.zarr", mode="r")[var][:]
+        helpers.assert_bits_equal(got, want, var)
