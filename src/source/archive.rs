@@ -261,7 +261,15 @@ impl ArchiveReader {
         compressed.resize(at.len, 0);
         self.file
             .read_exact_at(compressed, at.start)
-            .map_err(|e| Error::io(&self.path, "cannot read the archive", e))?;
+            .map_err(|e| match e.kind() {
+                // Its bounds were checked against the file when listed: it has shrunk since.
+                std::io::ErrorKind::UnexpectedEof => Error::bad_input(
+                    format!("{}: {}", self.path.display(), entry.raw_path),
+                    "the archive ends inside this entry's data: it was truncated while being read",
+                    "the archive is being replaced or written; wait until it is complete and run again",
+                ),
+                _ => Error::io(&self.path, "cannot read the archive", e),
+            })?;
         let held = match self
             .inflater
             .decompressor
@@ -382,5 +390,92 @@ impl EntryReader for ArchiveReader {
 
     fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>> {
         self.read_limited(entry, Some(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use zip::write::SimpleFileOptions;
+
+    use super::*;
+    use crate::source::EntryReader;
+
+    /// A zip of one deflated entry of `len` barely compressible bytes, and that entry.
+    fn one_entry_zip(dir: &Path, len: usize) -> (PathBuf, Vec<u8>) {
+        let path = dir.join("mouse.zip");
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let file = File::create(&path).expect("create the zip");
+        let mut zip = zip::ZipWriter::new(file);
+        let options = SimpleFileOptions::default().compression_method(CompressionMethod::Deflated);
+        zip.start_file("mouse/data/x.npy", options)
+            .expect("start the entry");
+        zip.write_all(&data).expect("write the entry");
+        zip.finish().expect("finish the zip");
+        (path, data)
+    }
+
+    fn only_entry(source: &ArchiveSource) -> Entry {
+        let listed = source.list().expect("list the zip");
+        let (name, size, index, fingerprint) = listed.into_iter().next().expect("one entry");
+        Entry {
+            path: name.clone(),
+            raw_path: name,
+            size,
+            index,
+            fingerprint,
+        }
+    }
+
+    #[test]
+    fn deflated_entries_read_whole_and_into_place_alike() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let (path, data) = one_entry_zip(dir.path(), 300_000);
+        let source = ArchiveSource::open(&path).expect("open the zip");
+        let entry = only_entry(&source);
+        let mut reader = source.reader();
+        assert_eq!(reader.read(&entry).expect("read whole"), data);
+        let mut into = vec![0u8; data.len()];
+        reader
+            .read_exact_into(&entry, &mut into)
+            .expect("read into place");
+        assert_eq!(into, data);
+        let mut short = vec![0u8; data.len() - 1];
+        assert!(matches!(
+            reader.read_exact_into(&entry, &mut short),
+            Err(Error::Internal(_))
+        ));
+    }
+
+    #[test]
+    fn an_archive_truncated_after_listing_is_bad_input_naming_the_entry() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let (path, data) = one_entry_zip(dir.path(), 300_000);
+        let source = ArchiveSource::open(&path).expect("open the zip");
+        let entry = only_entry(&source);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(1_000))
+            .expect("truncate the zip");
+        let mut into = vec![0u8; data.len()];
+        match source.reader().read_exact_into(&entry, &mut into) {
+            Err(Error::BadInput {
+                location, problem, ..
+            }) => {
+                assert!(location.ends_with("mouse/data/x.npy"), "{location}");
+                assert!(problem.contains("truncated"), "{problem}");
+            }
+            other => panic!("expected bad input, got {other:?}"),
+        }
     }
 }
