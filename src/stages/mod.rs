@@ -107,8 +107,10 @@ pub(crate) fn read_planned_into(
     crate::interrupt::check()?;
     let entry = &source.entries[planned.entry];
     let offset = planned.header.payload_offset;
+    let payload_len = (whole.len() as u64).checked_sub(offset as u64);
     if whole.len() as u64 != entry.size
-        || planned.header.payload_len() != (whole.len() as u64).checked_sub(offset as u64)
+        || payload_len.is_none()
+        || planned.header.payload_len() != payload_len
     {
         return Err(Error::Internal(format!(
             "{}: asked to read {} bytes, the plan expects a {offset}-byte header and {:?} payload bytes in {} bytes",
