@@ -424,24 +424,26 @@ mod tests {
         (path, data)
     }
 
-    fn only_entry(source: &ArchiveSource) -> Entry {
+    /// The one-entry zip (in `dir`), opened and listed: its path, bytes, source and entry.
+    fn listed_zip(dir: &Path) -> (PathBuf, Vec<u8>, ArchiveSource, Entry) {
+        let (path, data) = one_entry_zip(dir, 300_000);
+        let source = ArchiveSource::open(&path).expect("open the zip");
         let listed = source.list().expect("list the zip");
         let (name, size, index, fingerprint) = listed.into_iter().next().expect("one entry");
-        Entry {
+        let entry = Entry {
             path: name.clone(),
             raw_path: name,
             size,
             index,
             fingerprint,
-        }
+        };
+        (path, data, source, entry)
     }
 
     #[test]
     fn deflated_entries_read_whole_and_into_place_alike() {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (path, data) = one_entry_zip(dir.path(), 300_000);
-        let source = ArchiveSource::open(&path).expect("open the zip");
-        let entry = only_entry(&source);
+        let (_, data, source, entry) = listed_zip(dir.path());
         let mut reader = source.reader();
         assert_eq!(reader.read(&entry).expect("read whole"), data);
         let mut into = vec![0u8; data.len()];
@@ -459,9 +461,7 @@ mod tests {
     #[test]
     fn an_archive_truncated_after_listing_is_bad_input_naming_the_entry() {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (path, data) = one_entry_zip(dir.path(), 300_000);
-        let source = ArchiveSource::open(&path).expect("open the zip");
-        let entry = only_entry(&source);
+        let (path, data, source, entry) = listed_zip(dir.path());
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
