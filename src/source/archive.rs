@@ -254,8 +254,8 @@ impl ArchiveReader {
         }))
     }
 
-    /// Inflates a deflated entry into `out` (its declared size): the data must fill it exactly.
-    /// The caller checks the CRC-32.
+    /// Inflates a deflated entry into `out` (its declared size): the data must fill it exactly
+    /// and match the entry's CRC-32.
     fn inflate(&mut self, entry: &Entry, at: &Deflated, out: &mut [u8]) -> Result<()> {
         let compressed = &mut self.inflater.compressed;
         compressed.resize(at.len, 0);
@@ -275,7 +275,7 @@ impl ArchiveReader {
             .decompressor
             .deflate_decompress(compressed, out)
         {
-            Ok(n) if n == out.len() => return Ok(()),
+            Ok(n) if n == out.len() => return self.check_crc(entry, at, crc32fast::hash(out)),
             Ok(n) => n.to_string(),
             Err(libdeflater::DecompressionError::InsufficientSpace) => {
                 format!("more than {}", out.len())
@@ -320,10 +320,12 @@ fn wrong_size(path: &Path, entry: &Entry, held: &dyn std::fmt::Display) -> Error
 
 impl ArchiveReader {
     fn read_limited(&mut self, entry: &Entry, limit: Option<usize>) -> Result<Vec<u8>> {
-        if limit.is_none() && self.deflated(entry)?.is_some() {
-            let mut buf = vec![0u8; self.checked_len(entry)?];
-            self.read_exact_into(entry, &mut buf)?;
-            return Ok(buf);
+        if limit.is_none() {
+            if let Some(at) = self.deflated(entry)? {
+                let mut buf = vec![0u8; self.checked_len(entry)?];
+                self.inflate(entry, &at, &mut buf)?;
+                return Ok(buf);
+            }
         }
         let file = self
             .archive
@@ -365,8 +367,7 @@ impl EntryReader for ArchiveReader {
             )));
         }
         if let Some(at) = self.deflated(entry)? {
-            self.inflate(entry, &at, out)?;
-            return self.check_crc(entry, &at, crc32fast::hash(out));
+            return self.inflate(entry, &at, out);
         }
         let mut file = self
             .archive
