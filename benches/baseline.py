@@ -3,7 +3,7 @@
 
 What a competent analyst would write with numpy + zarr-python 3 + pyarrow: read the zip in
 place, write the same layout as `sensorium-ingest convert` with the same codecs and levels
-(sharded Zarr v3, zstd 3 inside, crc32c index; zstd Parquet), whole shards at once. No manifest,
+(sharded Zarr v3, zstd 1 inside, crc32c index; zstd 3 Parquet), whole shards at once. No manifest,
 no checksums, no validation: the baseline is given every advantage.
 
     python benches/baseline.py SOURCE.zip OUTDIR
