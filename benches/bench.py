@@ -11,7 +11,8 @@ deflate), then runs, interleaved and repeated:
             scales two independent jobs (shared caches, memory bandwidth, neighbours on a VM) in
             the same minutes, to read the 2-thread speedup against; also what a cluster user
             gets by running two mice at 1 thread instead of one at 2
-and prints wall time, CPU time (user+sys), peak RSS (each child's own, from wait4) and the
+and prints wall time, CPU time (user+sys), peak RSS (each child's own, from wait4;
+Linux keeps the size of the process that started it, this script's ~14 MB, as a floor) and the
 ratios the targets are stated in. With --check, our output of the first workload is compared
 value for value with the source (tests/python/helpers.py).
 

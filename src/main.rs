@@ -244,7 +244,7 @@ fn print_plan(plan: &RunPlan) {
 fn print_report(verb: &str, report: &ConvertReport) {
     let mb = |b: u64| b as f64 / 1e6;
     out!(
-                "{verb} {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} thread{}",
+                "{verb} {} ({} trials) -> {}\n  input {:.1} MB, output {:.1} MB (ratio {:.2}), {:.1} s, {:.1} MB/s, {} thread{}{}",
                 report.dataset,
                 report.trials,
                 report.dataset_dir.display(),
@@ -254,7 +254,11 @@ fn print_report(verb: &str, report: &ConvertReport) {
                 report.seconds,
                 mb(report.stages.iter().map(|s| s.bytes).sum()) / report.seconds.max(1e-9),
                 report.threads,
-                if report.threads == 1 { "" } else { "s" }
+                if report.threads == 1 { "" } else { "s" },
+                report
+                    .peak_memory_bytes
+                    .map(|peak| format!(", peak memory {:.0} MB", mb(peak)))
+                    .unwrap_or_default()
             );
     for s in &report.stages {
         out!(

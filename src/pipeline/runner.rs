@@ -65,6 +65,8 @@ pub struct ConvertReport {
     pub output_bytes: u64,
     pub seconds: f64,
     pub threads: usize,
+    /// Peak resident memory of this conversion, where the system reports it (Linux).
+    pub peak_memory_bytes: Option<u64>,
     pub stages: Vec<StageReport>,
 }
 
@@ -278,6 +280,7 @@ fn convert_with(
     shards: Option<(&Path, &AssembleShards)>,
 ) -> Result<ConvertReport> {
     let started = Instant::now();
+    reset_peak_memory();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -312,6 +315,7 @@ fn convert_with(
         output_bytes: 0,
         seconds: 0.0,
         threads,
+        peak_memory_bytes: None,
         stages: Vec::new(),
     };
     if prep.up_to_date() {
@@ -321,6 +325,7 @@ fn convert_with(
             .as_ref()
             .map_or(0, |l| l.stages.iter().map(|s| s.outputs.len() as u64).sum());
         report.seconds = started.elapsed().as_secs_f64();
+        report.peak_memory_bytes = peak_memory_bytes();
         tracing::info!(dataset = %prep.name, "up to date");
         if !catalog::fragment_path(&opts.store, &prep.name).exists() {
             let manifest: Manifest = std::fs::read(prep.dataset_dir.join(manifest::FILE_NAME))
@@ -608,6 +613,7 @@ fn run_stages_and_publish(
         checksum: String::new(),
     };
     report.seconds = started.elapsed().as_secs_f64();
+    report.peak_memory_bytes = peak_memory_bytes();
     let run_record = serde_json::json!({
         "tool_version": crate::VERSION,
         "started_unix": started_unix,
@@ -617,6 +623,7 @@ fn run_stages_and_publish(
         "source_kind": prep.source.kind,
         "pipeline_file": opts.pipeline_file,
         "threads": threads,
+        "peak_memory_bytes": report.peak_memory_bytes,
         "stages": report.stages,
     });
     write_synced(
@@ -888,6 +895,23 @@ fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// Peak resident memory of this process since the last `reset_peak_memory` (Linux: `VmHWM` in
+/// `/proc/self/status`); `None` where the system does not report it.
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Starts the peak over from the current size, so that each dataset `ingest` converts records
+/// its own peak, not the largest of every dataset before it. Best effort: `5` resets the peak
+/// resident set size (Linux, proc(5) `clear_refs`); elsewhere, or where /proc is read-only,
+/// the peak is the process's.
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 pub(crate) fn hostname() -> String {

@@ -1,9 +1,12 @@
 """What operators see: log lines without carriage returns off a terminal, JSON events, quiet
-mode, shell completions, help with examples."""
+mode, shell completions, help with examples, the peak memory they size jobs by."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +55,29 @@ def test_completions(shell, marker):
 def test_help_has_examples(command):
     proc = helpers.run(command, "--help")
     assert proc.returncode == 0 and "Example" in proc.stdout, proc.stdout
+
+
+def test_peak_memory_is_reported_and_agrees_with_the_kernel(tmp_path):
+    """The summary line and run.json give the conversion's peak resident memory (what a SLURM
+    `--mem` is sized by); it must agree with the peak the kernel reports for the process."""
+    # Linux keeps a process's peak RSS across exec, so a child started straight from this
+    # (large) pytest process would report pytest's size: a small Python starts it instead.
+    measure = ("import os, subprocess, sys\n"
+               "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)\n"
+               "out = p.stdout.read()\n"
+               "_, status, usage = os.wait4(p.pid, 0)\n"
+               "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n"
+               "print(out, end='')\n")
+    proc = subprocess.run([sys.executable, "-c", measure, str(helpers.binary()), "convert",
+                           str(FIXTURE), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    code, kib = proc.stdout.splitlines()[0].split()
+    stdout = proc.stdout.split("\n", 1)[1]
+    assert int(code) == 0, proc.stdout + proc.stderr
+    kernel_peak = int(kib) * 1024                  # Linux: KiB
+    recorded = helpers.read_json(tmp_path / "dynamic90001-1-1" / "run.json")["peak_memory_bytes"]
+    # Counted from the start of the conversion, so at most the process's lifetime peak, and the
+    # conversion is what makes that peak.
+    assert 0.5 * kernel_peak <= recorded <= kernel_peak, (recorded, kernel_peak)
+    shown = re.search(r", peak memory (\d+) MB$", stdout.splitlines()[1])
+    assert shown and int(shown.group(1)) == round(recorded / 1e6), stdout
