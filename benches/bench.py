@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,19 +38,27 @@ PY = sys.executable
 def run_measured(cmds: list[list[str]]) -> dict:
     """Runs the commands side by side; returns the wall seconds until the last one ends, their
     CPU seconds together and the largest peak RSS (MB) of any one of them."""
+    # stderr goes to files, not pipes: a child logging more than a pipe holds would block
+    # while we wait for it.
+    logs = [tempfile.TemporaryFile() for _ in cmds]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in cmds]
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=log)
+             for c, log in zip(cmds, logs)]
     cpu, rss = 0.0, 0.0
-    for cmd, p in zip(cmds, procs):
+    for cmd, p, log in zip(cmds, procs, logs):
         # wait4 gives this child's own rusage (not the running total of every child so far).
         _, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
-        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
         if p.returncode != 0:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
             raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
         cpu += ru.ru_utime + ru.ru_stime
         rss = max(rss, ru.ru_maxrss / 1024)
-    return {"wall": time.perf_counter() - t0, "cpu": cpu, "rss": rss}
+    wall = time.perf_counter() - t0
+    for log in logs:
+        log.close()
+    return {"wall": wall, "cpu": cpu, "rss": rss}
 
 
 def workload(work: Path, trials: int) -> Path:
