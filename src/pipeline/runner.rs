@@ -899,7 +899,7 @@ fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
 
 /// Peak resident memory of this process since the last `reset_peak_memory` (Linux: `VmHWM` in
 /// `/proc/self/status`); `None` where the system does not report it.
-pub fn peak_memory_bytes() -> Option<u64> {
+fn peak_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
