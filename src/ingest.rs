@@ -20,6 +20,7 @@ pub struct IngestOptions {
     pub pipeline_text: String,
     pub pipeline_file: String,
     pub threads: Option<usize>,
+    pub max_memory: Option<u64>,
     /// A source modified more recently than this is taken to be still arriving.
     pub min_age: Duration,
     /// Time between the two looks at each source; a source that changed between them is skipped.
@@ -217,6 +218,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
             pipeline_file: opts.pipeline_file.clone(),
             force: false,
             threads: opts.threads,
+            max_memory: opts.max_memory,
             progress: opts.progress,
         };
         match convert(&options) {

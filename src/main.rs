@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sensorium_ingest::inspect::inspect;
+use sensorium_ingest::pipeline::memory;
 use sensorium_ingest::pipeline::runner::{
     convert, plan_run, ConvertOptions, ConvertReport, RunPlan,
 };
@@ -72,6 +73,7 @@ impl Target {
     fn options(
         self,
         threads: Option<usize>,
+        max_memory: Option<u64>,
         progress: ProgressMode,
     ) -> Result<ConvertOptions, Error> {
         let (pipeline_text, pipeline_file) = load_pipeline(&self.pipeline)?;
@@ -83,9 +85,18 @@ impl Target {
             pipeline_file,
             force: self.force,
             threads,
+            max_memory,
             progress,
         })
     }
+}
+
+#[derive(clap::Args)]
+struct MemoryArg {
+    /// Memory the run must fit in, e.g. 4G (K/M/G/T are powers of 1024, as SLURM's --mem):
+    /// fewer threads are used if needed. Default: the cgroup's or SLURM's limit, if any.
+    #[arg(long, value_name = "SIZE", value_parser = memory::parse_size)]
+    max_memory: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -97,9 +108,12 @@ enum Command {
     Convert {
         #[command(flatten)]
         target: Target,
-        /// Worker threads (default: all cores). Output is identical for any value.
+        /// Worker threads (default: every core the process may use, at most
+        /// SLURM_CPUS_PER_TASK). Output is identical for any value.
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        memory: MemoryArg,
         /// Show what would run and why, write nothing (same as `plan`).
         #[arg(long)]
         dry_run: bool,
@@ -122,6 +136,8 @@ enum Command {
         source: Option<PathBuf>,
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        memory: MemoryArg,
     },
     /// Show each stage of a conversion and whether it would run or be reused, and why.
     #[command(
@@ -144,6 +160,8 @@ enum Command {
         pipeline: Option<PathBuf>,
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        memory: MemoryArg,
         /// Leave sources modified less than this many seconds ago for the next run.
         #[arg(long, default_value_t = 120, value_name = "SECONDS")]
         min_age: u64,
@@ -221,12 +239,27 @@ fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
     }
 }
 
+/// The header line, then one line per stage (scripts read the stage lines by position).
 fn print_plan(plan: &RunPlan) {
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let resources = match &plan.threads {
+        _ if plan.up_to_date => " (up to date)".to_string(),
+        None => String::new(),
+        Some(c) => format!(
+            "; {} thread{}, memory at most ~{} MiB ({})",
+            c.threads,
+            if c.threads == 1 { "" } else { "s" },
+            mib(c.estimate_bytes),
+            match &c.limit {
+                Some(l) => format!("limit {} MiB: {}", mib(l.bytes), l.origin),
+                None => "no memory limit found".into(),
+            }
+        ),
+    };
     out!(
-        "{} -> {}{}",
+        "{} -> {}{resources}",
         plan.dataset,
-        plan.dataset_dir.display(),
-        if plan.up_to_date { " (up to date)" } else { "" }
+        plan.dataset_dir.display()
     );
     for s in &plan.stages {
         out!(
@@ -318,7 +351,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     let progress = progress_mode(&cli);
     match cli.command {
         Command::Plan { target } => {
-            print_plan(&plan_run(&target.options(None, progress)?)?);
+            print_plan(&plan_run(&target.options(None, None, progress)?)?);
             Ok(())
         }
         Command::Verify { path, against } => {
@@ -354,10 +387,11 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Convert {
             target,
             threads,
+            memory,
             dry_run,
             shard,
         } => {
-            let options = target.options(threads, progress)?;
+            let options = target.options(threads, memory.max_memory, progress)?;
             let shard = shard
                 .map(|s| s.resolve(|name| std::env::var(name).ok()))
                 .transpose()?;
@@ -414,11 +448,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             dataset,
             source,
             threads,
+            memory,
         } => {
             match shards::finalize(&FinalizeOptions {
                 dataset_dir: dataset,
                 source,
                 threads,
+                max_memory: memory.max_memory,
                 progress,
             })? {
                 Finalized::AlreadyComplete(dir) => {
@@ -453,6 +489,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             out,
             pipeline,
             threads,
+            memory,
             min_age,
             settle,
         } => {
@@ -463,6 +500,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 pipeline_text,
                 pipeline_file,
                 threads,
+                max_memory: memory.max_memory,
                 min_age: std::time::Duration::from_secs(min_age),
                 settle: std::time::Duration::from_secs_f64(settle.max(0.0)),
                 progress,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::keys::{decide, stage_keys, Decision, Origin, StageKey};
+use super::memory::{self, MemoryModel, ThreadChoice};
 use super::plan::{plan, Disposition, Plan, StagePlan};
 use super::spec::{Measure, Pipeline, Stage};
 use crate::catalog::{self, CatalogRow};
@@ -36,8 +37,11 @@ pub struct ConvertOptions {
     /// How to name the pipeline file in messages.
     pub pipeline_file: String,
     pub force: bool,
-    /// Worker threads; `None` uses every core.
+    /// Worker threads; `None` uses every core the process may use.
     pub threads: Option<usize>,
+    /// Memory the run must fit in (fewer threads if needed); `None`: the cgroup's or SLURM's
+    /// limit, if any (`memory::detect_limit`).
+    pub max_memory: Option<u64>,
     /// How progress is shown.
     pub progress: ProgressMode,
 }
@@ -77,6 +81,8 @@ pub struct RunPlan {
     pub dataset_dir: PathBuf,
     pub up_to_date: bool,
     pub stages: Vec<PlannedStage>,
+    /// Threads the run would use and the memory it may need; None when nothing would run.
+    pub threads: Option<ThreadChoice>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -238,7 +244,13 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
             writes: s.output().to_string(),
         })
         .collect();
+    let threads = if prep.up_to_date() {
+        None
+    } else {
+        Some(thread_choice(opts, &prep)?)
+    };
     Ok(RunPlan {
+        threads,
         up_to_date: prep.up_to_date(),
         dataset: prep.name.clone(),
         dataset_dir: prep.dataset_dir.clone(),
@@ -246,15 +258,15 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     })
 }
 
-/// Worker threads: as asked, or every core.
-pub(crate) fn thread_count(threads: Option<usize>) -> usize {
-    threads
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1)
+/// Worker threads: as asked, or every core the process may use, then as many of those as fit
+/// in the memory limit (`memory::choose_threads`).
+pub(crate) fn thread_choice(opts: &ConvertOptions, prep: &Prepared) -> Result<ThreadChoice> {
+    let model = MemoryModel::new(&prep.plan, &prep.source, &opts.pipeline_file)?;
+    Ok(memory::choose_threads(
+        opts.threads,
+        opts.max_memory,
+        &model,
+    ))
 }
 
 /// The locks of stages whose outputs a sharded run's tasks wrote, by stage index.
@@ -296,7 +308,13 @@ fn convert_with(
         }
         prep.shards_dir = Some(dir.to_path_buf());
     }
-    let threads = thread_count(opts.threads);
+    // Nothing runs when the dataset is up to date: no threads to choose (and no warnings).
+    let choice = if prep.up_to_date() {
+        None
+    } else {
+        Some(thread_choice(opts, &prep)?)
+    };
+    let threads = choice.as_ref().map_or(0, |c| c.threads);
     let mut report = ConvertReport {
         dataset: prep.name.clone(),
         dataset_dir: prep.dataset_dir.clone(),
@@ -345,12 +363,13 @@ fn convert_with(
         .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
     let staging = &prep.staging_dir;
     prepare_staging(&prep)?;
+    let choice = choice.ok_or_else(|| Error::Internal("no thread count for a run".into()))?;
     let result = run_stages_and_publish(
         opts,
         &pipeline,
         &prep,
         report,
-        threads,
+        &choice,
         started,
         started_unix,
     );
@@ -367,10 +386,11 @@ fn run_stages_and_publish(
     pipeline: &Pipeline,
     prep: &Prepared,
     mut report: ConvertReport,
-    threads: usize,
+    choice: &ThreadChoice,
     started: Instant,
     started_unix: u64,
 ) -> Result<ConvertReport> {
+    let threads = choice.threads;
     let staging = &prep.staging_dir;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -623,6 +643,9 @@ fn run_stages_and_publish(
         "source_kind": prep.source.kind,
         "pipeline_file": opts.pipeline_file,
         "threads": threads,
+        "threads_wanted": choice.wanted,
+        "memory_limit": choice.limit,
+        "memory_estimate_bytes": choice.estimate_bytes,
         "peak_memory_bytes": report.peak_memory_bytes,
         "stages": report.stages,
     });

@@ -384,7 +384,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             .map_err(|e| Error::io(&receipt_file, "cannot remove an old receipt", e))?;
     }
 
-    let threads = runner::thread_count(opts.threads);
+    let threads = runner::thread_choice(opts, &prep)?.threads;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -548,6 +548,7 @@ pub struct FinalizeOptions {
     /// The source, where it is not at the path the first task recorded.
     pub source: Option<PathBuf>,
     pub threads: Option<usize>,
+    pub max_memory: Option<u64>,
     pub progress: ProgressMode,
 }
 
@@ -598,6 +599,7 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
         pipeline_file: job.pipeline_file.clone(),
         force: job.force,
         threads: opts.threads,
+        max_memory: opts.max_memory,
         progress: opts.progress,
     };
     let report = runner::convert_assembled(&convert_opts, &dir, &|pipeline, prep| {

@@ -67,8 +67,12 @@ pub fn write_metadata(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) ->
 
 /// Trials per shard of this stage's array: the grain a sharded run splits the trial axis at.
 pub fn trials_per_shard(plan: &TrialPlan<TrialArrayConfig>, pipeline_file: &str) -> Result<usize> {
-    let (_, shard) = resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?;
-    Ok(shard[0] as usize)
+    Ok(shard_shape(plan, pipeline_file)?[0] as usize)
+}
+
+/// The shape of one shard, as it is built in memory (`full` extents rounded up to whole chunks).
+pub fn shard_shape(plan: &TrialPlan<TrialArrayConfig>, pipeline_file: &str) -> Result<Vec<u64>> {
+    Ok(resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?.1)
 }
 
 fn array_shape(plan: &TrialPlan<TrialArrayConfig>) -> Vec<u64> {
