@@ -157,3 +157,18 @@ def test_the_cgroup_memory_limit_is_found_and_kept(mouse, tmp_path):
         assert not (tmp_path / "b" / helpers.dataset_name(mouse.name[:-4])).exists()
     finally:
         folder.rmdir()
+
+
+def test_a_slurm_task_uses_its_cpus_and_its_mem(mouse, tmp_path):
+    """In a SLURM job without task affinity every core of the node is visible: the default is
+    SLURM_CPUS_PER_TASK, and SLURM's --mem (SLURM_MEM_PER_NODE, in MiB) is a limit too."""
+    env = dict(os.environ, SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="2", SLURM_MEM_PER_NODE="200")
+    proc = subprocess.run([str(helpers.binary()), "convert", str(mouse), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    run = run_record(tmp_path, mouse)
+    assert run["threads_wanted"] == min(2, len(os.sched_getaffinity(0))), run
+    assert run["memory_limit"] == {"bytes": 200 * MIB, "origin": "SLURM_MEM_PER_NODE=200"}, run
+    # One thread may need ~166 MiB, two ~265 MiB: one fits.
+    assert run["threads"] == 1 and run["memory_estimate_bytes"] <= 200 * MIB, run
