@@ -38,7 +38,13 @@ pub struct MemoryModel {
 }
 
 impl MemoryModel {
-    pub fn new(plan: &Plan, source: &Source, pipeline_file: &str) -> Result<MemoryModel> {
+    /// From the stages that may run (`runs(index)`): the others need no memory.
+    pub fn new(
+        plan: &Plan,
+        runs: impl Fn(usize) -> bool,
+        source: &Source,
+        pipeline_file: &str,
+    ) -> Result<MemoryModel> {
         let entry_bytes = |entries: &mut dyn Iterator<Item = &ArrayEntry>| {
             entries
                 .map(|e| source.entries.get(e.entry).map_or(0, |e| e.size))
@@ -46,7 +52,7 @@ impl MemoryModel {
                 .unwrap_or(0)
         };
         let mut stages = Vec::with_capacity(plan.stages.len());
-        for stage in &plan.stages {
+        for (_, stage) in plan.stages.iter().enumerate().filter(|(i, _)| runs(*i)) {
             stages.push(match stage {
                 StagePlan::TrialArray(p) => {
                     let shard = trial_array::shard_shape(p, pipeline_file)?;

@@ -247,7 +247,7 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     let threads = if prep.up_to_date() {
         None
     } else {
-        Some(thread_choice(opts, &prep)?)
+        Some(thread_choice(opts, &prep, |i| may_run(&prep, i))?)
     };
     Ok(RunPlan {
         threads,
@@ -259,14 +259,30 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
 }
 
 /// Worker threads: as asked, or every core the process may use, then as many of those as fit
-/// in the memory limit (`memory::choose_threads`).
-pub(crate) fn thread_choice(opts: &ConvertOptions, prep: &Prepared) -> Result<ThreadChoice> {
-    let model = MemoryModel::new(&prep.plan, &prep.source, &opts.pipeline_file)?;
+/// in the memory limit (`memory::choose_threads`) with the stages that `runs` (by index).
+pub(crate) fn thread_choice(
+    opts: &ConvertOptions,
+    prep: &Prepared,
+    runs: impl Fn(usize) -> bool,
+) -> Result<ThreadChoice> {
+    let model = MemoryModel::new(&prep.plan, runs, &prep.source, &opts.pipeline_file)?;
     Ok(memory::choose_threads(
         opts.threads,
         opts.max_memory,
         &model,
     ))
+}
+
+/// Whether stage `index` may run: a stage reused from the store or a partial run still runs
+/// when its files turn out damaged; one whose shards the tasks wrote does not (`finalize`).
+fn may_run(prep: &Prepared, index: usize) -> bool {
+    !matches!(
+        prep.decisions.get(index),
+        Some(Decision::Reuse {
+            origin: Origin::Shards,
+            ..
+        })
+    )
 }
 
 /// The locks of stages whose outputs a sharded run's tasks wrote, by stage index.
@@ -312,7 +328,7 @@ fn convert_with(
     let choice = if prep.up_to_date() {
         None
     } else {
-        Some(thread_choice(opts, &prep)?)
+        Some(thread_choice(opts, &prep, |i| may_run(&prep, i))?)
     };
     let threads = choice.as_ref().map_or(0, |c| c.threads);
     let mut report = ConvertReport {

@@ -384,7 +384,11 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             .map_err(|e| Error::io(&receipt_file, "cannot remove an old receipt", e))?;
     }
 
-    let threads = runner::thread_choice(opts, &prep)?.threads;
+    // A task runs the trial_array stages only.
+    let threads = runner::thread_choice(opts, &prep, |i| {
+        matches!(prep.plan.stages.get(i), Some(StagePlan::TrialArray(_)))
+    })?
+    .threads;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

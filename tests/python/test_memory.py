@@ -172,3 +172,20 @@ def test_a_slurm_task_uses_its_cpus_and_its_mem(mouse, tmp_path):
     assert run["memory_limit"] == {"bytes": 200 * MIB, "origin": "SLURM_MEM_PER_NODE=200"}, run
     # One thread may need ~166 MiB, two ~265 MiB: one fits.
     assert run["threads"] == 1 and run["memory_estimate_bytes"] <= 200 * MIB, run
+
+
+def test_finalize_counts_only_what_it_runs(mouse, tmp_path):
+    """finalize writes the tables and statistics; the tasks wrote the shards. So its estimate
+    leaves the shard buffers out, and a small --max-memory does not cut its threads."""
+    store = tmp_path / "store"
+    task = helpers.run("convert", mouse, "--out", store, "--shard", "0/1")
+    assert task.returncode == 0, helpers.describe_run(task)
+    fin = helpers.run("finalize", store / helpers.dataset_name(mouse.name[:-4]), "--threads", "2",
+                      "--max-memory", "150M")
+    assert fin.returncode == 0, helpers.describe_run(fin)
+    run = run_record(store, mouse)
+    assert run["threads"] == 2 and run["memory_estimate_bytes"] <= 150 * MIB, run
+    whole = helpers.run("convert", mouse, "--out", tmp_path / "whole", "--dry-run", "--threads",
+                        "2", "--max-memory", "150M")
+    assert re.search(r"; 1 thread, memory at most ~\d+ MiB \(limit 150 MiB", whole.stdout), \
+        whole.stdout
