@@ -17,9 +17,10 @@ use crate::error::Result;
 use crate::pipeline::plan::{ArrayEntry, Plan, StagePlan};
 use crate::source::Source;
 use crate::stages::trial_array;
+use crate::stages::trial_table::TRIALS_PER_BATCH;
 
 /// What the process holds whatever the stage: code, allocator, source index, plan, records.
-/// Measured: 54 MB peak for the bundled 12-trial fixture (tiny arrays); 105-111 MB for a
+/// Measured: 54 MB peak for the bundled fixture (11 trials, tiny arrays); 105-111 MB for a
 /// real-size mouse at 1 thread, of which ~55 MB is the thread's shard and entry buffers.
 pub const FIXED_BYTES: u64 = 64 << 20;
 
@@ -52,7 +53,8 @@ impl MemoryModel {
                 .unwrap_or(0)
         };
         let mut stages = Vec::with_capacity(plan.stages.len());
-        for (_, stage) in plan.stages.iter().enumerate().filter(|(i, _)| runs(*i)) {
+        let may_run = plan.stages.iter().enumerate().filter(|(i, _)| runs(*i));
+        for (_, stage) in may_run {
             stages.push(match stage {
                 StagePlan::TrialArray(p) => {
                     let shard = trial_array::shard_shape(p, pipeline_file)?;
@@ -69,14 +71,15 @@ impl MemoryModel {
                     }
                 }
                 StagePlan::TrialTable(p) => {
-                    // Windows of 16-trial batches, two per thread; the writer keeps a row
-                    // group of the whole table at most.
+                    // Two batches per thread in flight (`window_len`), each as columns and as a
+                    // record batch; the writer keeps a row group of the whole table at most.
+                    let batch = TRIALS_PER_BATCH as u64;
                     let entry = entry_bytes(&mut p.trials.iter());
                     let total = entry.saturating_mul(p.trials.len() as u64);
                     StageNeed {
                         fixed: total.saturating_mul(2),
-                        per_thread: entry.saturating_mul(16 * 2 * 2),
-                        items: p.trials.len().div_ceil(16),
+                        per_thread: entry.saturating_mul(batch * 2 * 2),
+                        items: p.trials.len().div_ceil(TRIALS_PER_BATCH),
                     }
                 }
                 StagePlan::Statistics(p) => StageNeed {

@@ -17,7 +17,7 @@ use crate::pipeline::spec::TrialTableConfig;
 use crate::writers::parquet::{arrow_type, numeric_column, TableWriter};
 
 /// Trials per record batch.
-const TRIALS_PER_BATCH: usize = 16;
+pub(crate) const TRIALS_PER_BATCH: usize = 16;
 
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<StageResult> {
     let c = plan.config;
