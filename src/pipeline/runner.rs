@@ -324,13 +324,6 @@ fn convert_with(
         }
         prep.shards_dir = Some(dir.to_path_buf());
     }
-    // Nothing runs when the dataset is up to date: no threads to choose (and no warnings).
-    let choice = if prep.up_to_date() {
-        None
-    } else {
-        Some(thread_choice(opts, &prep, |i| may_run(&prep, i))?)
-    };
-    let threads = choice.as_ref().map_or(0, |c| c.threads);
     let mut report = ConvertReport {
         dataset: prep.name.clone(),
         dataset_dir: prep.dataset_dir.clone(),
@@ -348,7 +341,9 @@ fn convert_with(
             .unwrap_or(0),
         output_bytes: 0,
         seconds: 0.0,
-        threads,
+        // Chosen below, once it is known that something runs (an up-to-date dataset needs no
+        // threads, and no warnings about them).
+        threads: 0,
         peak_memory_bytes: None,
         stages: Vec::new(),
     };
@@ -375,11 +370,12 @@ fn convert_with(
         }
         return Ok(report);
     }
+    let choice = thread_choice(opts, &prep, |i| may_run(&prep, i))?;
+    report.threads = choice.threads;
     std::fs::create_dir_all(&opts.store)
         .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
     let staging = &prep.staging_dir;
     prepare_staging(&prep)?;
-    let choice = choice.ok_or_else(|| Error::Internal("no thread count for a run".into()))?;
     let result = run_stages_and_publish(
         opts,
         &pipeline,
