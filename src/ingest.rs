@@ -21,6 +21,9 @@ pub struct IngestOptions {
     pub pipeline_file: String,
     pub threads: Option<usize>,
     pub max_memory: Option<u64>,
+    /// Write large Zarr objects with direct I/O where the file system takes it
+    /// (`writers::output_store`); `false`: through the page cache.
+    pub direct_io: bool,
     /// A source modified more recently than this is taken to be still arriving.
     pub min_age: Duration,
     /// Time between the two looks at each source; a source that changed between them is skipped.
@@ -219,6 +222,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
             force: false,
             threads: opts.threads,
             max_memory: opts.max_memory,
+            direct_io: opts.direct_io,
             progress: opts.progress,
         };
         match convert(&options) {

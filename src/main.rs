@@ -73,7 +73,7 @@ impl Target {
     fn options(
         self,
         threads: Option<usize>,
-        max_memory: Option<u64>,
+        resources: &ResourceArgs,
         progress: ProgressMode,
     ) -> Result<ConvertOptions, Error> {
         let (pipeline_text, pipeline_file) = load_pipeline(&self.pipeline)?;
@@ -85,18 +85,23 @@ impl Target {
             pipeline_file,
             force: self.force,
             threads,
-            max_memory,
+            max_memory: resources.max_memory,
+            direct_io: !resources.no_direct_io,
             progress,
         })
     }
 }
 
 #[derive(clap::Args)]
-struct MemoryArg {
+struct ResourceArgs {
     /// Memory the run must fit in, e.g. 4G (K/M/G/T are powers of 1024, as SLURM's --mem):
     /// fewer threads are used if needed. Default: the cgroup's or SLURM's limit, if any.
     #[arg(long, value_name = "SIZE", value_parser = memory::parse_size)]
     max_memory: Option<u64>,
+    /// Write shards through the page cache instead of with direct I/O (O_DIRECT). Direct I/O
+    /// is used only where the file system takes it; see docs/operations.md.
+    #[arg(long)]
+    no_direct_io: bool,
 }
 
 #[derive(Subcommand)]
@@ -113,7 +118,7 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
         #[command(flatten)]
-        memory: MemoryArg,
+        resources: ResourceArgs,
         /// Show what would run and why, write nothing (same as `plan`).
         #[arg(long)]
         dry_run: bool,
@@ -137,7 +142,7 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
         #[command(flatten)]
-        memory: MemoryArg,
+        resources: ResourceArgs,
     },
     /// Show each stage of a conversion and whether it would run or be reused, and why.
     #[command(
@@ -161,7 +166,7 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
         #[command(flatten)]
-        memory: MemoryArg,
+        resources: ResourceArgs,
         /// Leave sources modified less than this many seconds ago for the next run.
         #[arg(long, default_value_t = 120, value_name = "SECONDS")]
         min_age: u64,
@@ -351,7 +356,11 @@ fn run(cli: Cli) -> Result<(), Error> {
     let progress = progress_mode(&cli);
     match cli.command {
         Command::Plan { target } => {
-            print_plan(&plan_run(&target.options(None, None, progress)?)?);
+            let defaults = ResourceArgs {
+                max_memory: None,
+                no_direct_io: false,
+            };
+            print_plan(&plan_run(&target.options(None, &defaults, progress)?)?);
             Ok(())
         }
         Command::Verify { path, against } => {
@@ -387,11 +396,11 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Convert {
             target,
             threads,
-            memory,
+            resources,
             dry_run,
             shard,
         } => {
-            let options = target.options(threads, memory.max_memory, progress)?;
+            let options = target.options(threads, &resources, progress)?;
             let shard = shard
                 .map(|s| s.resolve(|name| std::env::var(name).ok()))
                 .transpose()?;
@@ -448,13 +457,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             dataset,
             source,
             threads,
-            memory,
+            resources,
         } => {
             match shards::finalize(&FinalizeOptions {
                 dataset_dir: dataset,
                 source,
                 threads,
-                max_memory: memory.max_memory,
+                max_memory: resources.max_memory,
+                direct_io: !resources.no_direct_io,
                 progress,
             })? {
                 Finalized::AlreadyComplete(dir) => {
@@ -489,7 +499,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             out,
             pipeline,
             threads,
-            memory,
+            resources,
             min_age,
             settle,
         } => {
@@ -500,7 +510,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                 pipeline_text,
                 pipeline_file,
                 threads,
-                max_memory: memory.max_memory,
+                max_memory: resources.max_memory,
+                direct_io: !resources.no_direct_io,
                 min_age: std::time::Duration::from_secs(min_age),
                 settle: std::time::Duration::from_secs_f64(settle.max(0.0)),
                 progress,

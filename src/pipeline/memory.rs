@@ -8,7 +8,8 @@
 //!
 //! The estimate is an upper bound from the plan: a fixed part, plus per thread the shard buffer
 //! of the largest array, its encoded copy taken as incompressible, and the largest source entry
-//! twice (its compressed bytes and, off the in-place path, its inflated copy). On the Sensorium
+//! twice (its compressed bytes and, off the in-place path, its inflated copy), and the copy
+//! buffer of direct I/O writes (`writers::output_store`). On the Sensorium
 //! layout the measured peak is 60-75% of it (docs/operations.md).
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::pipeline::plan::{ArrayEntry, Plan, StagePlan};
 use crate::source::Source;
 use crate::stages::trial_array;
 use crate::stages::trial_table::TRIALS_PER_BATCH;
+use crate::writers::output_store::BOUNCE_CAPACITY;
 
 /// What the process holds whatever the stage: code, allocator, source index, plan, records.
 /// Measured: 54 MB peak for the bundled fixture (11 trials, tiny arrays); 105-111 MB for a
@@ -66,7 +68,8 @@ impl MemoryModel {
                         fixed: 0,
                         per_thread: shard_bytes
                             .saturating_mul(2)
-                            .saturating_add(entry.saturating_mul(2)),
+                            .saturating_add(entry.saturating_mul(2))
+                            .saturating_add(BOUNCE_CAPACITY),
                         items: p.trials.len().div_ceil(shard[0].max(1) as usize),
                     }
                 }
@@ -85,7 +88,9 @@ impl MemoryModel {
                 StagePlan::Statistics(p) => StageNeed {
                     fixed: 0,
                     // The entry as read, its little-endian copy, its encoded chunk.
-                    per_thread: entry_bytes(&mut p.arrays.iter().map(|(_, e)| e)).saturating_mul(3),
+                    per_thread: entry_bytes(&mut p.arrays.iter().map(|(_, e)| e))
+                        .saturating_mul(3)
+                        .saturating_add(BOUNCE_CAPACITY),
                     items: p.arrays.len(),
                 },
                 StagePlan::MetaTable(p) => {

@@ -24,6 +24,7 @@ use crate::progress::{self, ProgressMode, StageProgress};
 use crate::source::Source;
 use crate::stages::{self, MeasureValues, StageContext, StageResult};
 use crate::validate::{self, contract, stage_output::check_stage_output};
+use crate::writers::output_store::WriteLog;
 use crate::writers::zarr::ZarrStore;
 use crate::writers::Provenance;
 
@@ -42,6 +43,9 @@ pub struct ConvertOptions {
     /// Memory the run must fit in (fewer threads if needed); `None`: the cgroup's or SLURM's
     /// limit, if any (`memory::detect_limit`).
     pub max_memory: Option<u64>,
+    /// Write large Zarr objects with direct I/O where the file system takes it
+    /// (`writers::output_store`); `false`: through the page cache.
+    pub direct_io: bool,
     /// How progress is shown.
     pub progress: ProgressMode,
 }
@@ -415,6 +419,7 @@ fn run_stages_and_publish(
         stages: Vec::new(),
     };
     let mut measures: BTreeMap<(String, Measure), MeasureValues> = BTreeMap::new();
+    let writes = WriteLog::new(opts.direct_io);
     let groups = group_paths(pipeline, &prep.plan);
     for (index, (((stage, stage_plan), decision), key)) in pipeline
         .stages
@@ -466,6 +471,7 @@ fn run_stages_and_publish(
             provenance: &stage_provenance,
             measures: &measures,
             pipeline_file: &opts.pipeline_file,
+            writes: &writes,
         };
         let locked = match decision {
             Decision::Reuse { origin, lock } => {
@@ -514,7 +520,7 @@ fn run_stages_and_publish(
                 // Validation between stages: what this stage wrote, read back from disk.
                 check_stage_output(staging, &prep.plan, stage, stage_plan)?;
                 let outputs =
-                    pool.install(|| hash_stage_outputs(staging, stage.output(), &groups))?;
+                    pool.install(|| hash_stage_outputs(staging, stage.output(), &groups, &writes))?;
                 report.stages.push(StageReport {
                     id: stage.id().into(),
                     kind: stage.name().into(),
@@ -659,6 +665,9 @@ fn run_stages_and_publish(
         "memory_limit": choice.limit,
         "memory_estimate_bytes": choice.estimate_bytes,
         "peak_memory_bytes": report.peak_memory_bytes,
+        "direct_io": opts.direct_io,
+        "direct_io_writes": writes.counts().0,
+        "buffered_zarr_writes": writes.counts().1,
         "stages": report.stages,
     });
     write_synced(
@@ -865,6 +874,7 @@ fn hash_stage_outputs(
     staging: &Path,
     output: &str,
     groups: &BTreeMap<String, BTreeSet<String>>,
+    log: &WriteLog,
 ) -> Result<BTreeMap<String, String>> {
     let group_files: BTreeSet<String> = groups
         .iter()
@@ -885,10 +895,24 @@ fn hash_stage_outputs(
         .into_par_iter()
         .filter(|f| !group_files.contains(f))
         .map(|f| {
-            let hash = validate::hash_file(&staging.join(&f))?.1;
+            let hash = written_hash(&staging.join(&f), log)?;
             Ok((f, hash))
         })
         .collect()
+}
+
+/// BLAKE3 of a file the stage wrote: the one taken as it was written if the file still has
+/// the size written, otherwise (a file written some other way, e.g. Parquet) read back.
+pub(crate) fn written_hash(path: &Path, log: &WriteLog) -> Result<String> {
+    if let Some((size, hash)) = log.get(path) {
+        let on_disk = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, "cannot read back", e))?
+            .len();
+        if on_disk == size {
+            return Ok(hash);
+        }
+    }
+    Ok(validate::hash_file(path)?.1)
 }
 
 fn to_json_text<T: serde::Serialize>(value: &T) -> Result<String> {
@@ -1005,7 +1029,7 @@ fn write_groups(
     groups: &BTreeMap<String, BTreeSet<String>>,
 ) -> Result<()> {
     for (store_dir, paths) in groups {
-        let store = ZarrStore::open(&dir.join(store_dir))?;
+        let store = ZarrStore::open(&dir.join(store_dir), &WriteLog::new(false))?;
         for path in paths {
             let mut attributes = serde_json::Map::new();
             if path == "/" {

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::lock::{self_checksum, write_replacing, write_synced, StageLock};
 use crate::progress::{self, ProgressMode, StageProgress};
 use crate::stages::{self, MeasureValues, StageContext};
-use crate::validate;
+use crate::writers::output_store::WriteLog;
 
 pub const JOB_FILE: &str = "job.json";
 pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
@@ -395,6 +395,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
     let provenance = runner::provenance(&prep, &pipeline);
     let no_measures = BTreeMap::new();
+    let writes = WriteLog::new(opts.direct_io);
     let mut locks = Vec::new();
     for (((stage, plan), key), index) in pipeline
         .stages
@@ -416,6 +417,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             provenance: &stage_provenance,
             measures: &no_measures,
             pipeline_file: &opts.pipeline_file,
+            writes: &writes,
         };
         let (entries, bytes) = runner::stage_totals(&prep.source, &prep.plan, index);
         let share = |total: u64| total * trials.len() as u64 / n.max(1) as u64;
@@ -435,7 +437,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             result
                 .written
                 .par_iter()
-                .map(|f| Ok((f.clone(), validate::hash_file(&dir.join(f))?.1)))
+                .map(|f| Ok((f.clone(), runner::written_hash(&dir.join(f), &writes)?)))
                 .collect::<Result<BTreeMap<_, _>>>()
         })?;
         locks.push(runner::lock_from_result(
@@ -553,6 +555,9 @@ pub struct FinalizeOptions {
     pub source: Option<PathBuf>,
     pub threads: Option<usize>,
     pub max_memory: Option<u64>,
+    /// Write large Zarr objects with direct I/O where the file system takes it
+    /// (`writers::output_store`); `false`: through the page cache.
+    pub direct_io: bool,
     pub progress: ProgressMode,
 }
 
@@ -604,6 +609,7 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
         force: job.force,
         threads: opts.threads,
         max_memory: opts.max_memory,
+        direct_io: opts.direct_io,
         progress: opts.progress,
     };
     let report = runner::convert_assembled(&convert_opts, &dir, &|pipeline, prep| {

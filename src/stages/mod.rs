@@ -8,12 +8,14 @@ pub mod trial_table;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::npy::Header;
 use crate::pipeline::plan::{ArrayEntry, Plan};
 use crate::pipeline::spec::{Measure, Pipeline};
 use crate::source::{checked_header, read_npy, EntryReader, Source};
+use crate::writers::output_store::WriteLog;
 use crate::writers::Provenance;
 
 /// What every stage sees.
@@ -28,6 +30,8 @@ pub struct StageContext<'a> {
     pub measures: &'a BTreeMap<(String, Measure), MeasureValues>,
     /// The pipeline file's name, for errors about settings that only the data reveals.
     pub pipeline_file: &'a str,
+    /// How Zarr objects are written, and where their sizes and hashes are logged.
+    pub writes: &'a Arc<WriteLog>,
 }
 
 /// Per-trial facts computed while copying trials, in trial-axis order.

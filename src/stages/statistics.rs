@@ -15,7 +15,7 @@ use crate::writers::zarr::{store_chunk, ArraySpec, ZarrStore};
 pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
     let (store_dir, base) = split_zarr_path(&c.output);
-    let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir))?;
+    let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir), ctx.writes)?;
     let done: Vec<Result<(EntryRecord, u64)>> = map_with_state(
         plan.arrays.len(),
         || ctx.source.reader(),

@@ -91,7 +91,7 @@ fn open_array(
     let shape = array_shape(plan);
     let (chunk, shard) = resolve_shapes(c, &shape, ctx.pipeline_file)?;
     let (store_dir, array_path) = split_zarr_path(&c.output);
-    let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir))?;
+    let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir), ctx.writes)?;
     let mut attributes = serde_json::Map::new();
     attributes.insert("frame_rate_hz".into(), ctx.pipeline.frame_rate_hz.into());
     attributes.insert("source".into(), ctx.provenance.source.clone().into());

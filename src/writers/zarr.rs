@@ -15,14 +15,15 @@ use zarrs::group::GroupBuilder;
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Kind};
 use crate::pipeline::spec::{Codec, Compression, Shuffle};
+use crate::writers::output_store::{OutputStore, WriteLog};
 
-pub type ZarrArray = Array<FilesystemStore>;
+pub type ZarrArray = Array<OutputStore>;
 
 /// A Zarr v3 store rooted at a `.zarr` folder.
 #[derive(Clone)]
 pub struct ZarrStore {
     pub root: std::path::PathBuf,
-    store: Arc<FilesystemStore>,
+    store: Arc<OutputStore>,
 }
 
 /// How to create one array.
@@ -40,7 +41,7 @@ pub struct ArraySpec<'a> {
 }
 
 impl ZarrStore {
-    pub fn open(root: &Path) -> Result<ZarrStore> {
+    pub fn open(root: &Path, writes: &Arc<WriteLog>) -> Result<ZarrStore> {
         std::fs::create_dir_all(root)
             .map_err(|e| Error::io(root, "cannot create the Zarr store", e))?;
         let store = FilesystemStore::new(root).map_err(|e| {
@@ -48,7 +49,7 @@ impl ZarrStore {
         })?;
         Ok(ZarrStore {
             root: root.to_path_buf(),
-            store: Arc::new(store),
+            store: Arc::new(OutputStore::new(store, writes)),
         })
     }
 

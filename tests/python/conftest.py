@@ -81,6 +81,18 @@ def mouse(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def big_mouse(tmp_path_factory) -> Path:
+    """16 real-size trials (benches/gen_big.py): 4 shards of `responses`, 1 of `videos`."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("big")
+    proc = subprocess.run([sys.executable, str(helpers.REPO / "benches" / "gen_big.py"), str(out),
+                           "--trials", "16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
 def convert(tmp_path_factory, mouse):
     """convert(variant) -> Converted; each variant is generated and converted once."""
     cache: dict[str, object] = {}

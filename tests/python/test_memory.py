@@ -20,13 +20,9 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def mouse(tmp_path_factory) -> Path:
-    """16 real-size trials: 4 shards of `responses`, 1 of `videos`."""
-    out = tmp_path_factory.mktemp("big")
-    proc = subprocess.run([sys.executable, str(helpers.REPO / "benches" / "gen_big.py"), str(out),
-                           "--trials", "16"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return Path(proc.stdout.strip().splitlines()[-1])
+def mouse(big_mouse) -> Path:
+    """16 real-size trials (conftest's `big_mouse`)."""
+    return big_mouse
 
 
 def convert_measured(args: list, cgroup_procs: str = "") -> tuple[subprocess.CompletedProcess, int]:
