@@ -652,6 +652,7 @@ fn run_stages_and_publish(
     };
     report.seconds = started.elapsed().as_secs_f64();
     report.peak_memory_bytes = peak_memory_bytes();
+    let (direct_writes, buffered_writes) = writes.counts();
     let run_record = serde_json::json!({
         "tool_version": crate::VERSION,
         "started_unix": started_unix,
@@ -666,8 +667,8 @@ fn run_stages_and_publish(
         "memory_estimate_bytes": choice.estimate_bytes,
         "peak_memory_bytes": report.peak_memory_bytes,
         "direct_io": opts.direct_io,
-        "direct_io_writes": writes.counts().0,
-        "buffered_zarr_writes": writes.counts().1,
+        "direct_io_writes": direct_writes,
+        "buffered_zarr_writes": buffered_writes,
         "stages": report.stages,
     });
     write_synced(
@@ -889,7 +890,8 @@ fn hash_stage_outputs(
     } else {
         vec![output.to_string()]
     };
-    // In parallel: a stage's files are hundreds of MB, and this is its serial tail otherwise.
+    // In parallel: files missing from the write log (Parquet tables, or a Zarr object whose size
+    // changed) are read back whole, and a stage's files can be hundreds of MB.
     use rayon::prelude::*;
     files
         .into_par_iter()

@@ -34,7 +34,7 @@ const ALIGN: usize = 4096;
 
 /// Objects smaller than this are written through the page cache: direct I/O saves nothing on
 /// them and makes each a synchronous device write (metadata, small statistics arrays).
-pub const DIRECT_IO_MIN_BYTES: usize = 1 << 20;
+const DIRECT_IO_MIN_BYTES: usize = 1 << 20;
 
 /// Size of the pieces an unaligned object is copied through, in a per-thread aligned buffer.
 /// (The shards `zarrs` assembles are page-aligned, so this is a fallback.)

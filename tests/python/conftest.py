@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +85,6 @@ def mouse(tmp_path_factory):
 @pytest.fixture(scope="session")
 def big_mouse(tmp_path_factory) -> Path:
     """16 real-size trials (benches/gen_big.py): 4 shards of `responses`, 1 of `videos`."""
-    import subprocess
-    import sys
     out = tmp_path_factory.mktemp("big")
     proc = subprocess.run([sys.executable, str(helpers.REPO / "benches" / "gen_big.py"), str(out),
                            "--trials", "16"], capture_output=True, text=True, timeout=600)
