@@ -13,13 +13,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-/// `work(i, state)` for every `i` in `0..items` on the current pool, results in item order.
+/// What an item's work can see of the loop.
+pub struct Queue<'a> {
+    idle: &'a AtomicUsize,
+}
+
+impl Queue<'_> {
+    /// Workers that found no item left and wait for the others: the items still running may
+    /// spread their own work over that many more threads.
+    pub fn idle_workers(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
+    }
+}
+
+/// `work(i, state, queue)` for every `i` in `0..items` on the current pool, results in item
+/// order.
 pub fn map_with_state<S, R: Send>(
     items: usize,
     init: impl Fn() -> S + Sync,
-    work: impl Fn(usize, &mut S) -> R + Sync,
+    work: impl Fn(usize, &mut S, &Queue) -> R + Sync,
 ) -> Vec<R> {
     let next = AtomicUsize::new(0);
+    let idle = AtomicUsize::new(0);
+    let queue = Queue { idle: &idle };
     let workers = rayon::current_num_threads().clamp(1, items.max(1));
     let mut done: Vec<(usize, R)> = (0..workers)
         .into_par_iter()
@@ -31,9 +47,10 @@ pub fn map_with_state<S, R: Send>(
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= items {
+                    idle.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
-                out.push((i, work(i, state.get_or_insert_with(&init))));
+                out.push((i, work(i, state.get_or_insert_with(&init), &queue)));
             }
             out
         })
@@ -64,7 +81,7 @@ mod tests {
                         made.fetch_add(1, Ordering::Relaxed);
                         0usize
                     },
-                    |i, runs| {
+                    |i, runs, _| {
                         *runs += 1;
                         i * 10
                     },
@@ -85,7 +102,7 @@ mod tests {
             map_with_state(
                 8,
                 || (),
-                |_, ()| {
+                |_, (), _| {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                     rayon::current_thread_index()
                 },

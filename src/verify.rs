@@ -293,7 +293,7 @@ fn compare_with_source(
     let problems: Vec<String> = map_with_state(
         source.entries.len(),
         || source.reader(),
-        |i, reader| -> Option<String> {
+        |i, reader, _| -> Option<String> {
             let entry = &source.entries[i];
             let info = in_manifest.get(entry.path.as_str())?;
             let reader = match reader {

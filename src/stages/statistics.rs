@@ -19,7 +19,7 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let done: Vec<Result<(EntryRecord, u64)>> = map_with_state(
         plan.arrays.len(),
         || ctx.source.reader(),
-        |i, reader| {
+        |i, reader, _| {
             let (name, planned) = &plan.arrays[i];
             let reader = reader
                 .as_mut()

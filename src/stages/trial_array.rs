@@ -3,6 +3,7 @@
 //! source reader), copied as raw little-endian bytes into the shard buffer and written at once.
 
 use zarrs::array::{ArrayBytes, CodecOptions};
+use zarrs::storage::WritableStorageTraits;
 
 use super::{
     read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
@@ -12,14 +13,15 @@ use crate::npy::{self, Dtype, Kind};
 use crate::per_thread::map_with_state;
 use crate::pipeline::plan::TrialPlan;
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
+use crate::writers::shard::{ShardEncoder, ShardLayout};
 use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
 
 /// What one shard's task reports: the entries it read and its trials' measures.
 type ShardDone = (Vec<EntryRecord>, Vec<Vec<MeasureValue>>);
 
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<StageResult> {
-    let (array, shard) = open_array(ctx, plan, true)?;
-    write_trials(ctx, plan, &array, &shard, 0..plan.trials.len())
+    let open = open_array(ctx, plan, true)?;
+    write_trials(ctx, plan, &open, 0..plan.trials.len())
 }
 
 /// One task's part of a sharded run: the shards holding trials `trials` (a range aligned to the
@@ -30,7 +32,8 @@ pub fn run_part(
     plan: &TrialPlan<TrialArrayConfig>,
     trials: std::ops::Range<usize>,
 ) -> Result<StageResult> {
-    let (array, shard) = open_array(ctx, plan, false)?;
+    let open = open_array(ctx, plan, false)?;
+    let (array, shard) = (&open.array, &open.shard);
     let per_shard = shard[0] as usize;
     if trials.start % per_shard != 0
         || (trials.end % per_shard != 0 && trials.end != plan.trials.len())
@@ -40,7 +43,7 @@ pub fn run_part(
             plan.config.id
         )));
     }
-    let mut result = write_trials(ctx, plan, &array, &shard, trials.clone())?;
+    let mut result = write_trials(ctx, plan, &open, trials.clone())?;
     let (store_dir, _) = split_zarr_path(&plan.config.output);
     for group in trials.start / per_shard..trials.end.div_ceil(per_shard) {
         let mut indices = vec![0u64; shard.len()];
@@ -81,12 +84,20 @@ fn array_shape(plan: &TrialPlan<TrialArrayConfig>) -> Vec<u64> {
     shape
 }
 
-/// The array's handle and its shard shape; its metadata is written when `store_metadata`.
+/// An open array: its handle, the store it writes through, its chunk and shard shapes.
+struct OpenArray {
+    array: ZarrArray,
+    store: ZarrStore,
+    chunk: Vec<u64>,
+    shard: Vec<u64>,
+}
+
+/// Opens the stage's array; its metadata is written when `store_metadata`.
 fn open_array(
     ctx: &StageContext,
     plan: &TrialPlan<TrialArrayConfig>,
     store_metadata: bool,
-) -> Result<(ZarrArray, Vec<u64>)> {
+) -> Result<OpenArray> {
     let c = plan.config;
     let shape = array_shape(plan);
     let (chunk, shard) = resolve_shapes(c, &shape, ctx.pipeline_file)?;
@@ -105,7 +116,7 @@ fn open_array(
         shape,
         dtype: plan.dtype,
         shard_shape: Some(shard.clone()),
-        chunk_shape: chunk,
+        chunk_shape: chunk.clone(),
         dimension_names: c.dimension_names.clone(),
         attributes,
         compression: &c.compression,
@@ -115,22 +126,35 @@ fn open_array(
     } else {
         store.array(&spec)?
     };
-    Ok((array, shard))
+    Ok(OpenArray {
+        array,
+        store,
+        chunk,
+        shard,
+    })
 }
 
 /// Reads the trials `part` (whole shards) into the array, shard by shard.
 fn write_trials(
     ctx: &StageContext,
     plan: &TrialPlan<TrialArrayConfig>,
-    array: &ZarrArray,
-    shard: &[u64],
+    open: &OpenArray,
     part: std::ops::Range<usize>,
 ) -> Result<StageResult> {
+    let (array, shard) = (&open.array, open.shard.as_slice());
     let c = plan.config;
     let trials_per_shard = shard[0] as usize;
     let trial_bytes = plan.trial_shape.iter().product::<u64>() as usize * plan.dtype.size;
     let layout = Padding::new(&plan.trial_shape, &shard[1..], plan.dtype.size);
     let fill = fill_pattern(plan.dtype);
+    // Shards this module can encode itself (writers::shard), else zarrs encodes them.
+    let encodable = ShardLayout::new(
+        shard,
+        &open.chunk,
+        plan.dtype.size,
+        &c.compression,
+        &fill_bytes(plan.dtype),
+    );
     let frames = *plan.trial_shape.last().unwrap_or(&1);
     let groups: Vec<usize> =
         (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
@@ -151,8 +175,15 @@ fn write_trials(
         .unwrap_or(0);
     let done: Vec<Result<ShardDone>> = map_with_state(
         groups.len(),
-        || (ctx.source.reader(), Vec::<u8>::new(), Vec::<u8>::new()),
-        |i, (reader, buffer, scratch)| {
+        || {
+            (
+                ctx.source.reader(),
+                Vec::<u8>::new(),
+                Vec::<u8>::new(),
+                ShardEncoder::default(),
+            )
+        },
+        |i, (reader, buffer, scratch, encoder), queue| {
             let group = groups[i];
             let reader = reader
                 .as_mut()
@@ -226,22 +257,39 @@ fn write_trials(
             write_fill(&mut buffer[lead + trials.len() * layout.padded..], &fill);
             let mut indices = vec![0u64; shard.len()];
             indices[0] = group as u64;
-            // Encoded on this thread alone: shards are the unit of parallelism. (Letting
-            // zarrs spread a shard's chunks over the pool made a waiting thread pick up
-            // another shard with a second buffer: +40 MB peak for no speed.)
-            array
-                .store_chunk_opt(
-                    &indices,
-                    ArrayBytes::from(&buffer[lead..]),
-                    &CodecOptions::default().with_concurrent_target(1),
-                )
-                .map_err(|e| {
-                    Error::io(
-                        ctx.dataset_dir.join(&c.output),
-                        "cannot write a shard",
-                        std::io::Error::other(e.to_string()),
+            // Shards are the unit of parallelism: a shard is encoded on its own thread while
+            // other shards wait (letting zarrs spread a shard's chunks over the pool made a
+            // waiting thread pick up another shard with a second buffer: +40 MB peak for no
+            // speed). Once threads run out of shards, they would sit idle until the stage's
+            // last shards are done: those shards spread their chunks over the idle threads.
+            let concurrency = 1 + queue.idle_workers();
+            let shard_bytes = &buffer[lead..];
+            let written = match &encodable {
+                Some(layout) => {
+                    let key = array.chunk_key(&indices);
+                    match encoder.encode(layout, shard_bytes, concurrency) {
+                        Ok(Some(encoded)) => open.store.output().write(&key, encoded),
+                        // As zarrs does: a shard of fill values only is not stored.
+                        Ok(None) => open.store.output().erase(&key),
+                        Err(e) => Err(e.into()),
+                    }
+                    .map_err(|e| e.to_string())
+                }
+                None => array
+                    .store_chunk_opt(
+                        &indices,
+                        ArrayBytes::from(shard_bytes),
+                        &CodecOptions::default().with_concurrent_target(concurrency),
                     )
-                })?;
+                    .map_err(|e| e.to_string()),
+            };
+            written.map_err(|e| {
+                Error::io(
+                    ctx.dataset_dir.join(&c.output),
+                    "cannot write a shard",
+                    std::io::Error::other(e),
+                )
+            })?;
             Ok((records, group_measures))
         },
     );

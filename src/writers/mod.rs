@@ -2,6 +2,7 @@
 
 pub mod output_store;
 pub mod parquet;
+pub mod shard;
 pub mod zarr;
 
 /// Where an output lands, and its provenance, shared by all writers.

@@ -37,7 +37,8 @@ const ALIGN: usize = 4096;
 const DIRECT_IO_MIN_BYTES: usize = 1 << 20;
 
 /// Size of the pieces an unaligned object is copied through, in a per-thread aligned buffer.
-/// (The shards `zarrs` assembles are page-aligned, so this is a fallback.)
+/// (Shards start page-aligned, from `writers::shard` or as `zarrs` assembles them, so this is
+/// a fallback.)
 const BOUNCE_BYTES: usize = 4 << 20;
 
 /// The most a thread's copy buffer holds, for the memory estimate.
@@ -114,17 +115,18 @@ impl OutputStore {
     }
 }
 
-impl WritableStorageTraits for OutputStore {
-    fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
+impl OutputStore {
+    /// `set` from borrowed bytes: the shard encoder (`writers::shard`) keeps its buffer.
+    pub fn write(&self, key: &StoreKey, value: &[u8]) -> Result<(), StorageError> {
         let path = self.inner.key_to_fspath(key);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let hash = blake3::hash(&value).to_hex().to_string();
+        let hash = blake3::hash(value).to_hex().to_string();
         let direct =
             value.len() >= DIRECT_IO_MIN_BYTES && self.log.direct_io.load(Ordering::Relaxed);
         let written_direct = direct
-            && match write_direct(&path, &value) {
+            && match write_direct(&path, value) {
                 Ok(()) => true,
                 Err(e) if refused(&e) => {
                     // Said once per run: whichever thread clears the flag first.
@@ -137,11 +139,17 @@ impl WritableStorageTraits for OutputStore {
                 Err(e) => return Err(e.into()),
             };
         if !written_direct {
-            write_buffered(&path, &value)?;
+            write_buffered(&path, value)?;
         }
         self.log
             .record(path, value.len() as u64, hash, written_direct);
         Ok(())
+    }
+}
+
+impl WritableStorageTraits for OutputStore {
+    fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
+        self.write(key, &value)
     }
 
     fn set_partial_many(

@@ -53,6 +53,11 @@ impl ZarrStore {
         })
     }
 
+    /// The store objects are written through.
+    pub fn output(&self) -> &OutputStore {
+        &self.store
+    }
+
     fn err(&self, what: &str, e: impl std::fmt::Display) -> Error {
         Error::io(
             &self.root,

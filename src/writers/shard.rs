@@ -1,0 +1,408 @@
+//! Shards of a sharded Zarr array encoded here, when that is simple, instead of by `zarrs`'
+//! sharding codec: the inner chunks are contiguous byte ranges of the shard (chunked along at
+//! most one axis, whole along the ones after it: the default pipeline's arrays) and the codec is
+//! zstd or none.
+//!
+//! Why: for every inner chunk, `zarrs` copies the chunk out of the shard, makes a new zstd
+//! context, compresses into a new buffer, copies that once more, and then assembles the shard in
+//! a new buffer of the shard's size. Those are fresh pages the kernel must clear, and the page
+//! clearing grew with the thread count: 2% of a 1-thread conversion's CPU, 5% of a 2-thread
+//! one's (docs/performance.md, "Sixth round"). Here each thread keeps one zstd context, one
+//! chunk buffer and one shard buffer for a whole stage.
+//!
+//! The bytes are the ones `zarrs` writes (same zstd library and settings, inner chunks in C
+//! order, all-fill chunks left out, index of `(offset, nbytes)` little-endian `u64` pairs with
+//! `u64::MAX` for absent chunks, then its CRC-32C, at the end): a unit test compares them with
+//! `zarrs`' own, and `verify` and the Python tests read the arrays back with `zarrs` and
+//! zarr-python.
+
+use rayon::prelude::*;
+
+use crate::pipeline::spec::{Codec, Compression};
+
+/// Direct I/O wants the object to start on this boundary (`output_store`).
+const ALIGN: usize = 4096;
+
+/// How one array's shards are laid out and compressed, when this module can encode them.
+#[derive(Debug, Clone)]
+pub struct ShardLayout {
+    chunk_bytes: usize,
+    chunks: usize,
+    /// One element of the fill value, as stored.
+    fill: Vec<u8>,
+    /// zstd level; `None`: no compression.
+    zstd_level: Option<i32>,
+}
+
+impl ShardLayout {
+    /// `None` when the shards must go through `zarrs`: inner chunks that are not contiguous in
+    /// the shard, or a codec other than zstd or none.
+    pub fn new(
+        shard_shape: &[u64],
+        chunk_shape: &[u64],
+        element_bytes: usize,
+        compression: &Compression,
+        fill: &[u8],
+    ) -> Option<ShardLayout> {
+        let zstd_level = match compression.codec {
+            Codec::Zstd => Some(compression.level.unwrap_or(3)),
+            Codec::None => None,
+            Codec::Gzip | Codec::BloscLz4 | Codec::BloscZstd => return None,
+        };
+        if shard_shape.len() != chunk_shape.len()
+            || fill.len() != element_bytes
+            || element_bytes == 0
+        {
+            return None;
+        }
+        // Contiguous chunks: extent 1 before some axis, the whole shard's extent after it.
+        let split = chunk_shape.iter().position(|&c| c != 1).unwrap_or(0);
+        let contiguous = shard_shape
+            .iter()
+            .zip(chunk_shape)
+            .enumerate()
+            .all(|(axis, (&s, &c))| c > 0 && s % c == 0 && (axis <= split || c == s));
+        if !contiguous {
+            return None;
+        }
+        let chunk_elements = usize::try_from(chunk_shape.iter().product::<u64>()).ok()?;
+        let shard_elements = usize::try_from(shard_shape.iter().product::<u64>()).ok()?;
+        Some(ShardLayout {
+            chunk_bytes: chunk_elements.checked_mul(element_bytes)?,
+            chunks: shard_elements / chunk_elements,
+            fill: fill.to_vec(),
+            zstd_level,
+        })
+    }
+
+    /// Bytes of one whole shard as the encoder takes it.
+    pub fn shard_bytes(&self) -> usize {
+        self.chunk_bytes * self.chunks
+    }
+
+    /// The most bytes one encoded chunk can take.
+    fn chunk_bound(&self) -> usize {
+        match self.zstd_level {
+            Some(_) => zstd::zstd_safe::compress_bound(self.chunk_bytes),
+            None => self.chunk_bytes,
+        }
+    }
+
+    fn is_fill(&self, chunk: &[u8]) -> bool {
+        chunk
+            .chunks_exact(self.fill.len())
+            .all(|element| element == self.fill.as_slice())
+    }
+}
+
+/// One thread's encoder: kept for a whole stage, so its buffers and zstd context are reused.
+#[derive(Default)]
+pub struct ShardEncoder {
+    compressor: Compressor,
+    out: Vec<u8>,
+}
+
+impl ShardEncoder {
+    /// Encodes a whole shard (`layout.shard_bytes()` bytes, C order). Returns the encoded
+    /// shard, starting on a page boundary, or `None` when every chunk is fill: `zarrs` stores
+    /// no object then. With `threads > 1`, chunks are compressed in parallel on the current
+    /// pool (the bytes are the same).
+    pub fn encode(
+        &mut self,
+        layout: &ShardLayout,
+        shard: &[u8],
+        threads: usize,
+    ) -> std::io::Result<Option<&[u8]>> {
+        if shard.len() != layout.shard_bytes() {
+            return Err(std::io::Error::other(format!(
+                "a shard of {} bytes, the layout takes {}",
+                shard.len(),
+                layout.shard_bytes()
+            )));
+        }
+        let chunks: Vec<&[u8]> = shard.chunks_exact(layout.chunk_bytes.max(1)).collect();
+        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
+        if !kept.contains(&true) {
+            return Ok(None);
+        }
+        let index_bytes = layout.chunks * 16 + 4;
+        // Reserved for the whole shard at once, so the buffer does not move and the shard's
+        // start stays on the page boundary.
+        self.out.clear();
+        self.out
+            .reserve(ALIGN + layout.chunk_bound() * layout.chunks + index_bytes);
+        let start = self.out.as_ptr().align_offset(ALIGN);
+        self.out.resize(start, 0);
+        let mut lens = Vec::with_capacity(layout.chunks);
+        if threads > 1 && layout.zstd_level.is_some() {
+            // The stage's last shards, while other threads have nothing left: one run of
+            // chunks per thread, each with its own context and buffer, joined in order.
+            let per_run = chunks.len().div_ceil(threads);
+            let runs: Vec<std::io::Result<EncodedRun>> = chunks
+                .par_chunks(per_run)
+                .zip(kept.par_chunks(per_run))
+                .map(|(run, keep)| {
+                    let mut encoded = EncodedRun::default();
+                    Compressor::default().append(layout, run, keep, &mut encoded)?;
+                    Ok(encoded)
+                })
+                .collect();
+            for run in runs {
+                let run = run?;
+                self.out.extend_from_slice(&run.bytes);
+                lens.extend(run.lens);
+            }
+        } else {
+            let mut encoded = EncodedRun {
+                bytes: std::mem::take(&mut self.out),
+                lens,
+            };
+            let appended = self.compressor.append(layout, &chunks, &kept, &mut encoded);
+            (self.out, lens) = (encoded.bytes, encoded.lens);
+            appended?;
+        }
+        let mut index = Vec::with_capacity(index_bytes);
+        let mut offset = 0u64;
+        for len in lens {
+            // `(offset, nbytes)` from the shard's start; all ones for a chunk left out.
+            let (at, len) = match len {
+                Some(len) => {
+                    offset += len as u64;
+                    (offset - len as u64, len as u64)
+                }
+                None => (u64::MAX, u64::MAX),
+            };
+            index.extend_from_slice(&at.to_le_bytes());
+            index.extend_from_slice(&len.to_le_bytes());
+        }
+        let checksum = crc32c::crc32c(&index);
+        self.out.extend_from_slice(&index);
+        self.out.extend_from_slice(&checksum.to_le_bytes());
+        Ok(Some(&self.out[start..]))
+    }
+}
+
+/// Encoded chunks appended one after the other, and each chunk's encoded length (`None`: all
+/// fill, left out).
+#[derive(Default)]
+struct EncodedRun {
+    bytes: Vec<u8>,
+    lens: Vec<Option<usize>>,
+}
+
+/// A zstd context made on first use and kept, with a buffer for one compressed chunk.
+#[derive(Default)]
+struct Compressor {
+    /// The context and the level it was made for.
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    chunk: Vec<u8>,
+}
+
+impl Compressor {
+    /// Encodes the `kept` ones of `chunks` onto the end of `run`.
+    fn append(
+        &mut self,
+        layout: &ShardLayout,
+        chunks: &[&[u8]],
+        kept: &[bool],
+        run: &mut EncodedRun,
+    ) -> std::io::Result<()> {
+        for (chunk, &keep) in chunks.iter().zip(kept) {
+            if !keep {
+                run.lens.push(None);
+                continue;
+            }
+            let Some(level) = layout.zstd_level else {
+                run.bytes.extend_from_slice(chunk);
+                run.lens.push(Some(chunk.len()));
+                continue;
+            };
+            let zstd = match &mut self.zstd {
+                Some((made_for, zstd)) if *made_for == level => zstd,
+                other => &mut other.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+            };
+            // zstd writes into the spare capacity, up to the bound, without zeroing it first.
+            self.chunk.clear();
+            self.chunk.reserve(layout.chunk_bound());
+            zstd.compress_to_buffer(chunk, &mut self.chunk)?;
+            run.bytes.extend_from_slice(&self.chunk);
+            run.lens.push(Some(self.chunk.len()));
+        }
+        Ok(())
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::{Dtype, Kind};
+    use crate::writers::output_store::WriteLog;
+    use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrStore};
+    use zarrs::array::ArrayBytes;
+
+    const F32: Dtype = Dtype {
+        kind: Kind::Float,
+        size: 4,
+        big_endian: false,
+    };
+
+    fn compression(codec: Codec, level: Option<i32>) -> Compression {
+        Compression {
+            codec,
+            level,
+            shuffle: None,
+        }
+    }
+
+    /// A shard's worth of float32 values: a few chunks all NaN (the fill), the others
+    /// compressible but not constant.
+    fn shard_values(shard: &[u64], chunk_elements: usize, fill_chunks: &[usize]) -> Vec<u8> {
+        let n: u64 = shard.iter().product();
+        (0..n as usize)
+            .map(|i| {
+                if fill_chunks.contains(&(i / chunk_elements)) {
+                    f32::NAN
+                } else {
+                    ((i * 7919) % 1000) as f32 / 8.0
+                }
+            })
+            .flat_map(f32::to_le_bytes)
+            .collect()
+    }
+
+    /// What zarrs itself writes for this shard (the file of chunk 0), or `None` if it stores
+    /// nothing.
+    fn zarrs_bytes(
+        dir: &std::path::Path,
+        shard: &[u64],
+        chunk: &[u64],
+        c: &Compression,
+        values: &[u8],
+    ) -> Option<Vec<u8>> {
+        let store = ZarrStore::open(dir, &WriteLog::new(false)).expect("store");
+        let array = store
+            .create_array(&ArraySpec {
+                path: "/a",
+                shape: shard.to_vec(),
+                dtype: F32,
+                shard_shape: Some(shard.to_vec()),
+                chunk_shape: chunk.to_vec(),
+                dimension_names: (0..shard.len()).map(|i| format!("d{i}")).collect(),
+                attributes: serde_json::Map::new(),
+                compression: c,
+            })
+            .expect("array");
+        let zeros = vec![0; shard.len()];
+        array
+            .store_chunk(&zeros, ArrayBytes::from(values.to_vec()))
+            .expect("zarrs stores the shard");
+        let key = array.chunk_key(&zeros);
+        std::fs::read(dir.join(key.as_str())).ok()
+    }
+
+    #[test]
+    fn shards_are_byte_identical_to_zarrs() {
+        // (shard shape, chunk shape, compression, chunks left all fill)
+        type Case = (Vec<u64>, Vec<u64>, Compression, Vec<usize>);
+        let cases: Vec<Case> = vec![
+            // The default pipeline's shapes, scaled down: whole trials, and rows of a trial.
+            (
+                vec![4, 6, 8, 10],
+                vec![1, 6, 8, 10],
+                compression(Codec::Zstd, Some(1)),
+                vec![],
+            ),
+            (
+                vec![3, 64, 20],
+                vec![1, 16, 20],
+                compression(Codec::Zstd, Some(1)),
+                vec![2, 5],
+            ),
+            (
+                vec![3, 64, 20],
+                vec![1, 16, 20],
+                compression(Codec::Zstd, Some(9)),
+                vec![0],
+            ),
+            (
+                vec![3, 64, 20],
+                vec![1, 16, 20],
+                compression(Codec::Zstd, None),
+                vec![],
+            ),
+            (
+                vec![2, 32, 12],
+                vec![1, 32, 12],
+                compression(Codec::None, None),
+                vec![1],
+            ),
+            (
+                vec![8, 5],
+                vec![2, 5],
+                compression(Codec::Zstd, Some(3)),
+                vec![3],
+            ),
+            (vec![12], vec![4], compression(Codec::Zstd, Some(1)), vec![]),
+        ];
+        for (shard, chunk, c, fill_chunks) in cases {
+            let chunk_elements = chunk.iter().product::<u64>() as usize;
+            let values = shard_values(&shard, chunk_elements, &fill_chunks);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let want = zarrs_bytes(dir.path(), &shard, &chunk, &c, &values).expect("a shard");
+            let layout = ShardLayout::new(&shard, &chunk, 4, &c, &fill_bytes(F32))
+                .expect("contiguous chunks with zstd or none are encodable");
+            let mut encoder = ShardEncoder::default();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                let got = pool.install(|| {
+                    let got = encoder.encode(&layout, &values, threads).expect("encodes");
+                    got.map(|g| (g.to_vec(), g.as_ptr().align_offset(ALIGN)))
+                });
+                let (got, misalignment) = got.expect("not all fill");
+                assert_eq!(misalignment, 0, "the shard starts on a page");
+                assert!(
+                    got == want,
+                    "shard {shard:?} chunk {chunk:?} {c:?} on {threads} threads: {} bytes, zarrs {}",
+                    got.len(),
+                    want.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_all_fill_shard_is_not_stored_as_by_zarrs() {
+        let (shard, chunk) = (vec![2u64, 4, 3], vec![1u64, 4, 3]);
+        let c = compression(Codec::Zstd, Some(1));
+        let values = shard_values(&shard, 12, &[0, 1]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(zarrs_bytes(dir.path(), &shard, &chunk, &c, &values), None);
+        let layout = ShardLayout::new(&shard, &chunk, 4, &c, &fill_bytes(F32)).expect("layout");
+        let mut encoder = ShardEncoder::default();
+        let got = encoder.encode(&layout, &values, 1).expect("encodes");
+        assert!(got.is_none());
+    }
+
+    #[test]
+    fn layouts_it_cannot_encode_are_left_to_zarrs() {
+        let fill = fill_bytes(F32);
+        let zstd = compression(Codec::Zstd, Some(1));
+        // Chunked along two axes: a chunk is not one byte range of the shard.
+        assert!(ShardLayout::new(&[2, 8, 6], &[1, 4, 3], 4, &zstd, &fill).is_none());
+        assert!(ShardLayout::new(&[8, 6], &[4, 3], 4, &zstd, &fill).is_none());
+        // Other codecs.
+        for codec in [Codec::Gzip, Codec::BloscLz4, Codec::BloscZstd] {
+            let c = compression(codec, Some(5));
+            assert!(ShardLayout::new(&[2, 8, 6], &[1, 8, 6], 4, &c, &fill).is_none());
+        }
+        // A shard that does not hold whole chunks.
+        assert!(ShardLayout::new(&[2, 10, 6], &[1, 4, 6], 4, &zstd, &fill).is_none());
+        // The wrong length of shard bytes is an error, not a short shard.
+        let layout = ShardLayout::new(&[2, 8, 6], &[1, 8, 6], 4, &zstd, &fill).expect("layout");
+        assert!(ShardEncoder::default()
+            .encode(&layout, &[0; 10], 1)
+            .is_err());
+    }
+}
