@@ -1,16 +1,20 @@
 //! `statistics`: every `<source>/<var>/<subset>/<stat>.npy` copied unchanged (shape, dtype,
 //! values) into its own small Zarr array `<output>/<var>/<subset>/<stat>`. Arrays are
-//! independent, so they are written in parallel (each thread with its own source reader).
+//! independent, so they are written in parallel (each thread with its own source reader and
+//! buffers, reused from array to array: fresh buffers for each array of a recording's size
+//! left the stage's peak memory to when the allocator returned the last ones).
 
 use super::trial_array::split_zarr_path;
-use super::{read_planned, EntryRecord, StageContext, StageResult};
+use super::{read_planned_into, EntryRecord, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy;
 use crate::per_thread::map_with_state;
 use crate::pipeline::plan::{ArrayEntry, StatisticsPlan};
 use crate::pipeline::spec::StatisticsConfig;
 use crate::source::EntryReader;
-use crate::writers::zarr::{store_chunk, ArraySpec, ZarrStore};
+use crate::writers::shard::{ShardEncoder, ShardLayout};
+use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrStore};
+use zarrs::storage::WritableStorageTraits;
 
 pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
@@ -18,13 +22,21 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir), ctx.writes)?;
     let done: Vec<Result<(EntryRecord, u64)>> = map_with_state(
         plan.arrays.len(),
-        || ctx.source.reader(),
-        |i, reader, _| {
+        || (ctx.source.reader(), Buffers::default()),
+        |i, (reader, buffers), _| {
             let (name, planned) = &plan.arrays[i];
             let reader = reader
                 .as_mut()
                 .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
-            write_one(ctx, c, &store, &base, name, planned, reader.as_mut())
+            write_one(
+                ctx,
+                c,
+                &store,
+                &base,
+                (name, planned),
+                reader.as_mut(),
+                buffers,
+            )
         },
     );
     let mut result = StageResult::default();
@@ -36,16 +48,38 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     Ok(result)
 }
 
+/// One thread's buffers: the entry as read, its little-endian copy where it needs one, and the
+/// encoder's.
+#[derive(Default)]
+struct Buffers {
+    entry: Vec<u8>,
+    scratch: Vec<u8>,
+    encoder: ShardEncoder,
+}
+
 fn write_one(
     ctx: &StageContext,
     c: &StatisticsConfig,
     store: &ZarrStore,
     base: &str,
-    name: &str,
-    planned: &ArrayEntry,
+    (name, planned): (&str, &ArrayEntry),
     reader: &mut dyn EntryReader,
+    buffers: &mut Buffers,
 ) -> Result<(EntryRecord, u64)> {
-    let (header, bytes, hash) = read_planned(ctx.source, reader, planned)?;
+    let entry = &ctx.source.entries[planned.entry];
+    let size = usize::try_from(entry.size).map_err(|_| {
+        Error::bad_input(
+            ctx.source.locate(entry),
+            format!(
+                "the entry claims {} bytes, more than this machine can address",
+                entry.size
+            ),
+            "check the source; a statistics array is a few MB",
+        )
+    })?;
+    buffers.entry.resize(size, 0);
+    let read = read_planned_into(ctx.source, reader, planned, &mut buffers.entry)?;
+    let header = &planned.header;
     let var = name.split('/').next().unwrap_or_default();
     let rank = header.shape.len();
     let dimension_names = match c.dimension_names.get(var) {
@@ -54,31 +88,66 @@ fn write_one(
     };
     let mut attributes = serde_json::Map::new();
     attributes.insert("source".into(), ctx.provenance.source.clone().into());
-    attributes.insert(
-        "source_file".into(),
-        ctx.source.entries[planned.entry].path.clone().into(),
-    );
+    attributes.insert("source_file".into(), entry.path.clone().into());
     attributes.insert("source_dtype".into(), header.dtype.to_string().into());
     let path = format!("{}/{name}", base.trim_end_matches('/'));
+    // One chunk: the whole array.
+    let chunk_shape: Vec<u64> = header.shape.iter().map(|&d| d.max(1)).collect();
     let array = store.create_array(&ArraySpec {
         path: &path,
         shape: header.shape.clone(),
         dtype: header.dtype,
         shard_shape: None,
-        chunk_shape: header.shape.iter().map(|&d| d.max(1)).collect(),
+        chunk_shape: chunk_shape.clone(),
         dimension_names,
         attributes,
         compression: &c.compression,
     })?;
-    let payload = npy::to_little_endian_c(&header, &bytes[header.payload_offset..]);
+    let payload = npy::little_endian_c(
+        header,
+        &buffers.entry[header.payload_offset..],
+        &mut buffers.scratch,
+    );
     let len = payload.len() as u64;
-    let values_blake3 = Some(blake3::hash(&payload).to_hex().to_string());
+    // The values as stored: the payload's own hash when it needed no conversion.
+    let values_blake3 = Some(if npy::is_little_endian_c(header) {
+        read.payload_blake3
+    } else {
+        blake3::hash(payload).to_hex().to_string()
+    });
     if !payload.is_empty() || header.shape.is_empty() {
-        store_chunk(&array, &vec![0; rank], payload)?;
+        let indices = vec![0; rank];
+        // Encoded with the thread's zstd context and buffer where writers::shard can (the
+        // same bytes as zarrs'), else by zarrs.
+        let fill = fill_bytes(header.dtype);
+        match ShardLayout::new(
+            &chunk_shape,
+            &chunk_shape,
+            header.dtype.size,
+            &c.compression,
+            &fill,
+        ) {
+            Some(layout) => {
+                let key = array.chunk_key(&indices);
+                match buffers.encoder.encode_chunk(&layout, payload) {
+                    Ok(Some(encoded)) => store.output().write(&key, encoded),
+                    Ok(None) => store.output().erase(&key),
+                    Err(e) => Err(e.into()),
+                }
+                .map_err(|e| {
+                    Error::io(
+                        store.root.join(key.as_str()),
+                        "cannot write a Zarr chunk",
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
+            }
+            None => store_chunk(&array, &indices, payload.to_vec())?,
+        }
     }
     let record = EntryRecord {
         entry: planned.entry,
-        blake3: hash,
+        blake3: read.blake3,
         output: format!("{}/{name}", c.output),
         values_blake3,
         index: None,

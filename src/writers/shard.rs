@@ -17,6 +17,7 @@
 //! zarr-python.
 
 use rayon::prelude::*;
+use zstd::zstd_safe::{zstd_sys::ZSTD_EndDirective, InBuffer, OutBuffer};
 
 use crate::pipeline::spec::{Codec, Compression};
 
@@ -142,7 +143,11 @@ impl ShardEncoder {
                 .par_chunks(per_run)
                 .zip(kept.par_chunks(per_run))
                 .map(|(run, keep)| {
-                    let mut encoded = EncodedRun::default();
+                    // Room for the bound of every chunk: the run's bytes are never moved.
+                    let mut encoded = EncodedRun {
+                        bytes: Vec::with_capacity(layout.chunk_bound() * run.len()),
+                        lens: Vec::with_capacity(run.len()),
+                    };
                     Compressor::default().append(layout, run, keep, &mut encoded)?;
                     Ok(encoded)
                 })
@@ -182,6 +187,41 @@ impl ShardEncoder {
     }
 }
 
+impl ShardEncoder {
+    /// Encodes the one chunk of an unsharded array (`layout` made with the chunk's shape as
+    /// both shard and chunk shape) as `zarrs` stores it: the codec's output alone, no index.
+    /// `None` when the chunk is all fill (`zarrs` stores no object then).
+    pub fn encode_chunk(
+        &mut self,
+        layout: &ShardLayout,
+        chunk: &[u8],
+    ) -> std::io::Result<Option<&[u8]>> {
+        if layout.chunks != 1 || chunk.len() != layout.chunk_bytes {
+            return Err(std::io::Error::other(format!(
+                "a chunk of {} bytes, the layout takes {} chunks of {}",
+                chunk.len(),
+                layout.chunks,
+                layout.chunk_bytes
+            )));
+        }
+        if layout.is_fill(chunk) {
+            return Ok(None);
+        }
+        self.out.clear();
+        self.out.reserve(ALIGN + layout.chunk_bound());
+        let start = self.out.as_ptr().align_offset(ALIGN);
+        self.out.resize(start, 0);
+        let mut run = EncodedRun {
+            bytes: std::mem::take(&mut self.out),
+            lens: Vec::with_capacity(1),
+        };
+        let appended = self.compressor.append(layout, &[chunk], &[true], &mut run);
+        self.out = run.bytes;
+        appended?;
+        Ok(Some(&self.out[start..]))
+    }
+}
+
 /// Encoded chunks appended one after the other, and each chunk's encoded length (`None`: all
 /// fill, left out).
 #[derive(Default)]
@@ -190,12 +230,11 @@ struct EncodedRun {
     lens: Vec<Option<usize>>,
 }
 
-/// A zstd context made on first use and kept, with a buffer for one compressed chunk.
+/// A zstd context made on first use and kept.
 #[derive(Default)]
 struct Compressor {
     /// The context and the level it was made for.
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
-    chunk: Vec<u8>,
 }
 
 impl Compressor {
@@ -221,12 +260,26 @@ impl Compressor {
                 Some((made_for, zstd)) if *made_for == level => zstd,
                 other => &mut other.insert((level, zstd::bulk::Compressor::new(level)?)).1,
             };
-            // zstd writes into the spare capacity, up to the bound, without zeroing it first.
-            self.chunk.clear();
-            self.chunk.reserve(layout.chunk_bound());
-            zstd.compress_to_buffer(chunk, &mut self.chunk)?;
-            run.bytes.extend_from_slice(&self.chunk);
-            run.lens.push(Some(self.chunk.len()));
+            // Straight onto the end of the run, in the spare capacity (not zeroed first): with
+            // room for the bound and the whole input given with `e_end`, zstd compresses in one
+            // pass, as `ZSTD_compress2` (zarrs' call) does, to the same bytes.
+            let before = run.bytes.len();
+            run.bytes.reserve(layout.chunk_bound());
+            let mut output = OutBuffer::around_pos(&mut run.bytes, before);
+            let mut input = InBuffer::around(chunk);
+            let left = zstd
+                .context_mut()
+                .compress_stream2(&mut output, &mut input, ZSTD_EndDirective::ZSTD_e_end)
+                .map_err(|code| {
+                    std::io::Error::other(zstd::zstd_safe::get_error_name(code).to_string())
+                })?;
+            let written = output.pos() - before;
+            if left != 0 || input.pos() != chunk.len() {
+                return Err(std::io::Error::other(
+                    "zstd did not finish a chunk within its bound",
+                ));
+            }
+            run.lens.push(Some(written));
         }
         Ok(())
     }
@@ -369,6 +422,46 @@ mod tests {
                     want.len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn unsharded_chunks_are_byte_identical_to_zarrs() {
+        for (shape, c) in [
+            (vec![7u64, 30], compression(Codec::Zstd, Some(1))),
+            (vec![5, 4, 3], compression(Codec::Zstd, None)),
+            (vec![40], compression(Codec::None, None)),
+            (vec![], compression(Codec::Zstd, Some(1))),
+        ] {
+            let values = shard_values(&shape, usize::MAX, &[]);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = ZarrStore::open(dir.path(), &WriteLog::new(false)).expect("store");
+            let chunk: Vec<u64> = shape.iter().map(|&d| d.max(1)).collect();
+            let array = store
+                .create_array(&ArraySpec {
+                    path: "/s",
+                    shape: shape.clone(),
+                    dtype: F32,
+                    shard_shape: None,
+                    chunk_shape: chunk.clone(),
+                    dimension_names: (0..shape.len()).map(|i| format!("d{i}")).collect(),
+                    attributes: serde_json::Map::new(),
+                    compression: &c,
+                })
+                .expect("array");
+            let zeros = vec![0; shape.len()];
+            crate::writers::zarr::store_chunk(&array, &zeros, values.clone()).expect("stored");
+            let want = std::fs::read(dir.path().join(array.chunk_key(&zeros).as_str()))
+                .expect("zarrs wrote the chunk");
+            let layout = ShardLayout::new(&chunk, &chunk, 4, &c, &fill_bytes(F32)).expect("layout");
+            let mut encoder = ShardEncoder::default();
+            let got = encoder.encode_chunk(&layout, &values).expect("encodes");
+            assert_eq!(got, Some(want.as_slice()), "shape {shape:?} {c:?}");
+            let nan: Vec<u8> = values
+                .chunks(4)
+                .flat_map(|_| f32::NAN.to_le_bytes())
+                .collect();
+            assert_eq!(encoder.encode_chunk(&layout, &nan).expect("encodes"), None);
         }
     }
 
