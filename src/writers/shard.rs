@@ -7,8 +7,8 @@
 //! context, compresses into a new buffer, copies that once more, and then assembles the shard in
 //! a new buffer of the shard's size. Those are fresh pages the kernel must clear, and the page
 //! clearing grew with the thread count: 2% of a 1-thread conversion's CPU, 5% of a 2-thread
-//! one's (docs/performance.md, "Sixth round"). Here each thread keeps one zstd context, one
-//! chunk buffer and one shard buffer for a whole stage.
+//! one's (docs/performance.md, "Sixth round"). Here each thread keeps one zstd context and one
+//! shard buffer for a whole stage, and zstd writes each chunk straight into the shard buffer.
 //!
 //! The bytes are the ones `zarrs` writes (same zstd library and settings, inner chunks in C
 //! order, all-fill chunks left out, index of `(offset, nbytes)` little-endian `u64` pairs with
@@ -185,9 +185,7 @@ impl ShardEncoder {
         self.out.extend_from_slice(&checksum.to_le_bytes());
         Ok(Some(&self.out[start..]))
     }
-}
 
-impl ShardEncoder {
     /// Encodes the one chunk of an unsharded array (`layout` made with the chunk's shape as
     /// both shard and chunk shape) as `zarrs` stores it: the codec's output alone, no index.
     /// `None` when the chunk is all fill (`zarrs` stores no object then).
@@ -267,23 +265,28 @@ impl Compressor {
             run.bytes.reserve(layout.chunk_bound());
             let mut output = OutBuffer::around_pos(&mut run.bytes, before);
             let mut input = InBuffer::around(chunk);
-            let left = zstd
-                .context_mut()
-                .compress_stream2(&mut output, &mut input, ZSTD_EndDirective::ZSTD_e_end)
-                .map_err(|code| {
-                    std::io::Error::other(zstd::zstd_safe::get_error_name(code).to_string())
-                })?;
+            let left = zstd.context_mut().compress_stream2(
+                &mut output,
+                &mut input,
+                ZSTD_EndDirective::ZSTD_e_end,
+            );
             let written = output.pos() - before;
-            if left != 0 || input.pos() != chunk.len() {
-                return Err(std::io::Error::other(
-                    "zstd did not finish a chunk within its bound",
-                ));
+            let problem = match left {
+                Ok(0) if input.pos() == chunk.len() => None,
+                Ok(_) => Some("zstd did not finish a chunk within its bound".to_string()),
+                Err(code) => Some(zstd::zstd_safe::get_error_name(code).to_string()),
+            };
+            if let Some(problem) = problem {
+                // The context is left inside an unfinished frame: the next chunk gets a new one.
+                self.zstd = None;
+                return Err(std::io::Error::other(problem));
             }
             run.lens.push(Some(written));
         }
         Ok(())
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
