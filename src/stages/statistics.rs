@@ -14,7 +14,7 @@ use crate::pipeline::spec::StatisticsConfig;
 use crate::source::EntryReader;
 use crate::writers::shard::{ShardEncoder, ShardLayout};
 use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrStore};
-use zarrs::storage::WritableStorageTraits;
+use zarrs::storage::StorageError;
 
 pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
@@ -129,18 +129,18 @@ fn write_one(
         ) {
             Some(layout) => {
                 let key = array.chunk_key(&indices);
-                match buffers.encoder.encode_chunk(&layout, payload) {
-                    Ok(Some(encoded)) => store.output().write(&key, encoded),
-                    Ok(None) => store.output().erase(&key),
-                    Err(e) => Err(e.into()),
-                }
-                .map_err(|e| {
-                    Error::io(
-                        store.root.join(key.as_str()),
-                        "cannot write a Zarr chunk",
-                        std::io::Error::other(e.to_string()),
-                    )
-                })?;
+                buffers
+                    .encoder
+                    .encode_chunk(&layout, payload)
+                    .map_err(StorageError::from)
+                    .and_then(|encoded| store.output().store_encoded(&key, encoded))
+                    .map_err(|e| {
+                        Error::io(
+                            store.root.join(key.as_str()),
+                            "cannot write a Zarr chunk",
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
             }
             None => store_chunk(&array, &indices, payload.to_vec())?,
         }

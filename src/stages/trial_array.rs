@@ -3,7 +3,7 @@
 //! source reader), copied as raw little-endian bytes into the shard buffer and written at once.
 
 use zarrs::array::{ArrayBytes, CodecOptions};
-use zarrs::storage::WritableStorageTraits;
+use zarrs::storage::StorageError;
 
 use super::{
     read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
@@ -267,13 +267,11 @@ fn write_trials(
             let written = match &encodable {
                 Some(layout) => {
                     let key = array.chunk_key(&indices);
-                    match encoder.encode(layout, shard_bytes, concurrency) {
-                        Ok(Some(encoded)) => open.store.output().write(&key, encoded),
-                        // As zarrs does: a shard of fill values only is not stored.
-                        Ok(None) => open.store.output().erase(&key),
-                        Err(e) => Err(e.into()),
-                    }
-                    .map_err(|e| e.to_string())
+                    encoder
+                        .encode(layout, shard_bytes, concurrency)
+                        .map_err(StorageError::from)
+                        .and_then(|encoded| open.store.output().store_encoded(&key, encoded))
+                        .map_err(|e| e.to_string())
                 }
                 None => array
                     .store_chunk_opt(

@@ -127,13 +127,7 @@ impl ShardEncoder {
             return Ok(None);
         }
         let index_bytes = layout.chunks * 16 + 4;
-        // Reserved for the whole shard at once, so the buffer does not move and the shard's
-        // start stays on the page boundary.
-        self.out.clear();
-        self.out
-            .reserve(ALIGN + layout.chunk_bound() * layout.chunks + index_bytes);
-        let start = self.out.as_ptr().align_offset(ALIGN);
-        self.out.resize(start, 0);
+        let start = self.start_object(layout.chunk_bound() * layout.chunks + index_bytes);
         let mut lens = Vec::with_capacity(layout.chunks);
         if threads > 1 && layout.zstd_level.is_some() {
             // The stage's last shards, while other threads have nothing left: one run of
@@ -148,7 +142,13 @@ impl ShardEncoder {
                         bytes: Vec::with_capacity(layout.chunk_bound() * run.len()),
                         lens: Vec::with_capacity(run.len()),
                     };
-                    Compressor::default().append(layout, run, keep, &mut encoded)?;
+                    Compressor::default().append(
+                        layout,
+                        run,
+                        keep,
+                        &mut encoded.bytes,
+                        &mut encoded.lens,
+                    )?;
                     Ok(encoded)
                 })
                 .collect();
@@ -158,13 +158,8 @@ impl ShardEncoder {
                 lens.extend(run.lens);
             }
         } else {
-            let mut encoded = EncodedRun {
-                bytes: std::mem::take(&mut self.out),
-                lens,
-            };
-            let appended = self.compressor.append(layout, &chunks, &kept, &mut encoded);
-            (self.out, lens) = (encoded.bytes, encoded.lens);
-            appended?;
+            self.compressor
+                .append(layout, &chunks, &kept, &mut self.out, &mut lens)?;
         }
         let mut index = Vec::with_capacity(index_bytes);
         let mut offset = 0u64;
@@ -205,18 +200,21 @@ impl ShardEncoder {
         if layout.is_fill(chunk) {
             return Ok(None);
         }
+        let start = self.start_object(layout.chunk_bound());
+        self.compressor
+            .append(layout, &[chunk], &[true], &mut self.out, &mut Vec::new())?;
+        Ok(Some(&self.out[start..]))
+    }
+
+    /// Empties the output buffer and reserves room for an object of up to `bound` bytes after a
+    /// page boundary, all at once, so the buffer does not move while the object is appended and
+    /// the object starts on the boundary (direct I/O). Returns where it starts.
+    fn start_object(&mut self, bound: usize) -> usize {
         self.out.clear();
-        self.out.reserve(ALIGN + layout.chunk_bound());
+        self.out.reserve(ALIGN + bound);
         let start = self.out.as_ptr().align_offset(ALIGN);
         self.out.resize(start, 0);
-        let mut run = EncodedRun {
-            bytes: std::mem::take(&mut self.out),
-            lens: Vec::with_capacity(1),
-        };
-        let appended = self.compressor.append(layout, &[chunk], &[true], &mut run);
-        self.out = run.bytes;
-        appended?;
-        Ok(Some(&self.out[start..]))
+        start
     }
 }
 
@@ -236,34 +234,36 @@ struct Compressor {
 }
 
 impl Compressor {
-    /// Encodes the `kept` ones of `chunks` onto the end of `run`.
+    /// Encodes the `kept` ones of `chunks` onto the end of `bytes`, and pushes each chunk's
+    /// encoded length (`None`: left out) onto `lens`.
     fn append(
         &mut self,
         layout: &ShardLayout,
         chunks: &[&[u8]],
         kept: &[bool],
-        run: &mut EncodedRun,
+        bytes: &mut Vec<u8>,
+        lens: &mut Vec<Option<usize>>,
     ) -> std::io::Result<()> {
         for (chunk, &keep) in chunks.iter().zip(kept) {
             if !keep {
-                run.lens.push(None);
+                lens.push(None);
                 continue;
             }
             let Some(level) = layout.zstd_level else {
-                run.bytes.extend_from_slice(chunk);
-                run.lens.push(Some(chunk.len()));
+                bytes.extend_from_slice(chunk);
+                lens.push(Some(chunk.len()));
                 continue;
             };
             let zstd = match &mut self.zstd {
                 Some((made_for, zstd)) if *made_for == level => zstd,
                 other => &mut other.insert((level, zstd::bulk::Compressor::new(level)?)).1,
             };
-            // Straight onto the end of the run, in the spare capacity (not zeroed first): with
+            // Straight onto the end of `bytes`, in the spare capacity (not zeroed first): with
             // room for the bound and the whole input given with `e_end`, zstd compresses in one
             // pass, as `ZSTD_compress2` (zarrs' call) does, to the same bytes.
-            let before = run.bytes.len();
-            run.bytes.reserve(layout.chunk_bound());
-            let mut output = OutBuffer::around_pos(&mut run.bytes, before);
+            let before = bytes.len();
+            bytes.reserve(layout.chunk_bound());
+            let mut output = OutBuffer::around_pos(bytes, before);
             let mut input = InBuffer::around(chunk);
             let left = zstd.context_mut().compress_stream2(
                 &mut output,
@@ -281,7 +281,7 @@ impl Compressor {
                 self.zstd = None;
                 return Err(std::io::Error::other(problem));
             }
-            run.lens.push(Some(written));
+            lens.push(Some(written));
         }
         Ok(())
     }
