@@ -12,36 +12,47 @@ use crate::per_thread::map_with_state;
 use crate::pipeline::plan::{ArrayEntry, StatisticsPlan};
 use crate::pipeline::spec::StatisticsConfig;
 use crate::source::EntryReader;
-use crate::writers::shard::{ShardEncoder, ShardLayout};
+use crate::writers::shard::ShardLayout;
+use crate::writers::write_behind::{self, EncoderSlot, WriteBehind};
 use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrStore};
-use zarrs::storage::StorageError;
 
 pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
     let (store_dir, base) = split_zarr_path(&c.output);
     let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir), ctx.writes)?;
-    let done: Vec<Result<(EntryRecord, u64)>> = map_with_state(
-        plan.arrays.len(),
-        || (ctx.source.reader(), Buffers::default()),
-        |i, (reader, buffers), _| {
-            let (name, planned) = &plan.arrays[i];
-            let reader = reader
-                .as_mut()
-                .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
-            write_one(
-                ctx,
-                c,
-                &store,
-                &base,
-                (name, planned),
-                reader.as_mut(),
-                buffers,
-            )
-        },
-    );
+    // Chunks go to disk on I/O threads while their worker reads its next array.
+    let io_threads = rayon::current_num_threads().min(plan.arrays.len());
+    let (done, last_writes) = write_behind::run(store.output(), io_threads, |writer| {
+        map_with_state(
+            plan.arrays.len(),
+            || (ctx.source.reader(), Buffers::default()),
+            |i, (reader, buffers), _| {
+                let (name, planned) = &plan.arrays[i];
+                let reader = reader
+                    .as_mut()
+                    .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+                write_one(
+                    ctx,
+                    c,
+                    (&store, writer),
+                    &base,
+                    (name, planned),
+                    reader.as_mut(),
+                    buffers,
+                )
+            },
+        )
+    });
+    let done: Vec<(EntryRecord, u64)> = done.into_iter().collect::<Result<_>>()?;
+    last_writes.map_err(|e| {
+        Error::io(
+            store.root.clone(),
+            "cannot write a Zarr chunk",
+            std::io::Error::other(e),
+        )
+    })?;
     let mut result = StageResult::default();
-    for r in done {
-        let (record, bytes) = r?;
+    for (record, bytes) in done {
         result.bytes += bytes;
         result.entries.push(record);
     }
@@ -54,13 +65,13 @@ pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
 struct Buffers {
     entry: Vec<u8>,
     scratch: Vec<u8>,
-    encoder: ShardEncoder,
+    encoder: EncoderSlot,
 }
 
 fn write_one(
     ctx: &StageContext,
     c: &StatisticsConfig,
-    store: &ZarrStore,
+    (store, writer): (&ZarrStore, &WriteBehind),
     base: &str,
     (name, planned): (&str, &ArrayEntry),
     reader: &mut dyn EntryReader,
@@ -129,16 +140,22 @@ fn write_one(
         ) {
             Some(layout) => {
                 let key = array.chunk_key(&indices);
-                buffers
-                    .encoder
-                    .encode_chunk(&layout, payload)
-                    .map_err(StorageError::from)
-                    .and_then(|encoded| store.output().store_encoded(&key, encoded))
+                let slot = &mut buffers.encoder;
+                slot.encoder()
+                    .and_then(|encoder| {
+                        encoder
+                            .encode_chunk(&layout, payload)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                    .and_then(|()| writer.store(slot, key))
                     .map_err(|e| {
+                        // `e` names the chunk: a failed write may be this array's or the one
+                        // this thread wrote before it.
                         Error::io(
-                            store.root.join(key.as_str()),
+                            &store.root,
                             "cannot write a Zarr chunk",
-                            std::io::Error::other(e.to_string()),
+                            std::io::Error::other(e),
                         )
                     })?;
             }

@@ -3,7 +3,6 @@
 //! source reader), copied as raw little-endian bytes into the shard buffer and written at once.
 
 use zarrs::array::{ArrayBytes, CodecOptions};
-use zarrs::storage::StorageError;
 
 use super::{
     read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
@@ -13,7 +12,8 @@ use crate::npy::{self, Dtype, Kind};
 use crate::per_thread::map_with_state;
 use crate::pipeline::plan::TrialPlan;
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
-use crate::writers::shard::{ShardEncoder, ShardLayout};
+use crate::writers::shard::ShardLayout;
+use crate::writers::write_behind::{self, EncoderSlot};
 use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
 
 /// What one shard's task reports: the entries it read and its trials' measures.
@@ -173,63 +173,75 @@ fn write_trials(
         .map(|t| t.header.payload_offset)
         .max()
         .unwrap_or(0);
-    let done: Vec<Result<ShardDone>> = map_with_state(
-        groups.len(),
-        || {
-            (
-                ctx.source.reader(),
-                Vec::<u8>::new(),
-                Vec::<u8>::new(),
-                ShardEncoder::default(),
-            )
-        },
-        |i, (reader, buffer, scratch, encoder), queue| {
-            let group = groups[i];
-            let reader = reader
-                .as_mut()
-                .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
-            let first = group * trials_per_shard;
-            let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
-            // Sized once per thread; every byte of it is rewritten for each shard.
-            buffer.resize(lead + trials_per_shard * layout.padded, 0);
-            let mut records = Vec::with_capacity(trials.len());
-            let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
-            let mut bytes: Vec<u8>;
-            // Last to first: a trial read in place puts its header over the end of the slot
-            // before its own (or into the lead), which is filled after it.
-            for (k, planned) in trials.iter().enumerate().rev() {
-                let start = lead + k * layout.padded;
-                let end = start + layout.padded;
-                let (hash, values_blake3, le) = if layout.contiguous()
-                    && npy::is_little_endian_c(&planned.header)
-                {
-                    // The usual case: the payload is inflated straight into its slot.
-                    let offset = planned.header.payload_offset;
-                    let payload_end = start + trial_bytes.min(layout.padded);
-                    let whole = &mut buffer[start - offset.min(lead)..payload_end];
-                    let read = read_planned_into(ctx.source, reader.as_mut(), planned, whole)?;
-                    write_fill(&mut buffer[payload_end..end], &fill);
-                    (
-                        read.blake3,
-                        read.payload_blake3,
-                        &buffer[start..payload_end],
-                    )
-                } else {
-                    let (header, read, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
-                    bytes = read;
-                    let le =
-                        npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
-                    if le.len() != trial_bytes {
-                        return Err(Error::Internal(format!(
-                            "{}: {} payload bytes, the plan expects {trial_bytes}",
-                            ctx.source.locate(&ctx.source.entries[planned.entry]),
-                            le.len()
-                        )));
-                    }
-                    layout.place(le, &mut buffer[start..end], &fill);
-                    (hash, blake3::hash(le).to_hex().to_string(), le)
-                };
-                check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
+    let shard_write_failed = |e: String| {
+        Error::io(
+            ctx.dataset_dir.join(&c.output),
+            "cannot write a shard",
+            std::io::Error::other(e),
+        )
+    };
+    // Shards go to disk on I/O threads while their worker reads its next shard's trials
+    // (writers::write_behind).
+    let io_threads = rayon::current_num_threads().min(groups.len());
+    let (done, last_writes) = write_behind::run(open.store.output(), io_threads, |writer| {
+        map_with_state(
+            groups.len(),
+            || {
+                (
+                    ctx.source.reader(),
+                    Vec::<u8>::new(),
+                    Vec::<u8>::new(),
+                    EncoderSlot::default(),
+                )
+            },
+            |i, (reader, buffer, scratch, slot), queue| -> Result<ShardDone> {
+                let group = groups[i];
+                let reader = reader
+                    .as_mut()
+                    .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
+                let first = group * trials_per_shard;
+                let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
+                // Sized once per thread; every byte of it is rewritten for each shard.
+                buffer.resize(lead + trials_per_shard * layout.padded, 0);
+                let mut records = Vec::with_capacity(trials.len());
+                let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
+                let mut bytes: Vec<u8>;
+                // Last to first: a trial read in place puts its header over the end of the slot
+                // before its own (or into the lead), which is filled after it.
+                for (k, planned) in trials.iter().enumerate().rev() {
+                    let start = lead + k * layout.padded;
+                    let end = start + layout.padded;
+                    let (hash, values_blake3, le) = if layout.contiguous()
+                        && npy::is_little_endian_c(&planned.header)
+                    {
+                        // The usual case: the payload is inflated straight into its slot.
+                        let offset = planned.header.payload_offset;
+                        let payload_end = start + trial_bytes.min(layout.padded);
+                        let whole = &mut buffer[start - offset.min(lead)..payload_end];
+                        let read = read_planned_into(ctx.source, reader.as_mut(), planned, whole)?;
+                        write_fill(&mut buffer[payload_end..end], &fill);
+                        (
+                            read.blake3,
+                            read.payload_blake3,
+                            &buffer[start..payload_end],
+                        )
+                    } else {
+                        let (header, read, hash) =
+                            read_planned(ctx.source, reader.as_mut(), planned)?;
+                        bytes = read;
+                        let le =
+                            npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
+                        if le.len() != trial_bytes {
+                            return Err(Error::Internal(format!(
+                                "{}: {} payload bytes, the plan expects {trial_bytes}",
+                                ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                le.len()
+                            )));
+                        }
+                        layout.place(le, &mut buffer[start..end], &fill);
+                        (hash, blake3::hash(le).to_hex().to_string(), le)
+                    };
+                    check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
                     .map_err(|problem| {
                         Error::bad_input(
                             ctx.source.locate(&ctx.source.entries[planned.entry]),
@@ -237,62 +249,59 @@ fn write_trials(
                             "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
                         )
                     })?;
-                for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
-                    values.push(measure(*m, plan.dtype, le, frames));
+                    for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
+                        values.push(measure(*m, plan.dtype, le, frames));
+                    }
+                    records.push(EntryRecord {
+                        entry: planned.entry,
+                        blake3: hash,
+                        output: c.output.clone(),
+                        // The trial's values as the array stores them, for `verify`.
+                        values_blake3: Some(values_blake3),
+                        index: Some((first + k) as u64),
+                    });
                 }
-                records.push(EntryRecord {
-                    entry: planned.entry,
-                    blake3: hash,
-                    output: c.output.clone(),
-                    // The trial's values as the array stores them, for `verify`.
-                    values_blake3: Some(values_blake3),
-                    index: Some((first + k) as u64),
-                });
-            }
-            records.reverse();
-            for values in &mut group_measures {
-                values.reverse();
-            }
-            // The last shard may hold fewer trials than the shard shape: fill the rest.
-            write_fill(&mut buffer[lead + trials.len() * layout.padded..], &fill);
-            let mut indices = vec![0u64; shard.len()];
-            indices[0] = group as u64;
-            // Shards are the unit of parallelism: a shard is encoded on its own thread while
-            // other shards wait (letting zarrs spread a shard's chunks over the pool made a
-            // waiting thread pick up another shard with a second buffer: +40 MB peak for no
-            // speed). Once threads run out of shards, they would sit idle until the stage's
-            // last shards are done: those shards spread their chunks over the idle threads.
-            let concurrency = 1 + queue.idle_workers();
-            let shard_bytes = &buffer[lead..];
-            let written = match &encodable {
-                Some(layout) => {
-                    let key = array.chunk_key(&indices);
-                    encoder
-                        .encode(layout, shard_bytes, concurrency)
-                        .map_err(StorageError::from)
-                        .and_then(|encoded| open.store.output().store_encoded(&key, encoded))
-                        .map_err(|e| e.to_string())
+                records.reverse();
+                for values in &mut group_measures {
+                    values.reverse();
                 }
-                None => array
-                    .store_chunk_opt(
-                        &indices,
-                        ArrayBytes::from(shard_bytes),
-                        &CodecOptions::default().with_concurrent_target(concurrency),
-                    )
-                    .map_err(|e| e.to_string()),
-            };
-            written.map_err(|e| {
-                Error::io(
-                    ctx.dataset_dir.join(&c.output),
-                    "cannot write a shard",
-                    std::io::Error::other(e),
-                )
-            })?;
-            Ok((records, group_measures))
-        },
-    );
-    for r in done {
-        let (records, group_measures) = r?;
+                // The last shard may hold fewer trials than the shard shape: fill the rest.
+                write_fill(&mut buffer[lead + trials.len() * layout.padded..], &fill);
+                let mut indices = vec![0u64; shard.len()];
+                indices[0] = group as u64;
+                // Shards are the unit of parallelism: a shard is encoded on its own thread while
+                // other shards wait (letting zarrs spread a shard's chunks over the pool made a
+                // waiting thread pick up another shard with a second buffer: +40 MB peak for no
+                // speed). Once threads run out of shards, they would sit idle until the stage's
+                // last shards are done: those shards spread their chunks over the idle threads.
+                let concurrency = 1 + queue.idle_workers();
+                let shard_bytes = &buffer[lead..];
+                let written = match &encodable {
+                    Some(layout) => slot
+                        .encoder()
+                        .and_then(|encoder| {
+                            encoder
+                                .encode(layout, shard_bytes, concurrency)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        })
+                        .and_then(|_| writer.store(slot, array.chunk_key(&indices))),
+                    None => array
+                        .store_chunk_opt(
+                            &indices,
+                            ArrayBytes::from(shard_bytes),
+                            &CodecOptions::default().with_concurrent_target(concurrency),
+                        )
+                        .map_err(|e| e.to_string()),
+                };
+                written.map_err(shard_write_failed)?;
+                Ok((records, group_measures))
+            },
+        )
+    });
+    let done: Vec<ShardDone> = done.into_iter().collect::<Result<_>>()?;
+    last_writes.map_err(shard_write_failed)?;
+    for (records, group_measures) in done {
         result.entries.extend(records);
         for (all, part) in measures.iter_mut().zip(group_measures) {
             all.extend(part);

@@ -3,6 +3,7 @@
 pub mod output_store;
 pub mod parquet;
 pub mod shard;
+pub mod write_behind;
 pub mod zarr;
 
 /// Where an output lands, and its provenance, shared by all writers.

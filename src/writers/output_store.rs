@@ -116,20 +116,7 @@ impl OutputStore {
 }
 
 impl OutputStore {
-    /// Stores an encoded chunk, or erases it for `None` (a chunk of fill values only), as
-    /// zarrs does when it encodes.
-    pub fn store_encoded(
-        &self,
-        key: &StoreKey,
-        encoded: Option<&[u8]>,
-    ) -> Result<(), StorageError> {
-        match encoded {
-            Some(value) => self.write(key, value),
-            None => self.erase(key),
-        }
-    }
-
-    /// `set` from borrowed bytes: the shard encoder (`writers::shard`) keeps its buffer.
+    /// `set` from borrowed bytes: the shard encoder's buffer, lent by `writers::write_behind`.
     pub fn write(&self, key: &StoreKey, value: &[u8]) -> Result<(), StorageError> {
         let path = self.inner.key_to_fspath(key);
         if let Some(parent) = path.parent() {

@@ -101,6 +101,8 @@ impl ShardLayout {
 pub struct ShardEncoder {
     compressor: Compressor,
     out: Vec<u8>,
+    /// Where the last object encoded starts in `out`, until it is taken.
+    object_start: Option<usize>,
 }
 
 impl ShardEncoder {
@@ -114,6 +116,7 @@ impl ShardEncoder {
         shard: &[u8],
         threads: usize,
     ) -> std::io::Result<Option<&[u8]>> {
+        self.object_start = None;
         if shard.len() != layout.shard_bytes() {
             return Err(std::io::Error::other(format!(
                 "a shard of {} bytes, the layout takes {}",
@@ -178,6 +181,7 @@ impl ShardEncoder {
         let checksum = crc32c::crc32c(&index);
         self.out.extend_from_slice(&index);
         self.out.extend_from_slice(&checksum.to_le_bytes());
+        self.object_start = Some(start);
         Ok(Some(&self.out[start..]))
     }
 
@@ -189,6 +193,7 @@ impl ShardEncoder {
         layout: &ShardLayout,
         chunk: &[u8],
     ) -> std::io::Result<Option<&[u8]>> {
+        self.object_start = None;
         if layout.chunks != 1 || chunk.len() != layout.chunk_bytes {
             return Err(std::io::Error::other(format!(
                 "a chunk of {} bytes, the layout takes {} chunks of {}",
@@ -203,13 +208,30 @@ impl ShardEncoder {
         let start = self.start_object(layout.chunk_bound());
         self.compressor
             .append(layout, &[chunk], &[true], &mut self.out, &mut Vec::new())?;
+        self.object_start = Some(start);
         Ok(Some(&self.out[start..]))
+    }
+
+    /// Takes the buffer holding the object encoded last, and where the object starts in it
+    /// (`None`: the last call encoded no object, or it was taken already). The encoder has no
+    /// buffer until it is given one back (`give_back`), or makes a new one.
+    pub fn take_object(&mut self) -> Option<(Vec<u8>, usize)> {
+        let start = self.object_start.take()?;
+        Some((std::mem::take(&mut self.out), start))
+    }
+
+    /// Returns a buffer from `take_object`, to be reused.
+    pub fn give_back(&mut self, buffer: Vec<u8>) {
+        if buffer.capacity() > self.out.capacity() {
+            self.out = buffer;
+        }
     }
 
     /// Empties the output buffer and reserves room for an object of up to `bound` bytes after a
     /// page boundary, all at once, so the buffer does not move while the object is appended and
     /// the object starts on the boundary (direct I/O). Returns where it starts.
     fn start_object(&mut self, bound: usize) -> usize {
+        self.object_start = None;
         self.out.clear();
         self.out.reserve(ALIGN + bound);
         let start = self.out.as_ptr().align_offset(ALIGN);
