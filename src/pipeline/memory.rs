@@ -2,15 +2,16 @@
 //!
 //! Why: a cluster job that passes its memory limit (SLURM `--mem`, a container's limit) is
 //! killed, not slowed, and a task killed near its end has lost everything it did. Memory grows
-//! with the thread count (each thread builds one shard in memory), not with the number of
+//! with the thread count (each thread encodes one shard in memory), not with the number of
 //! trials, so the thread count is what to fit: the output is the same at any thread count, only
 //! the speed changes.
 //!
-//! The estimate is an upper bound from the plan: a fixed part, plus per thread the shard buffer
-//! of the largest array, its encoded copy taken as incompressible, and the largest source entry
-//! twice (its compressed bytes and, off the in-place path, its inflated copy), and the copy
-//! buffer of direct I/O writes (`writers::output_store`). On the Sensorium
-//! layout the measured peak is 60-75% of it (docs/operations.md).
+//! The estimate is an upper bound from the plan: a fixed part, plus per thread the trials it
+//! reads at once (one trial, or a whole shard where `zarrs` encodes the shards), the encoded
+//! shard taken as incompressible, the largest source entry twice (its compressed bytes and, off
+//! the in-place path, its inflated copy), and the copy buffer of direct I/O writes
+//! (`writers::output_store`). On the Sensorium layout the measured peak is about half of it
+//! (docs/operations.md).
 
 use std::path::{Path, PathBuf};
 
@@ -60,14 +61,12 @@ impl MemoryModel {
             stages.push(match stage {
                 StagePlan::TrialArray(p) => {
                     let shard = trial_array::shard_shape(p, pipeline_file)?;
-                    let shard_bytes = shard
-                        .iter()
-                        .fold(p.dtype.size as u64, |a, &d| a.saturating_mul(d));
+                    let (read, encoded) = trial_array::thread_buffer_bytes(p, pipeline_file)?;
                     let entry = entry_bytes(&mut p.trials.iter());
                     StageNeed {
                         fixed: 0,
-                        per_thread: shard_bytes
-                            .saturating_mul(2)
+                        per_thread: read
+                            .saturating_add(encoded)
                             .saturating_add(entry.saturating_mul(2))
                             .saturating_add(BOUNCE_CAPACITY),
                         items: p.trials.len().div_ceil(shard[0].max(1) as usize),

@@ -78,6 +78,33 @@ pub fn shard_shape(plan: &TrialPlan<TrialArrayConfig>, pipeline_file: &str) -> R
     Ok(resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?.1)
 }
 
+/// What one thread holds while it writes this stage's shards, in bytes, for the memory
+/// estimate: the trials it reads at once (a unit of `write_trials`) and the encoded shard,
+/// taken as incompressible.
+pub fn thread_buffer_bytes(
+    plan: &TrialPlan<TrialArrayConfig>,
+    pipeline_file: &str,
+) -> Result<(u64, u64)> {
+    let (chunk, shard) = resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?;
+    let size = plan.dtype.size as u64;
+    let shard_bytes = shard.iter().fold(size, |a, &d| a.saturating_mul(d));
+    let encodable = ShardLayout::new(
+        &shard,
+        &chunk,
+        plan.dtype.size,
+        &plan.config.compression,
+        &fill_bytes(plan.dtype),
+    );
+    let read = match encodable {
+        Some(_) => shard[1..]
+            .iter()
+            .fold(size, |a, &d| a.saturating_mul(d))
+            .saturating_mul(chunk[0].clamp(1, shard[0].max(1))),
+        None => shard_bytes,
+    };
+    Ok((read, shard_bytes))
+}
+
 fn array_shape(plan: &TrialPlan<TrialArrayConfig>) -> Vec<u64> {
     let mut shape = vec![plan.trials.len() as u64];
     shape.extend(&plan.trial_shape);
@@ -173,6 +200,14 @@ fn write_trials(
         .map(|t| t.header.payload_offset)
         .max()
         .unwrap_or(0);
+    // Trials are read and encoded a unit at a time: the trials one inner chunk spans (1 in the
+    // default layouts) when writers::shard encodes the shard, so a thread holds one trial, not
+    // a shard of them (fewer pages to fault in and clear: docs/performance.md, "Seventh
+    // round"); the whole shard when zarrs encodes it.
+    let unit_trials = match &encodable {
+        Some(_) => (open.chunk[0] as usize).clamp(1, trials_per_shard),
+        None => trials_per_shard,
+    };
     let shard_write_failed = |e: String| {
         Error::io(
             ctx.dataset_dir.join(&c.output),
@@ -201,100 +236,124 @@ fn write_trials(
                     .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
                 let first = group * trials_per_shard;
                 let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
-                // Sized once per thread; every byte of it is rewritten for each shard.
-                buffer.resize(lead + trials_per_shard * layout.padded, 0);
-                let mut records = Vec::with_capacity(trials.len());
-                let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
-                let mut bytes: Vec<u8>;
-                // Last to first: a trial read in place puts its header over the end of the slot
-                // before its own (or into the lead), which is filled after it.
-                for (k, planned) in trials.iter().enumerate().rev() {
-                    let start = lead + k * layout.padded;
-                    let end = start + layout.padded;
-                    let (hash, values_blake3, le) = if layout.contiguous()
-                        && npy::is_little_endian_c(&planned.header)
-                    {
-                        // The usual case: the payload is inflated straight into its slot.
-                        let offset = planned.header.payload_offset;
-                        let payload_end = start + trial_bytes.min(layout.padded);
-                        let whole = &mut buffer[start - offset.min(lead)..payload_end];
-                        let read = read_planned_into(ctx.source, reader.as_mut(), planned, whole)?;
-                        write_fill(&mut buffer[payload_end..end], &fill);
-                        (
-                            read.blake3,
-                            read.payload_blake3,
-                            &buffer[start..payload_end],
-                        )
-                    } else {
-                        let (header, read, hash) =
-                            read_planned(ctx.source, reader.as_mut(), planned)?;
-                        bytes = read;
-                        let le =
-                            npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
-                        if le.len() != trial_bytes {
-                            return Err(Error::Internal(format!(
-                                "{}: {} payload bytes, the plan expects {trial_bytes}",
-                                ctx.source.locate(&ctx.source.entries[planned.entry]),
-                                le.len()
-                            )));
-                        }
-                        layout.place(le, &mut buffer[start..end], &fill);
-                        (hash, blake3::hash(le).to_hex().to_string(), le)
-                    };
-                    check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
-                    .map_err(|problem| {
-                        Error::bad_input(
-                            ctx.source.locate(&ctx.source.entries[planned.entry]),
-                            problem,
-                            "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
-                        )
-                    })?;
-                    for (m, values) in c.measures.iter().zip(group_measures.iter_mut()) {
-                        values.push(measure(*m, plan.dtype, le, frames));
-                    }
-                    records.push(EntryRecord {
-                        entry: planned.entry,
-                        blake3: hash,
-                        output: c.output.clone(),
-                        // The trial's values as the array stores them, for `verify`.
-                        values_blake3: Some(values_blake3),
-                        index: Some((first + k) as u64),
-                    });
-                }
-                records.reverse();
-                for values in &mut group_measures {
-                    values.reverse();
-                }
-                // The last shard may hold fewer trials than the shard shape: fill the rest.
-                write_fill(&mut buffer[lead + trials.len() * layout.padded..], &fill);
+                // Sized once per thread; every byte of it is rewritten for each unit.
+                buffer.resize(lead + unit_trials * layout.padded, 0);
+                let mut read: Vec<Option<(EntryRecord, Vec<MeasureValue>)>> =
+                    (0..trials.len()).map(|_| None).collect();
                 let mut indices = vec![0u64; shard.len()];
                 indices[0] = group as u64;
-                // Shards are the unit of parallelism: a shard is encoded on its own thread while
-                // other shards wait (letting zarrs spread a shard's chunks over the pool made a
-                // waiting thread pick up another shard with a second buffer: +40 MB peak for no
-                // speed). Once threads run out of shards, they would sit idle until the stage's
-                // last shards are done: those shards spread their chunks over the idle threads.
-                let concurrency = 1 + queue.idle_workers();
-                let shard_bytes = &buffer[lead..];
-                let written = match &encodable {
-                    Some(layout) => slot
-                        .encoder()
-                        .and_then(|encoder| {
-                            encoder
-                                .encode(layout, shard_bytes, concurrency)
-                                .map(|_| ())
-                                .map_err(|e| e.to_string())
-                        })
-                        .and_then(|_| writer.store(slot, array.chunk_key(&indices))),
-                    None => array
-                        .store_chunk_opt(
-                            &indices,
-                            ArrayBytes::from(shard_bytes),
-                            &CodecOptions::default().with_concurrent_target(concurrency),
-                        )
-                        .map_err(|e| e.to_string()),
-                };
-                written.map_err(shard_write_failed)?;
+                let mut bytes: Vec<u8>;
+                for unit in (0..trials_per_shard).step_by(unit_trials) {
+                    // Last to first: a trial read in place puts its header over the end of the
+                    // slot before its own (or into the lead), which is filled after it.
+                    for k in (unit..unit + unit_trials).rev() {
+                        let start = lead + (k - unit) * layout.padded;
+                        let end = start + layout.padded;
+                        let Some(planned) = trials.get(k) else {
+                            // The last shard may hold fewer trials than the shard shape.
+                            write_fill(&mut buffer[start..end], &fill);
+                            continue;
+                        };
+                        let (hash, values_blake3, le) =
+                            if layout.contiguous() && npy::is_little_endian_c(&planned.header) {
+                                // The usual case: the payload is inflated straight into its slot.
+                                let offset = planned.header.payload_offset;
+                                let payload_end = start + trial_bytes.min(layout.padded);
+                                let whole = &mut buffer[start - offset.min(lead)..payload_end];
+                                let read =
+                                    read_planned_into(ctx.source, reader.as_mut(), planned, whole)?;
+                                write_fill(&mut buffer[payload_end..end], &fill);
+                                (
+                                    read.blake3,
+                                    read.payload_blake3,
+                                    &buffer[start..payload_end],
+                                )
+                            } else {
+                                let (header, read, hash) =
+                                    read_planned(ctx.source, reader.as_mut(), planned)?;
+                                bytes = read;
+                                let le = npy::little_endian_c(
+                                    &header,
+                                    &bytes[header.payload_offset..],
+                                    scratch,
+                                );
+                                if le.len() != trial_bytes {
+                                    return Err(Error::Internal(format!(
+                                        "{}: {} payload bytes, the plan expects {trial_bytes}",
+                                        ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                        le.len()
+                                    )));
+                                }
+                                layout.place(le, &mut buffer[start..end], &fill);
+                                (hash, blake3::hash(le).to_hex().to_string(), le)
+                            };
+                        check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
+                        .map_err(|problem| {
+                            Error::bad_input(
+                                ctx.source.locate(&ctx.source.entries[planned.entry]),
+                                problem,
+                                "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
+                            )
+                        })?;
+                        let values = c
+                            .measures
+                            .iter()
+                            .map(|m| measure(*m, plan.dtype, le, frames))
+                            .collect();
+                        let record = EntryRecord {
+                            entry: planned.entry,
+                            blake3: hash,
+                            output: c.output.clone(),
+                            // The trial's values as the array stores them, for `verify`.
+                            values_blake3: Some(values_blake3),
+                            index: Some((first + k) as u64),
+                        };
+                        read[k] = Some((record, values));
+                    }
+                    // Once threads run out of shards, they would sit idle until the stage's
+                    // last shards are done: those shards spread their chunks over the idle
+                    // threads. (Shards are the unit of parallelism otherwise: letting zarrs
+                    // spread every shard's chunks over the pool made a waiting thread pick up
+                    // another shard with a second buffer: +40 MB peak for no speed.)
+                    let concurrency = 1 + queue.idle_workers();
+                    if let Some(layout) = &encodable {
+                        // Asked for after the first unit is read: meanwhile, the last shard's
+                        // write has had time to finish and give its buffer back.
+                        let encoder = slot.encoder().map_err(shard_write_failed)?;
+                        if unit == 0 {
+                            encoder.begin(layout);
+                        }
+                        encoder
+                            .add_chunks(layout, &buffer[lead..], concurrency)
+                            .map_err(|e| shard_write_failed(e.to_string()))?;
+                    } else {
+                        // One unit: the whole shard.
+                        array
+                            .store_chunk_opt(
+                                &indices,
+                                ArrayBytes::from(&buffer[lead..]),
+                                &CodecOptions::default().with_concurrent_target(concurrency),
+                            )
+                            .map_err(|e| shard_write_failed(e.to_string()))?;
+                    }
+                }
+                if let Some(layout) = &encodable {
+                    slot.encoder()
+                        .map_err(shard_write_failed)?
+                        .finish(layout)
+                        .map_err(|e| shard_write_failed(e.to_string()))?;
+                    writer
+                        .store(slot, array.chunk_key(&indices))
+                        .map_err(shard_write_failed)?;
+                }
+                let mut records = Vec::with_capacity(trials.len());
+                let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
+                for (record, values) in read.into_iter().flatten() {
+                    records.push(record);
+                    for (all, value) in group_measures.iter_mut().zip(values) {
+                        all.push(value);
+                    }
+                }
                 Ok((records, group_measures))
             },
         )

@@ -103,36 +103,61 @@ pub struct ShardEncoder {
     out: Vec<u8>,
     /// Where the last object encoded starts in `out`, until it is taken.
     object_start: Option<usize>,
+    /// Where the shard being encoded starts in `out`, between `begin` and `finish`.
+    shard: Option<usize>,
+    /// Each chunk's encoded length so far (`None`: all fill, left out).
+    lens: Vec<Option<usize>>,
 }
 
 impl ShardEncoder {
-    /// Encodes a whole shard (`layout.shard_bytes()` bytes, C order). Returns the encoded
-    /// shard, starting on a page boundary, or `None` when every chunk is fill: `zarrs` stores
-    /// no object then. With `threads > 1`, chunks are compressed in parallel on the current
-    /// pool (the bytes are the same).
+    /// Encodes a whole shard (`layout.shard_bytes()` bytes, C order): `begin`, `add_chunks`
+    /// with the whole shard, `finish`.
     pub fn encode(
         &mut self,
         layout: &ShardLayout,
         shard: &[u8],
         threads: usize,
     ) -> std::io::Result<Option<&[u8]>> {
-        self.object_start = None;
-        if shard.len() != layout.shard_bytes() {
-            return Err(std::io::Error::other(format!(
-                "a shard of {} bytes, the layout takes {}",
-                shard.len(),
-                layout.shard_bytes()
-            )));
-        }
-        let chunks: Vec<&[u8]> = shard.chunks_exact(layout.chunk_bytes.max(1)).collect();
-        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
-        if !kept.contains(&true) {
-            return Ok(None);
-        }
+        self.begin(layout);
+        self.add_chunks(layout, shard, threads)?;
+        self.finish(layout)
+    }
+
+    /// Starts a shard, whose chunks are then given in C order by `add_chunks`, in as many
+    /// pieces as the caller likes: it need not hold the whole shard at once.
+    pub fn begin(&mut self, layout: &ShardLayout) {
         let index_bytes = layout.chunks * 16 + 4;
         let start = self.start_object(layout.chunk_bound() * layout.chunks + index_bytes);
-        let mut lens = Vec::with_capacity(layout.chunks);
-        if threads > 1 && layout.zstd_level.is_some() {
+        self.shard = Some(start);
+        self.lens.clear();
+    }
+
+    /// Encodes the shard's next chunks: `bytes` holds a whole number of them. With
+    /// `threads > 1`, they are compressed in parallel on the current pool (the bytes are the
+    /// same).
+    pub fn add_chunks(
+        &mut self,
+        layout: &ShardLayout,
+        bytes: &[u8],
+        threads: usize,
+    ) -> std::io::Result<()> {
+        let chunk_bytes = layout.chunk_bytes.max(1);
+        let added = bytes.len() / chunk_bytes;
+        if self.shard.is_none()
+            || bytes.len() % chunk_bytes != 0
+            || self.lens.len() + added > layout.chunks
+        {
+            return Err(std::io::Error::other(format!(
+                "{} bytes added to a shard of {} chunks of {} bytes, {} chunks in",
+                bytes.len(),
+                layout.chunks,
+                layout.chunk_bytes,
+                self.lens.len()
+            )));
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks_exact(chunk_bytes).collect();
+        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
+        if threads > 1 && layout.zstd_level.is_some() && chunks.len() > 1 {
             // The stage's last shards, while other threads have nothing left: one run of
             // chunks per thread, each with its own context and buffer, joined in order.
             let per_run = chunks.len().div_ceil(threads);
@@ -158,17 +183,36 @@ impl ShardEncoder {
             for run in runs {
                 let run = run?;
                 self.out.extend_from_slice(&run.bytes);
-                lens.extend(run.lens);
+                self.lens.extend(run.lens);
             }
         } else {
             self.compressor
-                .append(layout, &chunks, &kept, &mut self.out, &mut lens)?;
+                .append(layout, &chunks, &kept, &mut self.out, &mut self.lens)?;
         }
-        let mut index = Vec::with_capacity(index_bytes);
+        Ok(())
+    }
+
+    /// Ends the shard with its index. Returns the encoded shard, starting on a page boundary,
+    /// or `None` when every chunk was fill: `zarrs` stores no object then.
+    pub fn finish(&mut self, layout: &ShardLayout) -> std::io::Result<Option<&[u8]>> {
+        let start = match self.shard.take() {
+            Some(start) if self.lens.len() == layout.chunks => start,
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "a shard finished with {} of its {} chunks",
+                    self.lens.len(),
+                    layout.chunks
+                )))
+            }
+        };
+        if self.lens.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut index = Vec::with_capacity(layout.chunks * 16 + 4);
         let mut offset = 0u64;
-        for len in lens {
+        for len in &self.lens {
             // `(offset, nbytes)` from the shard's start; all ones for a chunk left out.
-            let (at, len) = match len {
+            let (at, len) = match *len {
                 Some(len) => {
                     offset += len as u64;
                     (offset - len as u64, len as u64)
@@ -232,6 +276,7 @@ impl ShardEncoder {
     /// the object starts on the boundary (direct I/O). Returns where it starts.
     fn start_object(&mut self, bound: usize) -> usize {
         self.object_start = None;
+        self.shard = None;
         self.out.clear();
         self.out.reserve(ALIGN + bound);
         let start = self.out.as_ptr().align_offset(ALIGN);
@@ -446,8 +491,78 @@ mod tests {
                     got.len(),
                     want.len()
                 );
+                // The same shard given a few chunks at a time (as trial_array gives it, one
+                // trial at a time).
+                for piece_chunks in [1, 2, 3] {
+                    let piece_bytes = piece_chunks * chunk_elements * 4;
+                    let got = pool.install(|| {
+                        encoder.begin(&layout);
+                        for piece in values.chunks(piece_bytes) {
+                            encoder
+                                .add_chunks(&layout, piece, threads)
+                                .expect("whole chunks");
+                        }
+                        encoder
+                            .finish(&layout)
+                            .expect("finishes")
+                            .map(<[u8]>::to_vec)
+                    });
+                    assert!(
+                        got.as_ref() == Some(&want),
+                        "shard {shard:?} chunk {chunk:?} {c:?} in pieces of {piece_chunks} chunks on {threads} threads"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_shard_must_be_given_whole_chunks_and_all_of_them() {
+        let (shard, chunk) = ([3u64, 8], [1u64, 8]);
+        let c = compression(Codec::Zstd, Some(1));
+        let layout = ShardLayout::new(&shard, &chunk, 4, &c, &fill_bytes(F32)).expect("layout");
+        let values = shard_values(&shard, 8, &[]);
+        let chunk_bytes = 8 * 4;
+        let mut encoder = ShardEncoder::default();
+        assert!(
+            encoder
+                .add_chunks(&layout, &values[..chunk_bytes], 1)
+                .is_err(),
+            "chunks before begin"
+        );
+        encoder.begin(&layout);
+        assert!(
+            encoder
+                .add_chunks(&layout, &values[..chunk_bytes + 4], 1)
+                .is_err(),
+            "part of a chunk"
+        );
+        encoder
+            .add_chunks(&layout, &values[..2 * chunk_bytes], 1)
+            .expect("two chunks");
+        assert!(encoder.finish(&layout).is_err(), "finished one chunk short");
+        encoder.begin(&layout);
+        encoder.add_chunks(&layout, &values, 1).expect("the shard");
+        assert!(
+            encoder
+                .add_chunks(&layout, &values[..chunk_bytes], 1)
+                .is_err(),
+            "a chunk past the shard"
+        );
+        let encoded = encoder
+            .finish(&layout)
+            .expect("finishes")
+            .map(<[u8]>::to_vec);
+        let (buffer, start) = encoder.take_object().expect("the object encoded last");
+        assert_eq!(Some(&buffer[start..]), encoded.as_deref());
+        assert!(encoder.take_object().is_none(), "taken once");
+        encoder.give_back(buffer);
+        // All fill: no object, as zarrs stores none.
+        let fill = shard_values(&shard, 8, &[0, 1, 2]);
+        encoder.begin(&layout);
+        encoder.add_chunks(&layout, &fill, 1).expect("the shard");
+        assert!(encoder.finish(&layout).expect("finishes").is_none());
+        assert!(encoder.take_object().is_none());
     }
 
     #[test]

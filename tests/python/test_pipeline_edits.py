@@ -67,6 +67,35 @@ def test_chunking_and_codec(tmp_path, source):
     assert zarr.open_group(ds / "data.zarr", mode="r")["responses"].chunks == (1, 8, 10)
 
 
+def test_inner_chunks_spanning_two_trials(tmp_path, source):
+    """Our shard encoder reads and encodes a shard one chunk row at a time: here two trials,
+    with a last shard that ends inside a chunk row (fill after the last trial). Read back
+    bit-exact by zarr-python, and byte-identical at 1 and 2 threads."""
+    text = default_pipeline()
+    text = replace_once(text, "chunk_shape: [1, full, full, full]", "chunk_shape: [2, full, full, full]")
+    text = replace_once(text, "shard_shape: [16, full, full, full]", "shard_shape: [4, full, full, full]")
+    src = helpers.Source(source)
+    trials = src.stack("videos").shape[0]
+    assert trials % 4 not in (0, 2), f"{trials} trials: the last shard must end inside a chunk row"
+    outputs = []
+    for threads in ("1", "2"):
+        pipeline = tmp_path / threads / "pipeline.yaml"
+        pipeline.parent.mkdir()
+        pipeline.write_text(text)
+        store = tmp_path / threads / "store"
+        proc = helpers.run("convert", source, "--out", store, "--pipeline", pipeline,
+                           "--name", "edited", "--threads", threads)
+        assert proc.returncode == 0, helpers.describe_run(proc)
+        videos = zarr.open_group(store / "edited" / "data.zarr", mode="r")["videos"]
+        assert videos.chunks[0] == 2 and videos.shards[0] == 4
+        helpers.assert_bits_equal(videos[:], src.stack("videos"), "videos in 2-trial chunks")
+        outputs.append(store / "edited" / "data.zarr" / "videos")
+    files = sorted(f.relative_to(outputs[0]) for f in outputs[0].rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(outputs[1]) for f in outputs[1].rglob("*") if f.is_file())
+    for f in files:
+        assert (outputs[0] / f).read_bytes() == (outputs[1] / f).read_bytes(), f
+
+
 @pytest.mark.parametrize("codec,cname,shuffle", [
     ("{codec: blosc_lz4}", "lz4", "shuffle"),
     ("{codec: blosc_zstd, level: 3, shuffle: bit}", "zstd", "bitshuffle"),
