@@ -1,6 +1,6 @@
 //! A parallel loop whose working state is made once per pool thread and reused by every item
-//! that thread runs: source readers (each holds an entry's compressed and inflated bytes) and
-//! shard buffers (tens of MB).
+//! that thread runs: source readers (each holds an entry's compressed and inflated bytes),
+//! trial buffers and shard encoders (MBs to tens of MB).
 //!
 //! Why not rayon's `map_init`: it makes a new state per split job, not per thread - 14 times for
 //! the 20 shards of a 64-trial conversion on 2 threads, each a fresh 40 MB buffer that the

@@ -1,6 +1,7 @@
 //! `trial_array`: per-trial arrays stacked into one sharded Zarr array with a leading trial axis.
-//! Trials are streamed shard by shard: a shard's trials are read (each thread with its own
-//! source reader), copied as raw little-endian bytes into the shard buffer and written at once.
+//! Each shard is one task on the pool: its trials are read (each thread with its own source
+//! reader) as raw little-endian bytes, a chunk row at a time where writers::shard encodes the
+//! shard (the whole shard where zarrs does), and the encoded shard is written at once.
 
 use zarrs::array::{ArrayBytes, CodecOptions};
 
@@ -188,9 +189,9 @@ fn write_trials(
     let mut result = StageResult::default();
     let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
     // Every shard is one task on the pool. A task inflates its trials straight into its thread's
-    // shard buffer (reused from shard to shard: no fresh pages per shard), laid out as the whole
-    // shard (fill where a `full` shard reaches past the array's edge), so zarrs encodes it without
-    // a merge copy. Tasks keep only entry records and measures: memory is bounded by the thread
+    // buffer (reused from unit to unit: no fresh pages), laid out as the shard lays them out
+    // (fill where a `full` shard reaches past the array's edge), so they are encoded without a
+    // merge copy. Tasks keep only entry records and measures: memory is bounded by the thread
     // count whatever the number of trials, with no window barrier between groups of shards.
     // Room before the first slot for the longest header: a trial is read whole (header, then
     // payload) so that its payload lands in its slot, its header just before.

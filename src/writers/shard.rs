@@ -8,7 +8,9 @@
 //! a new buffer of the shard's size. Those are fresh pages the kernel must clear, and the page
 //! clearing grew with the thread count: 2% of a 1-thread conversion's CPU, 5% of a 2-thread
 //! one's (docs/performance.md, "Sixth round"). Here each thread keeps one zstd context and one
-//! shard buffer for a whole stage, and zstd writes each chunk straight into the shard buffer.
+//! output buffer for a whole stage, and zstd writes each chunk straight into it; a shard may be
+//! given a few chunks at a time (`begin`, `add_chunks`, `finish`), so the caller need not hold
+//! the shard's raw values at once.
 //!
 //! The bytes are the ones `zarrs` writes (same zstd library and settings, inner chunks in C
 //! order, all-fill chunks left out, index of `(offset, nbytes)` little-endian `u64` pairs with
