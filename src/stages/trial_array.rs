@@ -11,14 +11,12 @@ use super::{
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::per_thread::map_with_state;
-use crate::pipeline::plan::TrialPlan;
+use crate::pipeline::plan::{ArrayEntry, TrialPlan};
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
+use crate::source::EntryReader;
 use crate::writers::shard::ShardLayout;
 use crate::writers::write_behind::{self, EncoderSlot};
 use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
-
-/// What one shard's task reports: the entries it read and its trials' measures.
-type ShardDone = (Vec<EntryRecord>, Vec<Vec<MeasureValue>>);
 
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<StageResult> {
     let open = open_array(ctx, plan, true)?;
@@ -162,7 +160,15 @@ fn open_array(
     })
 }
 
-/// Reads the trials `part` (whole shards) into the array, shard by shard.
+/// Reads the trials `part` (whole shards) into the array.
+///
+/// Every shard is one task on the pool; tasks keep only entry records and measures, so memory
+/// is bounded by the thread count whatever the number of trials, with no window barrier between
+/// groups of shards. A task reads its shard a unit at a time into its thread's buffer (reused
+/// from unit to unit: no fresh pages): the trials one inner chunk row spans (one trial in the
+/// default layouts) where writers::shard encodes the shard, so a thread holds one trial and the
+/// shard's compressed bytes, not a shard of raw values (docs/performance.md, "Seventh round");
+/// the whole shard where zarrs encodes it.
 fn write_trials(
     ctx: &StageContext,
     plan: &TrialPlan<TrialArrayConfig>,
@@ -172,9 +178,7 @@ fn write_trials(
     let (array, shard) = (&open.array, open.shard.as_slice());
     let c = plan.config;
     let trials_per_shard = shard[0] as usize;
-    let trial_bytes = plan.trial_shape.iter().product::<u64>() as usize * plan.dtype.size;
-    let layout = Padding::new(&plan.trial_shape, &shard[1..], plan.dtype.size);
-    let fill = fill_pattern(plan.dtype);
+    let reading = TrialReading::new(ctx, plan, &shard[1..]);
     // Shards this module can encode itself (writers::shard), else zarrs encodes them.
     let encodable = ShardLayout::new(
         shard,
@@ -183,32 +187,12 @@ fn write_trials(
         &c.compression,
         &fill_bytes(plan.dtype),
     );
-    let frames = *plan.trial_shape.last().unwrap_or(&1);
-    let groups: Vec<usize> =
-        (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
-    let mut result = StageResult::default();
-    let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
-    // Every shard is one task on the pool. A task inflates its trials straight into its thread's
-    // buffer (reused from unit to unit: no fresh pages), laid out as the shard lays them out
-    // (fill where a `full` shard reaches past the array's edge), so they are encoded without a
-    // merge copy. Tasks keep only entry records and measures: memory is bounded by the thread
-    // count whatever the number of trials, with no window barrier between groups of shards.
-    // Room before the first slot for the longest header: a trial is read whole (header, then
-    // payload) so that its payload lands in its slot, its header just before.
-    let lead = plan
-        .trials
-        .iter()
-        .map(|t| t.header.payload_offset)
-        .max()
-        .unwrap_or(0);
-    // Trials are read and encoded a unit at a time: the trials one inner chunk spans (1 in the
-    // default layouts) when writers::shard encodes the shard, so a thread holds one trial, not
-    // a shard of them (fewer pages to fault in and clear: docs/performance.md, "Seventh
-    // round"); the whole shard when zarrs encodes it.
     let unit_trials = match &encodable {
         Some(_) => (open.chunk[0] as usize).clamp(1, trials_per_shard),
         None => trials_per_shard,
     };
+    let groups: Vec<usize> =
+        (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
     let shard_write_failed = |e: String| {
         Error::io(
             ctx.dataset_dir.join(&c.output),
@@ -230,87 +214,28 @@ fn write_trials(
                     EncoderSlot::default(),
                 )
             },
-            |i, (reader, buffer, scratch, slot), queue| -> Result<ShardDone> {
+            |i, (reader, buffer, scratch, slot), queue| -> Result<Vec<TrialRead>> {
                 let group = groups[i];
                 let reader = reader
                     .as_mut()
                     .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
                 let first = group * trials_per_shard;
                 let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
-                // Sized once per thread; every byte of it is rewritten for each unit.
-                buffer.resize(lead + unit_trials * layout.padded, 0);
-                let mut read: Vec<Option<(EntryRecord, Vec<MeasureValue>)>> =
-                    (0..trials.len()).map(|_| None).collect();
                 let mut indices = vec![0u64; shard.len()];
                 indices[0] = group as u64;
-                let mut bytes: Vec<u8>;
+                let mut read = Vec::with_capacity(trials.len());
                 for unit in (0..trials_per_shard).step_by(unit_trials) {
-                    // Last to first: a trial read in place puts its header over the end of the
-                    // slot before its own (or into the lead), which is filled after it.
-                    for k in (unit..unit + unit_trials).rev() {
-                        let start = lead + (k - unit) * layout.padded;
-                        let end = start + layout.padded;
-                        let Some(planned) = trials.get(k) else {
-                            // The last shard may hold fewer trials than the shard shape.
-                            write_fill(&mut buffer[start..end], &fill);
-                            continue;
-                        };
-                        let (hash, values_blake3, le) =
-                            if layout.contiguous() && npy::is_little_endian_c(&planned.header) {
-                                // The usual case: the payload is inflated straight into its slot.
-                                let offset = planned.header.payload_offset;
-                                let payload_end = start + trial_bytes.min(layout.padded);
-                                let whole = &mut buffer[start - offset.min(lead)..payload_end];
-                                let read =
-                                    read_planned_into(ctx.source, reader.as_mut(), planned, whole)?;
-                                write_fill(&mut buffer[payload_end..end], &fill);
-                                (
-                                    read.blake3,
-                                    read.payload_blake3,
-                                    &buffer[start..payload_end],
-                                )
-                            } else {
-                                let (header, read, hash) =
-                                    read_planned(ctx.source, reader.as_mut(), planned)?;
-                                bytes = read;
-                                let le = npy::little_endian_c(
-                                    &header,
-                                    &bytes[header.payload_offset..],
-                                    scratch,
-                                );
-                                if le.len() != trial_bytes {
-                                    return Err(Error::Internal(format!(
-                                        "{}: {} payload bytes, the plan expects {trial_bytes}",
-                                        ctx.source.locate(&ctx.source.entries[planned.entry]),
-                                        le.len()
-                                    )));
-                                }
-                                layout.place(le, &mut buffer[start..end], &fill);
-                                (hash, blake3::hash(le).to_hex().to_string(), le)
-                            };
-                        check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le)
-                        .map_err(|problem| {
-                            Error::bad_input(
-                                ctx.source.locate(&ctx.source.entries[planned.entry]),
-                                problem,
-                                "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
-                            )
-                        })?;
-                        let values = c
-                            .measures
-                            .iter()
-                            .map(|m| measure(*m, plan.dtype, le, frames))
-                            .collect();
-                        let record = EntryRecord {
-                            entry: planned.entry,
-                            blake3: hash,
-                            output: c.output.clone(),
-                            // The trial's values as the array stores them, for `verify`.
-                            values_blake3: Some(values_blake3),
-                            index: Some((first + k) as u64),
-                        };
-                        read[k] = Some((record, values));
-                    }
+                    let units = unit..unit + unit_trials;
+                    let trials_read = reading.read_unit(
+                        reader.as_mut(),
+                        buffer,
+                        scratch,
+                        trials,
+                        first,
+                        units,
+                    )?;
+                    read.extend(trials_read);
+                    let unit_bytes = &buffer[reading.lead..];
                     // Once threads run out of shards, they would sit idle until the stage's
                     // last shards are done: those shards spread their chunks over the idle
                     // threads. (Shards are the unit of parallelism otherwise: letting zarrs
@@ -325,14 +250,14 @@ fn write_trials(
                             encoder.begin(layout);
                         }
                         encoder
-                            .add_chunks(layout, &buffer[lead..], concurrency)
+                            .add_chunks(layout, unit_bytes, concurrency)
                             .map_err(|e| shard_write_failed(e.to_string()))?;
                     } else {
                         // One unit: the whole shard.
                         array
                             .store_chunk_opt(
                                 &indices,
-                                ArrayBytes::from(&buffer[lead..]),
+                                ArrayBytes::from(unit_bytes),
                                 &CodecOptions::default().with_concurrent_target(concurrency),
                             )
                             .map_err(|e| shard_write_failed(e.to_string()))?;
@@ -347,27 +272,21 @@ fn write_trials(
                         .store(slot, array.chunk_key(&indices))
                         .map_err(shard_write_failed)?;
                 }
-                let mut records = Vec::with_capacity(trials.len());
-                let mut group_measures = vec![Vec::with_capacity(trials.len()); c.measures.len()];
-                for (record, values) in read.into_iter().flatten() {
-                    records.push(record);
-                    for (all, value) in group_measures.iter_mut().zip(values) {
-                        all.push(value);
-                    }
-                }
-                Ok((records, group_measures))
+                Ok(read)
             },
         )
     });
-    let done: Vec<ShardDone> = done.into_iter().collect::<Result<_>>()?;
+    let done: Vec<Vec<TrialRead>> = done.into_iter().collect::<Result<_>>()?;
     last_writes.map_err(shard_write_failed)?;
-    for (records, group_measures) in done {
-        result.entries.extend(records);
-        for (all, part) in measures.iter_mut().zip(group_measures) {
-            all.extend(part);
+    let mut result = StageResult::default();
+    let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
+    for (record, values) in done.into_iter().flatten() {
+        result.entries.push(record);
+        for (all, value) in measures.iter_mut().zip(values) {
+            all.push(value);
         }
     }
-    result.bytes = part.len() as u64 * trial_bytes as u64;
+    result.bytes = part.len() as u64 * reading.trial_bytes as u64;
     for (m, values) in c.measures.iter().zip(measures) {
         let values = match m {
             Measure::ValidFrames => {
@@ -378,6 +297,127 @@ fn write_trials(
         result.measures.push((*m, values));
     }
     Ok(result)
+}
+
+/// One trial as read: its entry record and its measures (in the stage's order).
+type TrialRead = (EntryRecord, Vec<MeasureValue>);
+
+/// How this stage's trials are read into their slots.
+struct TrialReading<'a> {
+    ctx: &'a StageContext<'a>,
+    plan: &'a TrialPlan<'a, TrialArrayConfig>,
+    padding: Padding,
+    fill: Vec<u8>,
+    trial_bytes: usize,
+    frames: u64,
+    /// Room before the first slot for the longest header: a trial is read whole (header, then
+    /// payload) so that its payload lands in its slot, its header just before.
+    lead: usize,
+}
+
+impl<'a> TrialReading<'a> {
+    fn new(
+        ctx: &'a StageContext<'a>,
+        plan: &'a TrialPlan<'a, TrialArrayConfig>,
+        slot_shape: &[u64],
+    ) -> TrialReading<'a> {
+        TrialReading {
+            ctx,
+            plan,
+            padding: Padding::new(&plan.trial_shape, slot_shape, plan.dtype.size),
+            fill: fill_pattern(plan.dtype),
+            trial_bytes: plan.trial_shape.iter().product::<u64>() as usize * plan.dtype.size,
+            frames: *plan.trial_shape.last().unwrap_or(&1),
+            lead: plan
+                .trials
+                .iter()
+                .map(|t| t.header.payload_offset)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// Reads the trials `unit` of a shard (`trials`: the shard's, the first being trial `first`
+    /// of the array) into their slots in `buffer`, after `lead` bytes; fill where the shard has
+    /// no trial. Returns them in order.
+    fn read_unit(
+        &self,
+        reader: &mut dyn EntryReader,
+        buffer: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        trials: &[ArrayEntry],
+        first: usize,
+        unit: std::ops::Range<usize>,
+    ) -> Result<Vec<TrialRead>> {
+        let (ctx, plan, c) = (self.ctx, self.plan, self.plan.config);
+        // Sized once per thread; every byte of it is rewritten for each unit.
+        buffer.resize(self.lead + unit.len() * self.padding.padded, 0);
+        let mut read = Vec::with_capacity(unit.len());
+        let mut bytes: Vec<u8>;
+        // Last to first: a trial read in place puts its header over the end of the slot before
+        // its own (or into the lead), which is filled after it.
+        for k in unit.clone().rev() {
+            let start = self.lead + (k - unit.start) * self.padding.padded;
+            let end = start + self.padding.padded;
+            let Some(planned) = trials.get(k) else {
+                // The last shard may hold fewer trials than the shard shape.
+                write_fill(&mut buffer[start..end], &self.fill);
+                continue;
+            };
+            let (hash, values_blake3, le) = if self.padding.contiguous()
+                && npy::is_little_endian_c(&planned.header)
+            {
+                // The usual case: the payload is inflated straight into its slot.
+                let offset = planned.header.payload_offset;
+                let payload_end = start + self.trial_bytes.min(self.padding.padded);
+                let whole = &mut buffer[start - offset.min(self.lead)..payload_end];
+                let read = read_planned_into(ctx.source, reader, planned, whole)?;
+                write_fill(&mut buffer[payload_end..end], &self.fill);
+                (
+                    read.blake3,
+                    read.payload_blake3,
+                    &buffer[start..payload_end],
+                )
+            } else {
+                let (header, read, hash) = read_planned(ctx.source, reader, planned)?;
+                bytes = read;
+                let le = npy::little_endian_c(&header, &bytes[header.payload_offset..], scratch);
+                if le.len() != self.trial_bytes {
+                    return Err(Error::Internal(format!(
+                        "{}: {} payload bytes, the plan expects {}",
+                        ctx.source.locate(&ctx.source.entries[planned.entry]),
+                        le.len(),
+                        self.trial_bytes
+                    )));
+                }
+                self.padding.place(le, &mut buffer[start..end], &self.fill);
+                (hash, blake3::hash(le).to_hex().to_string(), le)
+            };
+            check_trial_nan(c.nan, plan.dtype, &plan.trial_shape, le).map_err(|problem| {
+                Error::bad_input(
+                    ctx.source.locate(&ctx.source.entries[planned.entry]),
+                    problem,
+                    "the trial has NaN before its NaN tail; fix the source, or set `nan: allow` for this stage in the pipeline",
+                )
+            })?;
+            let values = c
+                .measures
+                .iter()
+                .map(|m| measure(*m, plan.dtype, le, self.frames))
+                .collect();
+            let record = EntryRecord {
+                entry: planned.entry,
+                blake3: hash,
+                output: c.output.clone(),
+                // The trial's values as the array stores them, for `verify`.
+                values_blake3: Some(values_blake3),
+                index: Some((first + k) as u64),
+            };
+            read.push((record, values));
+        }
+        read.reverse();
+        Ok(read)
+    }
 }
 
 /// `data.zarr/videos` -> (`data.zarr`, `/videos`).
