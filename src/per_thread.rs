@@ -33,6 +33,18 @@ pub fn map_with_state<S, R: Send>(
     init: impl Fn() -> S + Sync,
     work: impl Fn(usize, &mut S, &Queue) -> R + Sync,
 ) -> Vec<R> {
+    map_with_state_helping(items, init, work, |_| false)
+}
+
+/// `map_with_state`, where a worker that finds no item left calls `help(state)` until it
+/// returns `false`, to take part of the items still running (whose work must then look for
+/// the help and wait for it).
+pub fn map_with_state_helping<S, R: Send>(
+    items: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(usize, &mut S, &Queue) -> R + Sync,
+    help: impl Fn(&mut S) -> bool + Sync,
+) -> Vec<R> {
     let next = AtomicUsize::new(0);
     let idle = AtomicUsize::new(0);
     let queue = Queue { idle: &idle };
@@ -51,6 +63,9 @@ pub fn map_with_state<S, R: Send>(
                     break;
                 }
                 out.push((i, work(i, state.get_or_insert_with(&init), &queue)));
+            }
+            if let Some(state) = &mut state {
+                while help(state) {}
             }
             out
         })

@@ -9,8 +9,9 @@
 //! The estimate is an upper bound from the plan: a fixed part, plus per thread the trials it
 //! reads at once (one trial, or a whole shard where `zarrs` encodes the shards), the encoded
 //! shard taken as incompressible, the largest source entry twice (its compressed bytes and, off
-//! the in-place path, its inflated copy), and the copy buffer of direct I/O writes
-//! (`writers::output_store`). On the Sensorium layout the measured peak is about half of it
+//! the in-place path, its inflated copy), the copy buffer of direct I/O writes
+//! (`writers::output_store`), and from 2 threads on the unit a thread encodes when it helps
+//! with another's shard. On the Sensorium layout the measured peak is about half of it
 //! (docs/operations.md).
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,9 @@ pub const FIXED_BYTES: u64 = 64 << 20;
 struct StageNeed {
     fixed: u64,
     per_thread: u64,
+    /// More per thread when threads share items (a thread helping with another's shard holds
+    /// that shard's unit too): counted from 2 threads on.
+    per_helping_thread: u64,
     /// Items the stage hands to threads: more threads than this hold no more buffers.
     items: usize,
 }
@@ -69,6 +73,8 @@ impl MemoryModel {
                             .saturating_add(encoded)
                             .saturating_add(entry.saturating_mul(2))
                             .saturating_add(BOUNCE_CAPACITY),
+                        // The unit it encodes for another thread's shard, as incompressible.
+                        per_helping_thread: read,
                         items: p.trials.len().div_ceil(shard[0].max(1) as usize),
                     }
                 }
@@ -81,6 +87,7 @@ impl MemoryModel {
                     StageNeed {
                         fixed: total.saturating_mul(2),
                         per_thread: entry.saturating_mul(batch * 2 * 2),
+                        per_helping_thread: 0,
                         items: p.trials.len().div_ceil(TRIALS_PER_BATCH),
                     }
                 }
@@ -90,6 +97,7 @@ impl MemoryModel {
                     per_thread: entry_bytes(&mut p.arrays.iter().map(|(_, e)| e))
                         .saturating_mul(3)
                         .saturating_add(BOUNCE_CAPACITY),
+                    per_helping_thread: 0,
                     items: p.arrays.len(),
                 },
                 StagePlan::MetaTable(p) => {
@@ -101,6 +109,7 @@ impl MemoryModel {
                     StageNeed {
                         fixed: total.saturating_mul(3),
                         per_thread: 0,
+                        per_helping_thread: 0,
                         items: 1,
                     }
                 }
@@ -115,8 +124,10 @@ impl MemoryModel {
             .stages
             .iter()
             .map(|s| {
+                let threads = threads.min(s.items).max(1) as u64;
+                let helping = if threads > 1 { s.per_helping_thread } else { 0 };
                 s.fixed
-                    .saturating_add(s.per_thread.saturating_mul(threads.min(s.items) as u64))
+                    .saturating_add(s.per_thread.saturating_add(helping).saturating_mul(threads))
             })
             .max()
             .unwrap_or(0);
@@ -332,17 +343,28 @@ mod tests {
         let m = model(vec![
             StageNeed {
                 fixed: 0,
-                per_thread: 100 << 20,
+                per_thread: 90 << 20,
+                per_helping_thread: 10 << 20,
                 items: 4,
             },
             StageNeed {
                 fixed: 300 << 20,
                 per_thread: 0,
+                per_helping_thread: 0,
                 items: 1,
             },
         ]);
         assert_eq!(m.estimate(1), FIXED_BYTES + (300 << 20));
         assert_eq!(m.estimate(4), FIXED_BYTES + (400 << 20));
+        // One thread helps nobody.
+        let alone = model(vec![StageNeed {
+            fixed: 0,
+            per_thread: 90 << 20,
+            per_helping_thread: 10 << 20,
+            items: 4,
+        }]);
+        assert_eq!(alone.estimate(1), FIXED_BYTES + (90 << 20));
+        assert_eq!(alone.estimate(2), FIXED_BYTES + (200 << 20));
         // Only 4 shards: an 8th thread holds no buffer.
         assert_eq!(m.estimate(8), m.estimate(4));
         assert_eq!(m.threads_within(8, FIXED_BYTES + (350 << 20)), 3);

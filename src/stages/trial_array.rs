@@ -3,6 +3,8 @@
 //! reader) as raw little-endian bytes, a chunk row at a time where writers::shard encodes the
 //! shard (the whole shard where zarrs does), and the encoded shard is written at once.
 
+use std::sync::{Arc, Condvar, Mutex};
+
 use zarrs::array::{ArrayBytes, CodecOptions};
 
 use super::{
@@ -10,11 +12,11 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
-use crate::per_thread::map_with_state;
+use crate::per_thread::map_with_state_helping;
 use crate::pipeline::plan::{ArrayEntry, TrialPlan};
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
 use crate::source::EntryReader;
-use crate::writers::shard::ShardLayout;
+use crate::writers::shard::{Compressor, EncodedRun, ShardLayout};
 use crate::writers::write_behind::{self, EncoderSlot};
 use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
 
@@ -203,76 +205,108 @@ fn write_trials(
     // Shards go to disk on I/O threads while their worker reads its next shard's trials
     // (writers::write_behind).
     let io_threads = rayon::current_num_threads().min(groups.len());
+    let units_per_shard = trials_per_shard / unit_trials;
+    let shard_trials = |group: usize| {
+        let first = group * trials_per_shard;
+        (
+            first,
+            &plan.trials[first..(first + trials_per_shard).min(part.end)],
+        )
+    };
+    // The shards being encoded, whose last units a thread that has run out of shards takes.
+    let tails: Mutex<Vec<Arc<ShardTail>>> = Mutex::new(Vec::new());
     let (done, last_writes) = write_behind::run(open.store.output(), io_threads, |writer| {
-        map_with_state(
+        map_with_state_helping(
             groups.len(),
-            || {
-                (
-                    ctx.source.reader(),
-                    Vec::<u8>::new(),
-                    Vec::<u8>::new(),
-                    EncoderSlot::default(),
-                )
+            || UnitState {
+                reader: ctx.source.reader(),
+                buffer: Vec::new(),
+                scratch: Vec::new(),
+                slot: EncoderSlot::default(),
+                compressor: Compressor::default(),
+                run: EncodedRun::default(),
             },
-            |i, (reader, buffer, scratch, slot), queue| -> Result<Vec<TrialRead>> {
+            |i, state, queue| -> Result<Vec<TrialRead>> {
                 let group = groups[i];
-                let reader = reader
-                    .as_mut()
-                    .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?;
-                let first = group * trials_per_shard;
-                let trials = &plan.trials[first..(first + trials_per_shard).min(part.end)];
+                let (first, trials) = shard_trials(group);
                 let mut indices = vec![0u64; shard.len()];
                 indices[0] = group as u64;
-                let mut read = Vec::with_capacity(trials.len());
-                for unit in (0..trials_per_shard).step_by(unit_trials) {
-                    let units = unit..unit + unit_trials;
-                    let trials_read = reading.read_unit(
-                        reader.as_mut(),
-                        buffer,
-                        scratch,
-                        trials,
-                        first,
-                        units,
-                    )?;
-                    read.extend(trials_read);
-                    let unit_bytes = &buffer[reading.lead..];
-                    // Once threads run out of shards, they would sit idle until the stage's
-                    // last shards are done: those shards spread their chunks over the idle
-                    // threads. (Shards are the unit of parallelism otherwise: letting zarrs
-                    // spread every shard's chunks over the pool made a waiting thread pick up
-                    // another shard with a second buffer: +40 MB peak for no speed.)
+                let Some(layout) = &encodable else {
+                    // zarrs encodes the shard: one unit, the whole shard. Once threads run out
+                    // of shards, the last ones spread their chunks over the idle threads.
+                    let read = reading.read_unit(state, trials, first, 0..trials_per_shard)?;
                     let concurrency = 1 + queue.idle_workers();
-                    if let Some(layout) = &encodable {
-                        // Asked for after the first unit is read: meanwhile, the last shard's
-                        // write has had time to finish and give its buffer back.
-                        let encoder = slot.encoder().map_err(shard_write_failed)?;
-                        if unit == 0 {
-                            encoder.begin(layout);
-                        }
-                        encoder
-                            .add_chunks(layout, unit_bytes, concurrency)
-                            .map_err(|e| shard_write_failed(e.to_string()))?;
-                    } else {
-                        // One unit: the whole shard.
-                        array
-                            .store_chunk_opt(
-                                &indices,
-                                ArrayBytes::from(unit_bytes),
-                                &CodecOptions::default().with_concurrent_target(concurrency),
-                            )
-                            .map_err(|e| shard_write_failed(e.to_string()))?;
-                    }
-                }
-                if let Some(layout) = &encodable {
-                    slot.encoder()
-                        .map_err(shard_write_failed)?
-                        .finish(layout)
+                    array
+                        .store_chunk_opt(
+                            &indices,
+                            ArrayBytes::from(&state.buffer[reading.lead..]),
+                            &CodecOptions::default().with_concurrent_target(concurrency),
+                        )
                         .map_err(|e| shard_write_failed(e.to_string()))?;
-                    writer
-                        .store(slot, array.chunk_key(&indices))
-                        .map_err(shard_write_failed)?;
+                    return Ok(read);
+                };
+                let tail = Arc::new(ShardTail::new(group, units_per_shard));
+                lock(&tails).push(tail.clone());
+                let mut read = Vec::with_capacity(trials.len());
+                let mut next = Some(0);
+                while let Some(unit) = next {
+                    let units = unit * unit_trials..(unit + 1) * unit_trials;
+                    read.extend(reading.read_unit(state, trials, first, units)?);
+                    // Asked for after the first unit is read: meanwhile, the last shard's
+                    // write has had time to finish and give its buffer back.
+                    let encoder = state.slot.encoder().map_err(shard_write_failed)?;
+                    if unit == 0 {
+                        encoder.begin(layout);
+                    }
+                    encoder
+                        .add_chunks(layout, &state.buffer[reading.lead..], 1)
+                        .map_err(|e| shard_write_failed(e.to_string()))?;
+                    next = tail.take_front();
                 }
+                lock(&tails).retain(|t| !Arc::ptr_eq(t, &tail));
+                // The units other threads took, in order after this thread's.
+                for (_, run, trials_read) in tail.wait_for_helpers() {
+                    read.extend(trials_read?);
+                    state
+                        .slot
+                        .encoder()
+                        .map_err(shard_write_failed)?
+                        .append_run(layout, &run)
+                        .map_err(|e| shard_write_failed(e.to_string()))?;
+                }
+                state
+                    .slot
+                    .encoder()
+                    .map_err(shard_write_failed)?
+                    .finish(layout)
+                    .map_err(|e| shard_write_failed(e.to_string()))?;
+                writer
+                    .store(&mut state.slot, array.chunk_key(&indices))
+                    .map_err(shard_write_failed)?;
                 Ok(read)
+            },
+            |state| {
+                let Some(layout) = &encodable else {
+                    return false;
+                };
+                let Some((tail, unit)) = ShardTail::claim_last(&tails) else {
+                    return false;
+                };
+                // Handed over when dropped, even if this thread panics: the owner waits for it.
+                let mut helping = Helping { tail, done: None };
+                let (first, trials) = shard_trials(helping.tail.group);
+                let units = unit * unit_trials..(unit + 1) * unit_trials;
+                let trials_read = reading
+                    .read_unit(state, trials, first, units)
+                    .and_then(|r| {
+                        state
+                            .compressor
+                            .encode_run(layout, &state.buffer[reading.lead..], &mut state.run)
+                            .map_err(|e| shard_write_failed(e.to_string()))?;
+                        Ok(r)
+                    });
+                helping.done = Some((unit, std::mem::take(&mut state.run), trials_read));
+                true
             },
         )
     });
@@ -301,6 +335,126 @@ fn write_trials(
 
 /// One trial as read: its entry record and its measures (in the stage's order).
 type TrialRead = (EntryRecord, Vec<MeasureValue>);
+
+/// What a thread keeps from shard to shard: no fresh pages per shard.
+struct UnitState {
+    reader: Result<Box<dyn EntryReader>>,
+    /// The unit's trial slots, after room for a header (`TrialReading::lead`).
+    buffer: Vec<u8>,
+    /// A trial's little-endian copy, for sources that need one.
+    scratch: Vec<u8>,
+    /// The encoder of the thread's own shards.
+    slot: EncoderSlot,
+    /// For the units it encodes for another thread's shard.
+    compressor: Compressor,
+    run: EncodedRun,
+}
+
+/// A shard being encoded by its thread, front to back, whose last units a thread that has run
+/// out of shards may take from the back (read, encoded, handed over in order). Why: at the end
+/// of a stage the threads ran out of shards up to a shard apart, and one thread read the last
+/// shard's trials alone (12-148 ms per stage at 2 threads; docs/performance.md, "Seventh
+/// round").
+struct ShardTail {
+    group: usize,
+    state: Mutex<TailState>,
+    helped: Condvar,
+}
+
+struct TailState {
+    /// Units before this one are taken by the shard's thread.
+    front: usize,
+    /// Units from this one on are taken by helping threads.
+    back: usize,
+    /// Helping threads still at work.
+    helping: usize,
+    /// Units encoded by helping threads.
+    done: Vec<HelpedUnit>,
+}
+
+/// A unit encoded by a helping thread: its index in the shard, its chunks, its trials.
+type HelpedUnit = (usize, EncodedRun, Result<Vec<TrialRead>>);
+
+impl ShardTail {
+    /// The shard's thread holds unit 0 from the start (so it always begins the shard).
+    fn new(group: usize, units: usize) -> ShardTail {
+        ShardTail {
+            group,
+            state: Mutex::new(TailState {
+                front: 1,
+                back: units.max(1),
+                helping: 0,
+                done: Vec::new(),
+            }),
+            helped: Condvar::new(),
+        }
+    }
+
+    /// The next unit for the shard's thread, if no helper took it.
+    fn take_front(&self) -> Option<usize> {
+        let mut state = lock(&self.state);
+        (state.front < state.back).then(|| {
+            state.front += 1;
+            state.front - 1
+        })
+    }
+
+    /// The last unit taken by nobody, of the shard with the most of them.
+    fn claim_last(tails: &Mutex<Vec<Arc<ShardTail>>>) -> Option<(Arc<ShardTail>, usize)> {
+        let tails = lock(tails);
+        let left = |t: &ShardTail| {
+            let state = lock(&t.state);
+            state.back.saturating_sub(state.front)
+        };
+        let tail = tails
+            .iter()
+            .filter(|t| left(t) > 0)
+            .max_by_key(|t| left(t))?;
+        let mut state = lock(&tail.state);
+        if state.back <= state.front {
+            return None;
+        }
+        state.back -= 1;
+        state.helping += 1;
+        Some((tail.clone(), state.back))
+    }
+
+    /// Waits for the helping threads; their units, in order.
+    fn wait_for_helpers(&self) -> Vec<HelpedUnit> {
+        let mut state = lock(&self.state);
+        while state.helping > 0 {
+            state = self.helped.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut done = std::mem::take(&mut state.done);
+        done.sort_unstable_by_key(|(unit, _, _)| *unit);
+        done
+    }
+}
+
+/// A helping thread's claim on a unit: handed to the shard's thread when dropped.
+struct Helping {
+    tail: Arc<ShardTail>,
+    done: Option<HelpedUnit>,
+}
+
+impl Drop for Helping {
+    fn drop(&mut self) {
+        let mut state = lock(&self.tail.state);
+        let back = state.back;
+        let done = self.done.take().unwrap_or_else(|| {
+            let stopped = Error::Internal("a thread stopped while reading a unit".into());
+            (back, EncodedRun::default(), Err(stopped))
+        });
+        state.done.push(done);
+        state.helping -= 1;
+        self.tail.helped.notify_all();
+    }
+}
+
+/// A poisoned lock is still usable here: its holders leave no half-made change.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// How this stage's trials are read into their slots.
 struct TrialReading<'a> {
@@ -338,17 +492,21 @@ impl<'a> TrialReading<'a> {
     }
 
     /// Reads the trials `unit` of a shard (`trials`: the shard's, the first being trial `first`
-    /// of the array) into their slots in `buffer`, after `lead` bytes; fill where the shard has
-    /// no trial. Returns them in order.
+    /// of the array) into their slots in `state.buffer`, after `lead` bytes; fill where the
+    /// shard has no trial. Returns them in order.
     fn read_unit(
         &self,
-        reader: &mut dyn EntryReader,
-        buffer: &mut Vec<u8>,
-        scratch: &mut Vec<u8>,
+        state: &mut UnitState,
         trials: &[ArrayEntry],
         first: usize,
         unit: std::ops::Range<usize>,
     ) -> Result<Vec<TrialRead>> {
+        let reader = state
+            .reader
+            .as_mut()
+            .map_err(|e| Error::Internal(format!("cannot open a source reader: {e}")))?
+            .as_mut();
+        let (buffer, scratch) = (&mut state.buffer, &mut state.scratch);
         let (ctx, plan, c) = (self.ctx, self.plan, self.plan.config);
         // Sized once per thread; every byte of it is rewritten for each unit.
         buffer.resize(self.lead + unit.len() * self.padding.padded, 0);
@@ -741,6 +899,79 @@ pub fn all_zero(dtype: Dtype, le: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn helped(tail: &Arc<ShardTail>, unit: usize) -> Helping {
+        Helping {
+            tail: tail.clone(),
+            done: Some((unit, EncodedRun::default(), Ok(Vec::new()))),
+        }
+    }
+
+    #[test]
+    fn a_shard_tail_hands_each_unit_out_once() {
+        let tail = Arc::new(ShardTail::new(7, 4));
+        let tails = Mutex::new(vec![tail.clone()]);
+        // The shard's thread has unit 0; it takes from the front, helpers from the back.
+        assert_eq!(tail.take_front(), Some(1));
+        let (claimed, unit) = ShardTail::claim_last(&tails).expect("units left");
+        assert_eq!((claimed.group, unit), (7, 3));
+        assert_eq!(tail.take_front(), Some(2));
+        assert!(
+            ShardTail::claim_last(&tails).is_none(),
+            "nothing left to claim"
+        );
+        assert_eq!(tail.take_front(), None);
+        drop(helped(&claimed, unit));
+        let done = tail.wait_for_helpers();
+        assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), vec![3]);
+
+        // A helper that stops without a result hands over an error, not nothing.
+        let tail = Arc::new(ShardTail::new(0, 2));
+        let tails = Mutex::new(vec![tail.clone()]);
+        let (claimed, unit) = ShardTail::claim_last(&tails).expect("unit 1");
+        assert_eq!(unit, 1);
+        drop(Helping {
+            tail: claimed,
+            done: None,
+        });
+        let done = tail.wait_for_helpers();
+        assert!(done.len() == 1 && done[0].2.is_err());
+        // A one-unit shard is its thread's alone.
+        let tail = Arc::new(ShardTail::new(0, 1));
+        let tails = Mutex::new(vec![tail.clone()]);
+        assert!(ShardTail::claim_last(&tails).is_none());
+        assert_eq!(tail.take_front(), None);
+    }
+
+    #[test]
+    fn a_shard_tail_shared_by_threads_gets_every_unit_back_in_order() {
+        for units in [1, 2, 5, 64] {
+            let tail = Arc::new(ShardTail::new(0, units));
+            let tails = Mutex::new(vec![tail.clone()]);
+            let mut mine = vec![0];
+            std::thread::scope(|scope| {
+                for _ in 0..3 {
+                    scope.spawn(|| {
+                        while let Some((claimed, unit)) = ShardTail::claim_last(&tails) {
+                            std::thread::yield_now();
+                            drop(helped(&claimed, unit));
+                        }
+                    });
+                }
+                while let Some(unit) = tail.take_front() {
+                    std::thread::yield_now();
+                    mine.push(unit);
+                }
+            });
+            let theirs: Vec<usize> = tail.wait_for_helpers().iter().map(|d| d.0).collect();
+            let all: Vec<usize> = mine.iter().chain(&theirs).copied().collect();
+            assert_eq!(
+                all,
+                (0..units).collect::<Vec<_>>(),
+                "mine {mine:?}, theirs {theirs:?}"
+            );
+        }
+    }
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()

@@ -194,6 +194,21 @@ impl ShardEncoder {
         Ok(())
     }
 
+    /// Appends the shard's next chunks, encoded elsewhere by `Compressor::encode_run`.
+    pub fn append_run(&mut self, layout: &ShardLayout, run: &EncodedRun) -> std::io::Result<()> {
+        if self.shard.is_none() || self.lens.len() + run.lens.len() > layout.chunks {
+            return Err(std::io::Error::other(format!(
+                "{} encoded chunks added to a shard of {} chunks, {} chunks in",
+                run.lens.len(),
+                layout.chunks,
+                self.lens.len()
+            )));
+        }
+        self.out.extend_from_slice(&run.bytes);
+        self.lens.extend_from_slice(&run.lens);
+        Ok(())
+    }
+
     /// Ends the shard with its index. Returns the encoded shard, starting on a page boundary,
     /// or `None` when every chunk was fill: `zarrs` stores no object then.
     pub fn finish(&mut self, layout: &ShardLayout) -> std::io::Result<Option<&[u8]>> {
@@ -288,21 +303,46 @@ impl ShardEncoder {
 }
 
 /// Encoded chunks appended one after the other, and each chunk's encoded length (`None`: all
-/// fill, left out).
+/// fill, left out): a piece of a shard encoded on another thread than the shard's own, put into
+/// the shard in order by `ShardEncoder::append_run`.
 #[derive(Default)]
-struct EncodedRun {
+pub struct EncodedRun {
     bytes: Vec<u8>,
     lens: Vec<Option<usize>>,
 }
 
 /// A zstd context made on first use and kept.
 #[derive(Default)]
-struct Compressor {
+pub struct Compressor {
     /// The context and the level it was made for.
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
 }
 
 impl Compressor {
+    /// Encodes `bytes` (whole chunks of `layout`, in C order) into `run`, replacing what it
+    /// held (its buffers are reused).
+    pub fn encode_run(
+        &mut self,
+        layout: &ShardLayout,
+        bytes: &[u8],
+        run: &mut EncodedRun,
+    ) -> std::io::Result<()> {
+        let chunk_bytes = layout.chunk_bytes.max(1);
+        if bytes.len() % chunk_bytes != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} bytes to encode, not whole chunks of {chunk_bytes}",
+                bytes.len()
+            )));
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks_exact(chunk_bytes).collect();
+        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
+        run.bytes.clear();
+        run.lens.clear();
+        // Room for the bound of every chunk at once: the bytes are never moved while appended.
+        run.bytes.reserve(layout.chunk_bound() * chunks.len());
+        self.append(layout, &chunks, &kept, &mut run.bytes, &mut run.lens)
+    }
+
     /// Encodes the `kept` ones of `chunks` onto the end of `bytes`, and pushes each chunk's
     /// encoded length (`None`: left out) onto `lens`.
     fn append(
@@ -512,6 +552,26 @@ mod tests {
                     assert!(
                         got.as_ref() == Some(&want),
                         "shard {shard:?} chunk {chunk:?} {c:?} in pieces of {piece_chunks} chunks on {threads} threads"
+                    );
+                    // The same pieces encoded apart (as by a helping thread) and appended.
+                    let mut compressor = Compressor::default();
+                    let mut run = EncodedRun::default();
+                    encoder.begin(&layout);
+                    for piece in values.chunks(piece_bytes) {
+                        compressor
+                            .encode_run(&layout, piece, &mut run)
+                            .expect("whole chunks");
+                        encoder
+                            .append_run(&layout, &run)
+                            .expect("room in the shard");
+                    }
+                    let got = encoder
+                        .finish(&layout)
+                        .expect("finishes")
+                        .map(<[u8]>::to_vec);
+                    assert!(
+                        got.as_ref() == Some(&want),
+                        "shard {shard:?} chunk {chunk:?} {c:?} in runs of {piece_chunks} chunks"
                     );
                 }
             }

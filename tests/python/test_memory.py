@@ -167,7 +167,7 @@ def test_a_slurm_task_uses_its_cpus_and_its_mem(mouse, tmp_path):
     run = run_record(tmp_path, mouse)
     assert run["threads_wanted"] == min(2, len(os.sched_getaffinity(0))), run
     assert run["memory_limit"] == {"bytes": 200 * MIB, "origin": "SLURM_MEM_PER_NODE=200"}, run
-    # One thread may need ~139 MiB, two ~213 MiB: one fits.
+    # One thread may need ~139 MiB, two ~233 MiB: one fits.
     assert run["threads"] == 1 and run["memory_estimate_bytes"] <= 200 * MIB, run
 
 
