@@ -170,7 +170,8 @@ fn open_array(
 /// from unit to unit: no fresh pages): the trials one inner chunk row spans (one trial in the
 /// default layouts) where writers::shard encodes the shard, so a thread holds one trial and the
 /// shard's compressed bytes, not a shard of raw values (docs/performance.md, "Seventh round");
-/// the whole shard where zarrs encodes it.
+/// the whole shard where zarrs encodes it. A thread that runs out of shards helps with the last
+/// units of the shards still being encoded (`ShardTail`).
 fn write_trials(
     ctx: &StageContext,
     plan: &TrialPlan<TrialArrayConfig>,
