@@ -249,22 +249,28 @@ fn write_trials(
                 let tail = Arc::new(ShardTail::new(group, units_per_shard));
                 lock(&tails).push(tail.clone());
                 let mut read = Vec::with_capacity(trials.len());
-                let mut next = Some(0);
-                while let Some(unit) = next {
-                    let units = unit * unit_trials..(unit + 1) * unit_trials;
-                    read.extend(reading.read_unit(state, trials, first, units)?);
-                    // Asked for after the first unit is read: meanwhile, the last shard's
-                    // write has had time to finish and give its buffer back.
-                    let encoder = state.slot.encoder().map_err(shard_write_failed)?;
-                    if unit == 0 {
-                        encoder.begin(layout);
+                let mut own_units = || -> Result<()> {
+                    let mut next = Some(0);
+                    while let Some(unit) = next {
+                        let units = unit * unit_trials..(unit + 1) * unit_trials;
+                        read.extend(reading.read_unit(state, trials, first, units)?);
+                        // Asked for after the first unit is read: meanwhile, the last shard's
+                        // write has had time to finish and give its buffer back.
+                        let encoder = state.slot.encoder().map_err(shard_write_failed)?;
+                        if unit == 0 {
+                            encoder.begin(layout);
+                        }
+                        encoder
+                            .add_chunks(layout, &state.buffer[reading.lead..], 1)
+                            .map_err(|e| shard_write_failed(e.to_string()))?;
+                        next = tail.take_front();
                     }
-                    encoder
-                        .add_chunks(layout, &state.buffer[reading.lead..], 1)
-                        .map_err(|e| shard_write_failed(e.to_string()))?;
-                    next = tail.take_front();
-                }
+                    Ok(())
+                };
+                let owned = own_units();
+                // Failed or not, no thread is to help with this shard any more.
                 lock(&tails).retain(|t| !Arc::ptr_eq(t, &tail));
+                owned?;
                 // The units other threads took, in order after this thread's.
                 for (_, run, trials_read) in tail.wait_for_helpers() {
                     read.extend(trials_read?);
@@ -294,7 +300,11 @@ fn write_trials(
                     return false;
                 };
                 // Handed over when dropped, even if this thread panics: the owner waits for it.
-                let mut helping = Helping { tail, done: None };
+                let mut helping = Helping {
+                    tail,
+                    unit,
+                    done: None,
+                };
                 let (first, trials) = shard_trials(helping.tail.group);
                 let units = unit * unit_trials..(unit + 1) * unit_trials;
                 let trials_read = reading
@@ -306,7 +316,7 @@ fn write_trials(
                             .map_err(|e| shard_write_failed(e.to_string()))?;
                         Ok(r)
                     });
-                helping.done = Some((unit, std::mem::take(&mut state.run), trials_read));
+                helping.done = Some((std::mem::take(&mut state.run), trials_read));
                 true
             },
         )
@@ -432,21 +442,22 @@ impl ShardTail {
     }
 }
 
-/// A helping thread's claim on a unit: handed to the shard's thread when dropped.
+/// A helping thread's claim on a unit: its encoded chunks and trials, handed to the shard's
+/// thread when dropped.
 struct Helping {
     tail: Arc<ShardTail>,
-    done: Option<HelpedUnit>,
+    unit: usize,
+    done: Option<(EncodedRun, Result<Vec<TrialRead>>)>,
 }
 
 impl Drop for Helping {
     fn drop(&mut self) {
-        let mut state = lock(&self.tail.state);
-        let back = state.back;
-        let done = self.done.take().unwrap_or_else(|| {
+        let (run, trials) = self.done.take().unwrap_or_else(|| {
             let stopped = Error::Internal("a thread stopped while reading a unit".into());
-            (back, EncodedRun::default(), Err(stopped))
+            (EncodedRun::default(), Err(stopped))
         });
-        state.done.push(done);
+        let mut state = lock(&self.tail.state);
+        state.done.push((self.unit, run, trials));
         state.helping -= 1;
         self.tail.helped.notify_all();
     }
@@ -904,7 +915,8 @@ mod tests {
     fn helped(tail: &Arc<ShardTail>, unit: usize) -> Helping {
         Helping {
             tail: tail.clone(),
-            done: Some((unit, EncodedRun::default(), Ok(Vec::new()))),
+            unit,
+            done: Some((EncodedRun::default(), Ok(Vec::new()))),
         }
     }
 
@@ -933,10 +945,11 @@ mod tests {
         assert_eq!(unit, 1);
         drop(Helping {
             tail: claimed,
+            unit,
             done: None,
         });
         let done = tail.wait_for_helpers();
-        assert!(done.len() == 1 && done[0].2.is_err());
+        assert!(done.len() == 1 && done[0].0 == 1 && done[0].2.is_err());
         // A one-unit shard is its thread's alone.
         let tail = Arc::new(ShardTail::new(0, 1));
         let tails = Mutex::new(vec![tail.clone()]);
