@@ -10,8 +10,16 @@
 //! memory back at once rather than from another thread later.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use rayon::prelude::*;
+
+/// Locks `m`, even if a thread panicked holding it: the users of this helper keep nothing
+/// half-changed under their locks (single pushes, inserts, counters), and a panicking thread
+/// fails the whole run anyway.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// What an item's work can see of the loop.
 pub struct Queue<'a> {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
-use crate::per_thread::map_with_state_helping;
+use crate::per_thread::{lock, map_with_state_helping};
 use crate::pipeline::plan::{ArrayEntry, TrialPlan};
 use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
 use crate::source::EntryReader;
@@ -89,21 +89,35 @@ pub fn thread_buffer_bytes(
     let (chunk, shard) = resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?;
     let size = plan.dtype.size as u64;
     let shard_bytes = shard.iter().fold(size, |a, &d| a.saturating_mul(d));
-    let encodable = ShardLayout::new(
-        &shard,
-        &chunk,
+    let (_, unit_trials) = encoding(plan, &chunk, &shard);
+    let read = shard[1..]
+        .iter()
+        .fold(size, |a, &d| a.saturating_mul(d))
+        .saturating_mul(unit_trials as u64);
+    Ok((read, shard_bytes))
+}
+
+/// How the shards are encoded, and the trials a thread reads at once: writers::shard's layout
+/// and the trials one inner chunk row spans (one in the default layouts), or `None` and the
+/// whole shard where zarrs encodes them.
+fn encoding(
+    plan: &TrialPlan<TrialArrayConfig>,
+    chunk: &[u64],
+    shard: &[u64],
+) -> (Option<ShardLayout>, usize) {
+    let trials_per_shard = shard[0].max(1) as usize;
+    let layout = ShardLayout::new(
+        shard,
+        chunk,
         plan.dtype.size,
         &plan.config.compression,
         &fill_bytes(plan.dtype),
     );
-    let read = match encodable {
-        Some(_) => shard[1..]
-            .iter()
-            .fold(size, |a, &d| a.saturating_mul(d))
-            .saturating_mul(chunk[0].clamp(1, shard[0].max(1))),
-        None => shard_bytes,
+    let unit_trials = match &layout {
+        Some(_) => (chunk[0] as usize).clamp(1, trials_per_shard),
+        None => trials_per_shard,
     };
-    Ok((read, shard_bytes))
+    (layout, unit_trials)
 }
 
 fn array_shape(plan: &TrialPlan<TrialArrayConfig>) -> Vec<u64> {
@@ -183,17 +197,7 @@ fn write_trials(
     let trials_per_shard = shard[0] as usize;
     let reading = TrialReading::new(ctx, plan, &shard[1..]);
     // Shards this module can encode itself (writers::shard), else zarrs encodes them.
-    let encodable = ShardLayout::new(
-        shard,
-        &open.chunk,
-        plan.dtype.size,
-        &c.compression,
-        &fill_bytes(plan.dtype),
-    );
-    let unit_trials = match &encodable {
-        Some(_) => (open.chunk[0] as usize).clamp(1, trials_per_shard),
-        None => trials_per_shard,
-    };
+    let (encodable, unit_trials) = encoding(plan, &open.chunk, shard);
     let groups: Vec<usize> =
         (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
     let shard_write_failed = |e: String| {
@@ -261,7 +265,7 @@ fn write_trials(
                             encoder.begin(layout);
                         }
                         encoder
-                            .add_chunks(layout, &state.buffer[reading.lead..], 1)
+                            .add_chunks(layout, &state.buffer[reading.lead..])
                             .map_err(|e| shard_write_failed(e.to_string()))?;
                         next = tail.take_front();
                     }
@@ -461,11 +465,6 @@ impl Drop for Helping {
         state.helping -= 1;
         self.tail.helped.notify_all();
     }
-}
-
-/// A poisoned lock is still usable here: its holders leave no half-made change.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How this stage's trials are read into their slots.

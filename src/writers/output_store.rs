@@ -94,9 +94,8 @@ impl WriteLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (u64, String)>> {
-        // A panic while holding the lock cannot leave the map half-updated (single inserts and
-        // removals), so a poisoned lock is still usable.
-        self.files.lock().unwrap_or_else(|e| e.into_inner())
+        // Single inserts and removals: a poisoned lock is still usable.
+        crate::per_thread::lock(&self.files)
     }
 }
 
@@ -113,9 +112,7 @@ impl OutputStore {
             log: log.clone(),
         }
     }
-}
 
-impl OutputStore {
     /// `set` from borrowed bytes: the shard encoder's buffer, lent by `writers::write_behind`.
     pub fn write(&self, key: &StoreKey, value: &[u8]) -> Result<(), StorageError> {
         let path = self.inner.key_to_fspath(key);

@@ -18,7 +18,6 @@
 //! `zarrs`' own, and `verify` and the Python tests read the arrays back with `zarrs` and
 //! zarr-python.
 
-use rayon::prelude::*;
 use zstd::zstd_safe::{zstd_sys::ZSTD_EndDirective, InBuffer, OutBuffer};
 
 use crate::pipeline::spec::{Codec, Compression};
@@ -78,11 +77,6 @@ impl ShardLayout {
         })
     }
 
-    /// Bytes of one whole shard as the encoder takes it.
-    pub fn shard_bytes(&self) -> usize {
-        self.chunk_bytes * self.chunks
-    }
-
     /// The most bytes one encoded chunk can take.
     fn chunk_bound(&self) -> usize {
         match self.zstd_level {
@@ -112,19 +106,6 @@ pub struct ShardEncoder {
 }
 
 impl ShardEncoder {
-    /// Encodes a whole shard (`layout.shard_bytes()` bytes, C order): `begin`, `add_chunks`
-    /// with the whole shard, `finish`.
-    pub fn encode(
-        &mut self,
-        layout: &ShardLayout,
-        shard: &[u8],
-        threads: usize,
-    ) -> std::io::Result<Option<&[u8]>> {
-        self.begin(layout);
-        self.add_chunks(layout, shard, threads)?;
-        self.finish(layout)
-    }
-
     /// Starts a shard, whose chunks are then given in C order by `add_chunks`, in as many
     /// pieces as the caller likes: it need not hold the whole shard at once.
     pub fn begin(&mut self, layout: &ShardLayout) {
@@ -134,15 +115,8 @@ impl ShardEncoder {
         self.lens.clear();
     }
 
-    /// Encodes the shard's next chunks: `bytes` holds a whole number of them. With
-    /// `threads > 1`, they are compressed in parallel on the current pool (the bytes are the
-    /// same).
-    pub fn add_chunks(
-        &mut self,
-        layout: &ShardLayout,
-        bytes: &[u8],
-        threads: usize,
-    ) -> std::io::Result<()> {
+    /// Encodes the shard's next chunks: `bytes` holds a whole number of them.
+    pub fn add_chunks(&mut self, layout: &ShardLayout, bytes: &[u8]) -> std::io::Result<()> {
         let chunk_bytes = layout.chunk_bytes.max(1);
         let added = bytes.len() / chunk_bytes;
         if self.shard.is_none()
@@ -159,39 +133,8 @@ impl ShardEncoder {
         }
         let chunks: Vec<&[u8]> = bytes.chunks_exact(chunk_bytes).collect();
         let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
-        if threads > 1 && layout.zstd_level.is_some() && chunks.len() > 1 {
-            // The stage's last shards, while other threads have nothing left: one run of
-            // chunks per thread, each with its own context and buffer, joined in order.
-            let per_run = chunks.len().div_ceil(threads);
-            let runs: Vec<std::io::Result<EncodedRun>> = chunks
-                .par_chunks(per_run)
-                .zip(kept.par_chunks(per_run))
-                .map(|(run, keep)| {
-                    // Room for the bound of every chunk: the run's bytes are never moved.
-                    let mut encoded = EncodedRun {
-                        bytes: Vec::with_capacity(layout.chunk_bound() * run.len()),
-                        lens: Vec::with_capacity(run.len()),
-                    };
-                    Compressor::default().append(
-                        layout,
-                        run,
-                        keep,
-                        &mut encoded.bytes,
-                        &mut encoded.lens,
-                    )?;
-                    Ok(encoded)
-                })
-                .collect();
-            for run in runs {
-                let run = run?;
-                self.out.extend_from_slice(&run.bytes);
-                self.lens.extend(run.lens);
-            }
-        } else {
-            self.compressor
-                .append(layout, &chunks, &kept, &mut self.out, &mut self.lens)?;
-        }
-        Ok(())
+        self.compressor
+            .append(layout, &chunks, &kept, &mut self.out, &mut self.lens)
     }
 
     /// Appends the shard's next chunks, encoded elsewhere by `Compressor::encode_run`.
@@ -434,6 +377,17 @@ mod tests {
             .collect()
     }
 
+    /// A whole shard in one piece.
+    fn encode_whole<'e>(
+        encoder: &'e mut ShardEncoder,
+        layout: &ShardLayout,
+        shard: &[u8],
+    ) -> std::io::Result<Option<&'e [u8]>> {
+        encoder.begin(layout);
+        encoder.add_chunks(layout, shard)?;
+        encoder.finish(layout)
+    }
+
     /// What zarrs itself writes for this shard (the file of chunk 0), or `None` if it stores
     /// nothing.
     fn zarrs_bytes(
@@ -516,64 +470,53 @@ mod tests {
             let layout = ShardLayout::new(&shard, &chunk, 4, &c, &fill_bytes(F32))
                 .expect("contiguous chunks with zstd or none are encodable");
             let mut encoder = ShardEncoder::default();
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("pool");
-                let got = pool.install(|| {
-                    let got = encoder.encode(&layout, &values, threads).expect("encodes");
-                    got.map(|g| (g.to_vec(), g.as_ptr().align_offset(ALIGN)))
-                });
-                let (got, misalignment) = got.expect("not all fill");
-                assert_eq!(misalignment, 0, "the shard starts on a page");
-                assert!(
-                    got == want,
-                    "shard {shard:?} chunk {chunk:?} {c:?} on {threads} threads: {} bytes, zarrs {}",
-                    got.len(),
-                    want.len()
-                );
-                // The same shard given a few chunks at a time (as trial_array gives it, one
-                // trial at a time).
-                for piece_chunks in [1, 2, 3] {
-                    let piece_bytes = piece_chunks * chunk_elements * 4;
-                    let got = pool.install(|| {
-                        encoder.begin(&layout);
-                        for piece in values.chunks(piece_bytes) {
-                            encoder
-                                .add_chunks(&layout, piece, threads)
-                                .expect("whole chunks");
-                        }
-                        encoder
-                            .finish(&layout)
-                            .expect("finishes")
-                            .map(<[u8]>::to_vec)
-                    });
-                    assert!(
-                        got.as_ref() == Some(&want),
-                        "shard {shard:?} chunk {chunk:?} {c:?} in pieces of {piece_chunks} chunks on {threads} threads"
-                    );
-                    // The same pieces encoded apart (as by a helping thread) and appended.
-                    let mut compressor = Compressor::default();
-                    let mut run = EncodedRun::default();
-                    encoder.begin(&layout);
-                    for piece in values.chunks(piece_bytes) {
-                        compressor
-                            .encode_run(&layout, piece, &mut run)
-                            .expect("whole chunks");
-                        encoder
-                            .append_run(&layout, &run)
-                            .expect("room in the shard");
-                    }
-                    let got = encoder
-                        .finish(&layout)
-                        .expect("finishes")
-                        .map(<[u8]>::to_vec);
-                    assert!(
-                        got.as_ref() == Some(&want),
-                        "shard {shard:?} chunk {chunk:?} {c:?} in runs of {piece_chunks} chunks"
-                    );
+            let got = encode_whole(&mut encoder, &layout, &values)
+                .expect("encodes")
+                .map(|g| (g.to_vec(), g.as_ptr().align_offset(ALIGN)));
+            let (got, misalignment) = got.expect("not all fill");
+            assert_eq!(misalignment, 0, "the shard starts on a page");
+            assert!(
+                got == want,
+                "shard {shard:?} chunk {chunk:?} {c:?}: {} bytes, zarrs {}",
+                got.len(),
+                want.len()
+            );
+            // The same shard given a few chunks at a time (as trial_array gives it, one trial
+            // at a time).
+            for piece_chunks in [1, 2, 3] {
+                let piece_bytes = piece_chunks * chunk_elements * 4;
+                encoder.begin(&layout);
+                for piece in values.chunks(piece_bytes) {
+                    encoder.add_chunks(&layout, piece).expect("whole chunks");
                 }
+                let got = encoder
+                    .finish(&layout)
+                    .expect("finishes")
+                    .map(<[u8]>::to_vec);
+                assert!(
+                    got.as_ref() == Some(&want),
+                    "shard {shard:?} chunk {chunk:?} {c:?} in pieces of {piece_chunks} chunks"
+                );
+                // The same pieces encoded apart (as by a helping thread) and appended.
+                let mut compressor = Compressor::default();
+                let mut run = EncodedRun::default();
+                encoder.begin(&layout);
+                for piece in values.chunks(piece_bytes) {
+                    compressor
+                        .encode_run(&layout, piece, &mut run)
+                        .expect("whole chunks");
+                    encoder
+                        .append_run(&layout, &run)
+                        .expect("room in the shard");
+                }
+                let got = encoder
+                    .finish(&layout)
+                    .expect("finishes")
+                    .map(<[u8]>::to_vec);
+                assert!(
+                    got.as_ref() == Some(&want),
+                    "shard {shard:?} chunk {chunk:?} {c:?} in runs of {piece_chunks} chunks"
+                );
             }
         }
     }
@@ -587,28 +530,24 @@ mod tests {
         let chunk_bytes = 8 * 4;
         let mut encoder = ShardEncoder::default();
         assert!(
-            encoder
-                .add_chunks(&layout, &values[..chunk_bytes], 1)
-                .is_err(),
+            encoder.add_chunks(&layout, &values[..chunk_bytes]).is_err(),
             "chunks before begin"
         );
         encoder.begin(&layout);
         assert!(
             encoder
-                .add_chunks(&layout, &values[..chunk_bytes + 4], 1)
+                .add_chunks(&layout, &values[..chunk_bytes + 4])
                 .is_err(),
             "part of a chunk"
         );
         encoder
-            .add_chunks(&layout, &values[..2 * chunk_bytes], 1)
+            .add_chunks(&layout, &values[..2 * chunk_bytes])
             .expect("two chunks");
         assert!(encoder.finish(&layout).is_err(), "finished one chunk short");
         encoder.begin(&layout);
-        encoder.add_chunks(&layout, &values, 1).expect("the shard");
+        encoder.add_chunks(&layout, &values).expect("the shard");
         assert!(
-            encoder
-                .add_chunks(&layout, &values[..chunk_bytes], 1)
-                .is_err(),
+            encoder.add_chunks(&layout, &values[..chunk_bytes]).is_err(),
             "a chunk past the shard"
         );
         let encoded = encoder
@@ -622,7 +561,7 @@ mod tests {
         // All fill: no object, as zarrs stores none.
         let fill = shard_values(&shard, 8, &[0, 1, 2]);
         encoder.begin(&layout);
-        encoder.add_chunks(&layout, &fill, 1).expect("the shard");
+        encoder.add_chunks(&layout, &fill).expect("the shard");
         assert!(encoder.finish(&layout).expect("finishes").is_none());
         assert!(encoder.take_object().is_none());
     }
@@ -676,7 +615,7 @@ mod tests {
         assert_eq!(zarrs_bytes(dir.path(), &shard, &chunk, &c, &values), None);
         let layout = ShardLayout::new(&shard, &chunk, 4, &c, &fill_bytes(F32)).expect("layout");
         let mut encoder = ShardEncoder::default();
-        let got = encoder.encode(&layout, &values, 1).expect("encodes");
+        let got = encode_whole(&mut encoder, &layout, &values).expect("encodes");
         assert!(got.is_none());
     }
 
@@ -696,8 +635,6 @@ mod tests {
         assert!(ShardLayout::new(&[2, 10, 6], &[1, 4, 6], 4, &zstd, &fill).is_none());
         // The wrong length of shard bytes is an error, not a short shard.
         let layout = ShardLayout::new(&[2, 8, 6], &[1, 8, 6], 4, &zstd, &fill).expect("layout");
-        assert!(ShardEncoder::default()
-            .encode(&layout, &[0; 10], 1)
-            .is_err());
+        assert!(encode_whole(&mut ShardEncoder::default(), &layout, &[0; 10]).is_err());
     }
 }

@@ -22,6 +22,7 @@ use zarrs::storage::{StoreKey, WritableStorageTraits};
 
 use super::output_store::OutputStore;
 use super::shard::ShardEncoder;
+use crate::per_thread::lock;
 
 /// The buffer an I/O thread returns, with the outcome of its write.
 type Returned = (Vec<u8>, Result<(), String>);
@@ -115,7 +116,7 @@ fn io_thread(
 ) {
     loop {
         // The lock is held while waiting: the thread that has it takes the next job.
-        let job = match queue.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+        let job = match lock(queue).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
@@ -123,10 +124,7 @@ fn io_thread(
             .write(&job.key, &job.buffer[job.start..])
             .map_err(|e| format!("{}: {e}", job.key));
         if let Err(e) = &written {
-            first_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(|| e.clone());
+            lock(first_error).get_or_insert_with(|| e.clone());
         }
         // The worker may be gone (its stage failed): the error is kept above.
         let _ = job.reply.send((job.buffer, written));
