@@ -24,9 +24,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What an item's work can see of the loop.
 pub struct Queue<'a> {
     idle: &'a AtomicUsize,
+    next: &'a AtomicUsize,
+    items: usize,
 }
 
 impl Queue<'_> {
+    /// The item the next worker to ask will get, if any is left: a guess (another worker may
+    /// take it first), good for hints such as prefetching its input.
+    pub fn next_item(&self) -> Option<usize> {
+        Some(self.next.load(Ordering::Relaxed)).filter(|&i| i < self.items)
+    }
+
     /// Workers that found no item left and wait for the others: the items still running may
     /// spread their own work over that many more threads.
     pub fn idle_workers(&self) -> usize {
@@ -55,7 +63,11 @@ pub fn map_with_state_helping<S, R: Send>(
 ) -> Vec<R> {
     let next = AtomicUsize::new(0);
     let idle = AtomicUsize::new(0);
-    let queue = Queue { idle: &idle };
+    let queue = Queue {
+        idle: &idle,
+        next: &next,
+        items,
+    };
     let workers = rayon::current_num_threads().clamp(1, items.max(1));
     let mut done: Vec<(usize, R)> = (0..workers)
         .into_par_iter()

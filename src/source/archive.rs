@@ -392,6 +392,15 @@ impl EntryReader for ArchiveReader {
     fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>> {
         self.read_limited(entry, Some(len))
     }
+
+    fn prefetch(&mut self, entry: &Entry) {
+        // The data's place was found when the archive was listed: nothing is read for it here.
+        if let Ok(raw) = self.archive.by_index_raw(entry.index) {
+            if let Some(start) = raw.data_start() {
+                super::will_need(&self.file, start, raw.compressed_size());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -439,6 +448,26 @@ mod tests {
             fingerprint,
         };
         (path, data, source, entry)
+    }
+
+    #[test]
+    fn prefetch_brings_an_entrys_compressed_bytes_into_memory() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let (path, _) = one_entry_zip(dir.path(), 4 << 20);
+        let source = ArchiveSource::open(&path).expect("open the zip");
+        let listed = source.list().expect("list the zip");
+        let (name, size, index, fingerprint) = listed.into_iter().next().expect("one entry");
+        let entry = Entry {
+            path: name.clone(),
+            raw_path: name,
+            size,
+            index,
+            fingerprint,
+        };
+        let mut reader = source.reader();
+        let at = reader.deflated(&entry).expect("locate").expect("deflated");
+        let range = at.start..at.start + at.len as u64;
+        crate::source::prefetch_fills_page_cache(&path, range, || reader.prefetch(&entry));
     }
 
     #[test]

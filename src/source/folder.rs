@@ -180,6 +180,13 @@ impl EntryReader for FolderReader {
         Ok(buf)
     }
 
+    fn prefetch(&mut self, entry: &Entry) {
+        // The kernel goes on fetching after the file is closed.
+        if let Ok((file, _)) = self.open(entry) {
+            super::will_need(&file, 0, entry.size);
+        }
+    }
+
     fn read_prefix(&mut self, entry: &Entry, len: usize) -> Result<Vec<u8>> {
         let (file, path) = self.open(entry)?;
         let mut buf = Vec::with_capacity(len);
@@ -187,5 +194,34 @@ impl EntryReader for FolderReader {
             .read_to_end(&mut buf)
             .map_err(|e| Error::io(&path, "cannot read", e))?;
         Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_brings_a_files_bytes_into_memory() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let len = 4u64 << 20;
+        let path = dir.path().join("x.npy");
+        std::fs::write(&path, vec![7u8; len as usize]).expect("write the file");
+        let source = FolderSource::open(dir.path()).expect("open the folder");
+        let (name, size, index, fingerprint) = source
+            .list()
+            .expect("list the folder")
+            .into_iter()
+            .next()
+            .expect("one file");
+        let entry = Entry {
+            path: name.clone(),
+            raw_path: name,
+            size,
+            index,
+            fingerprint,
+        };
+        let mut reader = source.reader();
+        crate::source::prefetch_fills_page_cache(&path, 0..len, || reader.prefetch(&entry));
     }
 }

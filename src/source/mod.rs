@@ -40,6 +40,28 @@ pub trait EntryReader: Send {
     /// The whole entry, straight into the caller's memory: `out` must be exactly the declared
     /// size. Verified like `read` (size, CRC-32 in archives); on error, `out` holds partial data.
     fn read_exact_into(&mut self, entry: &Entry, out: &mut [u8]) -> Result<()>;
+    /// A hint that `entry` is read soon: the system starts fetching its bytes from storage in
+    /// the background, so that the read finds them in memory instead of waiting for the disk
+    /// or network file system. Nothing is read or checked here; a hint cannot fail.
+    fn prefetch(&mut self, _entry: &Entry) {}
+}
+
+/// Asks the kernel to read `len` bytes of `file` from `offset` into the page cache in the
+/// background (`posix_fadvise(POSIX_FADV_WILLNEED)`): the caller goes on computing while the
+/// bytes arrive. Why: a worker that reads a trial waits for it, its core idle, when the
+/// archive is not in memory (a first conversion, files on a cluster file system); fetched
+/// one trial ahead, the wait overlaps the previous trial's work (docs/performance.md, "Eighth
+/// round"). The result is ignored: where the hint is not supported, reads work as before.
+pub(crate) fn will_need(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; an fd that is not valid or a
+    // range outside the file makes it return an error code, which is ignored.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED);
+    }
 }
 
 /// How a stream ended against the length it had to have.
@@ -355,6 +377,69 @@ pub fn read_npy(
     let bytes = reader.read(entry)?;
     let header = checked_header(source, entry, &bytes, bytes.len() as u64)?;
     Ok((header, bytes))
+}
+
+/// For tests of `EntryReader::prefetch`: drops `path`'s pages from the page cache, runs
+/// `prefetch`, and waits (up to 10 s) until the bytes `range` of the file are all in memory.
+/// Returns `false`, after saying so, where the pages cannot be dropped (tmpfs and other
+/// memory-backed file systems), so there is nothing to observe.
+#[cfg(test)]
+pub(crate) fn prefetch_fills_page_cache(
+    path: &Path,
+    range: std::ops::Range<u64>,
+    prefetch: impl FnOnce(),
+) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("open the file");
+    let resident = || {
+        let len = file.metadata().expect("the file's size").len() as usize;
+        // SAFETY: a read-only shared mapping of a file this test owns and does not change;
+        // mincore writes one byte per page into a vector sized for every page.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED, "map the file");
+            let mut pages = vec![0u8; len.div_ceil(page)];
+            assert_eq!(libc::mincore(at, len, pages.as_mut_ptr()), 0, "mincore");
+            libc::munmap(at, len);
+            let (first, end) = (
+                range.start as usize / page,
+                (range.end as usize).div_ceil(page),
+            );
+            pages[first..end].iter().filter(|&&p| p & 1 == 1).count() * 100 / (end - first)
+        }
+    };
+    // Dirty pages cannot be dropped: written out first.
+    file.sync_all().expect("sync the file");
+    // SAFETY: as in `will_need`.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+    if resident() > 10 {
+        eprintln!(
+            "{}: its pages stay in memory here (tmpfs?): prefetch not observable",
+            path.display()
+        );
+        return false;
+    }
+    prefetch();
+    let started = std::time::Instant::now();
+    while resident() < 100 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "after 10 s only {}% of the prefetched bytes are in memory",
+            resident()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
 }
 
 #[cfg(test)]

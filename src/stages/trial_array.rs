@@ -257,6 +257,14 @@ fn write_trials(
                     let mut next = Some(0);
                     while let Some(unit) = next {
                         let units = unit * unit_trials..(unit + 1) * unit_trials;
+                        // The next unit's bytes are fetched while this one is worked on: this
+                        // shard's, or after its last unit the first of the shard taken next.
+                        if unit + 1 < units_per_shard {
+                            reading.prefetch(state, trials, units.end..units.end + unit_trials);
+                        } else if let Some(i) = queue.next_item() {
+                            let (_, trials) = shard_trials(groups[i]);
+                            reading.prefetch(state, trials, 0..unit_trials);
+                        }
                         read.extend(reading.read_unit(state, trials, first, units)?);
                         // Asked for after the first unit is read: meanwhile, the last shard's
                         // write has had time to finish and give its buffer back.
@@ -499,6 +507,19 @@ impl<'a> TrialReading<'a> {
                 .map(|t| t.header.payload_offset)
                 .max()
                 .unwrap_or(0),
+        }
+    }
+
+    /// Asks the source to start fetching the trials `unit` of a shard (`trials`: the shard's)
+    /// in the background (`EntryReader::prefetch`).
+    fn prefetch(&self, state: &mut UnitState, trials: &[ArrayEntry], unit: std::ops::Range<usize>) {
+        let Ok(reader) = state.reader.as_mut() else {
+            return;
+        };
+        // The last shard may hold fewer trials than the shard shape.
+        let end = unit.end.min(trials.len());
+        for planned in &trials[unit.start.min(end)..end] {
+            reader.prefetch(&self.ctx.source.entries[planned.entry]);
         }
     }
 
