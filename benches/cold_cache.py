@@ -69,7 +69,10 @@ def main() -> int:
     disk = disk_of(src)
     readahead = disk / "queue" / "read_ahead_kb"
     saved = readahead.read_text().strip()
-    group = limit_reads(disk, a.read_mbps)
+    try:
+        group = limit_reads(disk, a.read_mbps)
+    except OSError as e:
+        raise SystemExit(f"cannot limit reads from {disk.name} with a cgroup here: {e}")
     runs: dict[Path, list[tuple[float, float]]] = {b: [] for b in a.bin}
     try:
         readahead.write_text(f"{a.readahead_kb}\n")

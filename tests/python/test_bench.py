@@ -28,3 +28,39 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     for label in ("ours / python", "1 thread / 2 threads", "two 1-thread jobs", "peak RSS ours"):
         assert re.search(rf"^\s+{re.escape(label)}\s+\d+\.\d+", proc.stdout, re.M), proc.stdout
     assert "matches the source value for value (4 trials" in proc.stdout, proc.stdout
+
+
+def test_cold_cache_benchmark_runs_and_restores_the_machine(tmp_path):
+    """benches/cold_cache.py (root only: it drops the page cache, sets a cgroup read limit and
+    the disk's readahead) converts with every binary given and leaves the readahead and cgroups
+    as they were."""
+    import os
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("benches/cold_cache.py needs root")
+    sys.path.insert(0, str(helpers.REPO / "benches"))
+    from cold_cache import disk_of
+
+    helpers.binary()
+    work = tmp_path / "work"
+    work.mkdir()
+    readahead = disk_of(work) / "queue" / "read_ahead_kb"
+    before = readahead.read_text()
+    proc = subprocess.run(
+        [sys.executable, str(helpers.REPO / "benches" / "cold_cache.py"), "--bin",
+         str(helpers.binary()), "--trials", "4", "--reps", "1", "--threads", "1",
+         "--readahead-kb", "64", "--work", str(work)],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    if "cannot limit reads" in proc.stderr:  # no blkio / io controller here
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"readahead 64 KiB, 1 threads, 4 trials", proc.stdout), proc.stdout
+    wall, cpu = map(float, re.search(r"wall\s+(\d+\.\d+) s\s+cpu\s+(\d+\.\d+) s",
+                                      proc.stdout).groups())
+    assert wall > 0 and cpu > 0, proc.stdout
+    assert readahead.read_text() == before
+    assert not (work / "cold-out").exists()
+    for group in ("/sys/fs/cgroup/blkio/sensorium-cold", "/sys/fs/cgroup/sensorium-cold"):
+        assert not os.path.exists(group), f"{group} left behind"
