@@ -434,36 +434,19 @@ mod tests {
         (path, data)
     }
 
-    /// The one-entry zip (in `dir`), opened and listed: its path, bytes, source and entry.
-    fn listed_zip(dir: &Path) -> (PathBuf, Vec<u8>, ArchiveSource, Entry) {
-        let (path, data) = one_entry_zip(dir, 300_000);
+    /// A one-entry zip of `len` bytes (in `dir`), opened and listed: its path, bytes, source and
+    /// entry.
+    fn listed_zip(dir: &Path, len: usize) -> (PathBuf, Vec<u8>, ArchiveSource, Entry) {
+        let (path, data) = one_entry_zip(dir, len);
         let source = ArchiveSource::open(&path).expect("open the zip");
-        let listed = source.list().expect("list the zip");
-        let (name, size, index, fingerprint) = listed.into_iter().next().expect("one entry");
-        let entry = Entry {
-            path: name.clone(),
-            raw_path: name,
-            size,
-            index,
-            fingerprint,
-        };
+        let entry = crate::source::first_entry(source.list().expect("list the zip"));
         (path, data, source, entry)
     }
 
     #[test]
     fn prefetch_brings_an_entrys_compressed_bytes_into_memory() {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (path, _) = one_entry_zip(dir.path(), 4 << 20);
-        let source = ArchiveSource::open(&path).expect("open the zip");
-        let listed = source.list().expect("list the zip");
-        let (name, size, index, fingerprint) = listed.into_iter().next().expect("one entry");
-        let entry = Entry {
-            path: name.clone(),
-            raw_path: name,
-            size,
-            index,
-            fingerprint,
-        };
+        let (path, _, source, entry) = listed_zip(dir.path(), 4 << 20);
         let mut reader = source.reader();
         let at = reader.deflated(&entry).expect("locate").expect("deflated");
         let range = at.start..at.start + at.len as u64;
@@ -473,7 +456,7 @@ mod tests {
     #[test]
     fn deflated_entries_read_whole_and_into_place_alike() {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (_, data, source, entry) = listed_zip(dir.path());
+        let (_, data, source, entry) = listed_zip(dir.path(), 300_000);
         let mut reader = source.reader();
         assert_eq!(reader.read(&entry).expect("read whole"), data);
         let mut into = vec![0u8; data.len()];
@@ -491,7 +474,7 @@ mod tests {
     #[test]
     fn an_archive_truncated_after_listing_is_bad_input_naming_the_entry() {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (path, data, source, entry) = listed_zip(dir.path());
+        let (path, data, source, entry) = listed_zip(dir.path(), 300_000);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)

@@ -208,19 +208,7 @@ mod tests {
         let path = dir.path().join("x.npy");
         std::fs::write(&path, vec![7u8; len as usize]).expect("write the file");
         let source = FolderSource::open(dir.path()).expect("open the folder");
-        let (name, size, index, fingerprint) = source
-            .list()
-            .expect("list the folder")
-            .into_iter()
-            .next()
-            .expect("one file");
-        let entry = Entry {
-            path: name.clone(),
-            raw_path: name,
-            size,
-            index,
-            fingerprint,
-        };
+        let entry = crate::source::first_entry(source.list().expect("list the folder"));
         let mut reader = source.reader();
         crate::source::prefetch_fills_page_cache(&path, 0..len, || reader.prefetch(&entry));
     }

@@ -379,16 +379,29 @@ pub fn read_npy(
     Ok((header, bytes))
 }
 
+/// For tests: the first listed entry, as a source of one entry at its root lists it.
+#[cfg(test)]
+pub(crate) fn first_entry(listed: Vec<RawEntry>) -> Entry {
+    let (name, size, index, fingerprint) = listed.into_iter().next().expect("one entry");
+    Entry {
+        path: name.clone(),
+        raw_path: name,
+        size,
+        index,
+        fingerprint,
+    }
+}
+
 /// For tests of `EntryReader::prefetch`: drops `path`'s pages from the page cache, runs
 /// `prefetch`, and waits (up to 10 s) until the bytes `range` of the file are all in memory.
-/// Returns `false`, after saying so, where the pages cannot be dropped (tmpfs and other
-/// memory-backed file systems), so there is nothing to observe.
+/// Where the pages cannot be dropped (tmpfs and other memory-backed file systems) there is
+/// nothing to observe: it says so and returns.
 #[cfg(test)]
 pub(crate) fn prefetch_fills_page_cache(
     path: &Path,
     range: std::ops::Range<u64>,
     prefetch: impl FnOnce(),
-) -> bool {
+) {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).expect("open the file");
     let resident = || {
@@ -427,7 +440,7 @@ pub(crate) fn prefetch_fills_page_cache(
             "{}: its pages stay in memory here (tmpfs?): prefetch not observable",
             path.display()
         );
-        return false;
+        return;
     }
     prefetch();
     let started = std::time::Instant::now();
@@ -439,7 +452,6 @@ pub(crate) fn prefetch_fills_page_cache(
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    true
 }
 
 #[cfg(test)]
