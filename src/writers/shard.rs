@@ -131,10 +131,8 @@ impl ShardEncoder {
                 self.lens.len()
             )));
         }
-        let chunks: Vec<&[u8]> = bytes.chunks_exact(chunk_bytes).collect();
-        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
         self.compressor
-            .append(layout, &chunks, &kept, &mut self.out, &mut self.lens)
+            .append_chunks(layout, bytes, &mut self.out, &mut self.lens)
     }
 
     /// Appends the shard's next chunks, encoded elsewhere by `Compressor::encode_run`.
@@ -277,13 +275,26 @@ impl Compressor {
                 bytes.len()
             )));
         }
-        let chunks: Vec<&[u8]> = bytes.chunks_exact(chunk_bytes).collect();
-        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
         run.bytes.clear();
         run.lens.clear();
         // Room for the bound of every chunk at once: the bytes are never moved while appended.
-        run.bytes.reserve(layout.chunk_bound() * chunks.len());
-        self.append(layout, &chunks, &kept, &mut run.bytes, &mut run.lens)
+        run.bytes
+            .reserve(layout.chunk_bound() * (bytes.len() / chunk_bytes));
+        self.append_chunks(layout, bytes, &mut run.bytes, &mut run.lens)
+    }
+
+    /// `append` for `bytes` cut into whole chunks of `layout` (the caller has checked that they
+    /// are), all-fill chunks left out.
+    fn append_chunks(
+        &mut self,
+        layout: &ShardLayout,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        lens: &mut Vec<Option<usize>>,
+    ) -> std::io::Result<()> {
+        let chunks: Vec<&[u8]> = bytes.chunks_exact(layout.chunk_bytes.max(1)).collect();
+        let kept: Vec<bool> = chunks.iter().map(|c| !layout.is_fill(c)).collect();
+        self.append(layout, &chunks, &kept, out, lens)
     }
 
     /// Encodes the `kept` ones of `chunks` onto the end of `bytes`, and pushes each chunk's
@@ -388,6 +399,14 @@ mod tests {
         encoder.finish(layout)
     }
 
+    /// The shard `encoder` was given, finished: its bytes, or `None` if all fill.
+    fn finished(encoder: &mut ShardEncoder, layout: &ShardLayout) -> Option<Vec<u8>> {
+        encoder
+            .finish(layout)
+            .expect("finishes")
+            .map(<[u8]>::to_vec)
+    }
+
     /// What zarrs itself writes for this shard (the file of chunk 0), or `None` if it stores
     /// nothing.
     fn zarrs_bytes(
@@ -489,12 +508,8 @@ mod tests {
                 for piece in values.chunks(piece_bytes) {
                     encoder.add_chunks(&layout, piece).expect("whole chunks");
                 }
-                let got = encoder
-                    .finish(&layout)
-                    .expect("finishes")
-                    .map(<[u8]>::to_vec);
                 assert!(
-                    got.as_ref() == Some(&want),
+                    finished(&mut encoder, &layout).as_ref() == Some(&want),
                     "shard {shard:?} chunk {chunk:?} {c:?} in pieces of {piece_chunks} chunks"
                 );
                 // The same pieces encoded apart (as by a helping thread) and appended.
@@ -509,12 +524,8 @@ mod tests {
                         .append_run(&layout, &run)
                         .expect("room in the shard");
                 }
-                let got = encoder
-                    .finish(&layout)
-                    .expect("finishes")
-                    .map(<[u8]>::to_vec);
                 assert!(
-                    got.as_ref() == Some(&want),
+                    finished(&mut encoder, &layout).as_ref() == Some(&want),
                     "shard {shard:?} chunk {chunk:?} {c:?} in runs of {piece_chunks} chunks"
                 );
             }
