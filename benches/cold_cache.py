@@ -5,7 +5,8 @@ A first conversion reads an archive that is not in memory, often from a cluster 
 This runs each given binary, interleaved, on the benchmark's synthetic mouse (benches/bench.py
 builds it) with the page cache dropped before every run, in a cgroup that limits reads from the
 archive's disk to --read-mbps, with the disk's readahead set to --readahead-kb (Linux's usual
-128 KiB; restored afterwards). Prints each run and the medians.
+128 KiB; restored afterwards). Prints each run and the medians, of the whole run and of each
+stage (from the run's run.json), to see which stage the cold reads slow.
 
 Needs root (drop_caches, cgroups, readahead). Changes nothing else; the output is removed.
 
@@ -16,6 +17,7 @@ Needs root (drop_caches, cgroups, readahead). Changes nothing else; the output i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -74,6 +76,7 @@ def main() -> int:
     except OSError as e:
         raise SystemExit(f"cannot limit reads from {disk.name} with a cgroup here: {e}")
     runs: dict[Path, list[tuple[float, float]]] = {b: [] for b in a.bin}
+    stages: dict[Path, dict[str, list[float]]] = {b: {} for b in a.bin}
     try:
         readahead.write_text(f"{a.readahead_kb}\n")
         for rep in range(a.reps):
@@ -93,6 +96,9 @@ def main() -> int:
                     raise SystemExit(f"{b} failed:\n{p.stderr.read().decode()[-3000:]}")
                 cpu = ru.ru_utime + ru.ru_stime
                 runs[b].append((wall, cpu))
+                for record in out.glob("*/run.json"):
+                    for stage in json.loads(record.read_text())["stages"]:
+                        stages[b].setdefault(stage["id"], []).append(stage["seconds"])
                 print(f"rep {rep} {b}: wall {wall:.3f} s cpu {cpu:.3f} s", file=sys.stderr)
     finally:
         readahead.write_text(f"{saved}\n")
@@ -106,6 +112,8 @@ def main() -> int:
     for b, r in runs.items():
         print(f"  {str(b):50} wall {statistics.median(x[0] for x in r):6.3f} s  "
               f"cpu {statistics.median(x[1] for x in r):6.3f} s")
+        print("    stages (s): " + ", ".join(f"{name} {statistics.median(v):.3f}"
+                                          for name, v in stages[b].items()))
     return 0
 
 

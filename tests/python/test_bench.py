@@ -28,6 +28,12 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     for label in ("ours / python", "1 thread / 2 threads", "two 1-thread jobs", "peak RSS ours"):
         assert re.search(rf"^\s+{re.escape(label)}\s+\d+\.\d+", proc.stdout, re.M), proc.stdout
     assert "matches the source value for value (4 trials" in proc.stdout, proc.stdout
+    # The 2-thread speedup comes from one ABBA block: 2 threads, 1, 1, 2, adjacent, after an
+    # unmeasured warm-up conversion.
+    assert re.search(r"\(median of 1 ABBA blocks: \d+\.\d+\)", proc.stdout), proc.stdout
+    runs = re.findall(r"^rep 0\s+4 trials (ours|ours-1t)\s", proc.stderr, re.M)
+    assert runs == ["ours", "ours-1t", "ours-1t", "ours"], proc.stderr
+    assert "warm-up    4 trials (unmeasured)" in proc.stderr, proc.stderr
 
 
 def test_cold_cache_benchmark_runs_and_restores_the_machine(tmp_path):
@@ -60,6 +66,13 @@ def test_cold_cache_benchmark_runs_and_restores_the_machine(tmp_path):
     wall, cpu = map(float, re.search(r"wall\s+(\d+\.\d+) s\s+cpu\s+(\d+\.\d+) s",
                                       proc.stdout).groups())
     assert wall > 0 and cpu > 0, proc.stdout
+    # Every stage of the default pipeline, timed from the run's run.json.
+    line = re.search(r"stages \(s\): (.*)$", proc.stdout, re.M)
+    assert line, proc.stdout
+    stages = dict(item.split() for item in line.group(1).split(", "))
+    assert list(stages) == ["videos", "responses", "behavior", "pupil_center", "statistics",
+                            "trials", "neurons"], proc.stdout
+    assert float(stages["responses"]) > 0, proc.stdout
     assert readahead.read_text() == before
     assert not (work / "cold-out").exists()
     for group in ("/sys/fs/cgroup/blkio/sensorium-cold", "/sys/fs/cgroup/sensorium-cold"):
