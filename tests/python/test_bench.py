@@ -1,5 +1,5 @@
-"""The README's benchmark command works from a fresh clone: it builds a synthetic mouse with
-benches/gen_big.py (4 real-size trials here), runs every command it compares and checks our
+"""The README's benchmark command works from a fresh clone: it builds two synthetic mice with
+benches/gen_big.py (4 and 6 real-size trials here), runs every command it compares and checks our
 output value for value. Speed is the benchmark's business: no timing is asserted here."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ COMMANDS = ["ours", "ours-1t", "two-1t", "python"] + (["unzip"] if shutil.which(
 
 def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(helpers.REPO / "benches" / "bench.py"), "--trials", "4", "--big", "0",
+        [sys.executable, str(helpers.REPO / "benches" / "bench.py"), "--trials", "4", "--big", "6",
          "--reps", "1", "--work", str(tmp_path), "--bin", str(helpers.binary()), "--check"],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,6 +34,12 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     runs = re.findall(r"^rep 0\s+4 trials (ours|ours-1t)\s", proc.stderr, re.M)
     assert runs == ["ours", "ours-1t", "ours-1t", "ours"], proc.stderr
     assert "warm-up    4 trials (unmeasured)" in proc.stderr, proc.stderr
+    # Peaks: the largest of the runs; the flatness ratio from as many runs at each size (the
+    # 4-trial workload has two 2-thread runs, the 6-trial one has one).
+    assert re.search(r"^\s+peak RSS ours\s+\d+\.\d+ MB \[<= 256\]  \(largest of the runs; "
+                     r"median \d+\.\d+\)", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\s+peak RSS 6 / 4 trials\s+\d+\.\d+\s+\[within 1\.10\]  \(largest of 1 "
+                     r"runs each\)", proc.stdout, re.M), proc.stdout
 
 
 def test_cold_cache_benchmark_runs_and_restores_the_machine(tmp_path):
