@@ -20,7 +20,7 @@ Choices of method, because this VM's speed drifts by 10-25% from one minute to t
 same 1-thread conversion took 3.1 to 4.0 CPU s within one run), which no code change can hide:
 - Warm-up: each workload is converted once, unmeasured, before the first repetition, so no
   measured command pays for reading the archive from disk (the first one used to: the 2-thread
-  ratio of repetition 0 came out lowest in most runs). Cold reads are benches/cold_cache.py's.
+  ratio of repetition 0 came out lowest in 24 of 30 runs). Cold reads are benches/cold_cache.py's.
 - The 2-thread speedup is measured in blocks of four adjacent runs, ABBA (2 threads, 1, 1, 2;
   the next repetition 1, 2, 2, 1), each block's ratio from its own sums, and the median over the
   blocks is reported: runs seconds apart share the machine's state, which cancels its drift and
