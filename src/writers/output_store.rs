@@ -113,13 +113,23 @@ impl OutputStore {
         }
     }
 
-    /// `set` from borrowed bytes: the shard encoder's buffer, lent by `writers::write_behind`.
+    /// `set` from borrowed bytes.
     pub fn write(&self, key: &StoreKey, value: &[u8]) -> Result<(), StorageError> {
+        self.write_hashed(key, value, blake3::hash(value).to_hex().to_string())
+    }
+
+    /// `write`, for bytes whose BLAKE3 (hex) the caller has taken: the shard encoder's buffer,
+    /// lent by `writers::write_behind`, hashed on the worker that encoded it.
+    pub fn write_hashed(
+        &self,
+        key: &StoreKey,
+        value: &[u8],
+        hash: String,
+    ) -> Result<(), StorageError> {
         let path = self.inner.key_to_fspath(key);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let hash = blake3::hash(value).to_hex().to_string();
         let direct =
             value.len() >= DIRECT_IO_MIN_BYTES && self.log.direct_io.load(Ordering::Relaxed);
         let written_direct = direct

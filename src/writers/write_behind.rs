@@ -10,7 +10,8 @@
 //! before the worker encodes again ([`EncoderSlot::encoder`] waits for it), which is after it
 //! has read the next shard's trials, so in practice it never waits. One I/O thread per worker
 //! keeps as many writes in flight as before (parallel file systems and NVMe devices gain from
-//! several); they spend their time blocked in the kernel, not on the cores.
+//! several); they spend their time blocked in the kernel, not on the cores: the objects are
+//! hashed by their workers before they are handed over.
 //!
 //! A failed write is returned to the worker when it next asks for its encoder, and by [`run`]
 //! in any case, so a stage whose last write failed fails too.
@@ -31,6 +32,8 @@ struct Job {
     key: StoreKey,
     buffer: Vec<u8>,
     start: usize,
+    /// The object's BLAKE3, taken on the worker (see [`WriteBehind::store`]).
+    hash: String,
     reply: SyncSender<Returned>,
 }
 
@@ -121,7 +124,7 @@ fn io_thread(
             Err(_) => return,
         };
         let written = output
-            .write(&job.key, &job.buffer[job.start..])
+            .write_hashed(&job.key, &job.buffer[job.start..], job.hash)
             .map_err(|e| format!("{}: {e}", job.key));
         if let Err(e) = &written {
             lock(first_error).get_or_insert_with(|| e.clone());
@@ -139,11 +142,17 @@ impl WriteBehind<'_> {
         let Some((buffer, start)) = encoder.take_object() else {
             return self.output.erase(&key).map_err(|e| format!("{key}: {e}"));
         };
+        // Hashed here, not on the I/O thread: `--threads` is the number of cores a job keeps
+        // busy, and the I/O threads are only to wait on the device. Hashed there, a
+        // `--threads 1` conversion of 64 trials ran ~60 ms of BLAKE3 on a second core
+        // (docs/performance.md, "Tenth round"). The bytes were also just encoded on this core.
+        let hash = blake3::hash(&buffer[start..]).to_hex().to_string();
         let (reply, returned) = sync_channel(1);
         let job = Job {
             key,
             buffer,
             start,
+            hash,
             reply,
         };
         match self.jobs.send(job) {
@@ -156,7 +165,7 @@ impl WriteBehind<'_> {
                 let job = failed.0;
                 let written = self
                     .output
-                    .write(&job.key, &job.buffer[job.start..])
+                    .write_hashed(&job.key, &job.buffer[job.start..], job.hash)
                     .map_err(|e| format!("{}: {e}", job.key));
                 slot.encoder.give_back(job.buffer);
                 written
