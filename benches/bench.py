@@ -22,16 +22,21 @@ same 1-thread conversion took 3.1 to 4.0 CPU s within one run), which no code ch
   measured command pays for reading the archive from disk (the first one used to: the 2-thread
   ratio of repetition 0 came out lowest in 24 of 30 runs). Cold reads are benches/cold_cache.py's.
 - The 2-thread speedup is measured in blocks of four adjacent runs, ABBA (2 threads, 1, 1, 2;
-  the next repetition 1, 2, 2, 1), each block's ratio from its own sums, and the median over the
+  the next block 1, 2, 2, 1), each block's ratio from its own sums, and the median over the
   blocks is reported: runs seconds apart share the machine's state, which cancels its drift and
   a linear trend within the block. The ratio of the medians over all runs is printed too.
+  Two blocks per repetition by default (--scaling-blocks): single blocks' ratios spread
+  0.1-0.2 either side of their median on this machine, and the median of 3 blocks ranged
+  1.79-1.92 over six runs of the same code, wider than the margin the target is read at; the
+  median of 6 narrows that by about a square root of two, for ~35 s more.
 - Peak memory is the largest of a command's runs, not their median: a job's memory limit must
   hold its worst run. A conversion's peak falls in one of two places ~10 MB apart depending on
   timing (81-98 MB at 2 threads, at 64 and at 256 trials alike), so the medians of 3 and of 6
   runs drew from the two at random, and their ratio, the flatness target, ranged 0.89-1.10 with
   the same code.
 
-    python benches/bench.py [--trials 64 --big 256 --reps 3 --work /tmp/sensorium-bench --check]
+    python benches/bench.py [--trials 64 --big 256 --reps 3 --scaling-blocks 2
+                             --work /tmp/sensorium-bench --check]
 """
 
 from __future__ import annotations
@@ -105,8 +110,8 @@ def commands(binary: Path, src: Path, out: Path) -> dict[str, list[list[str]]]:
 # Commands run on the first workload only: they measure threading, not size.
 FIRST_ONLY = ("ours-1t", "two-1t")
 
-# On the first workload, `ours` and `ours-1t` run together as one ABBA block (see the module
-# doc): the order within the block for even and for odd repetitions.
+# On the first workload, `ours` and `ours-1t` run together in ABBA blocks (see the module doc):
+# the order within the block for even and for odd blocks.
 SCALING_BLOCK = (("ours", "ours-1t", "ours-1t", "ours"), ("ours-1t", "ours", "ours", "ours-1t"))
 
 
@@ -144,11 +149,15 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=64)
     ap.add_argument("--big", type=int, default=256, help="second workload (memory flatness); 0 = none")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--scaling-blocks", type=int, default=2,
+                    help="ABBA blocks of ours and ours-1t per repetition (the 2-thread speedup)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sensorium-bench"))
     ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "sensorium-ingest")
     ap.add_argument("--skip", default="", help="comma-separated commands to leave out")
     ap.add_argument("--check", action="store_true", help="also check our output value for value")
     a = ap.parse_args()
+    if a.reps < 1 or a.scaling_blocks < 1:
+        ap.error("--reps and --scaling-blocks must be at least 1")
     if not a.bin.exists():
         subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -165,7 +174,7 @@ def main() -> int:
             print(f"warm-up {n:4d} trials (unmeasured)", file=sys.stderr)
             run_measured(commands(a.bin, src, out)["ours"])
     results: dict[tuple[int, str], list[dict]] = {}
-    # Per repetition: (1-thread wall s, 2-thread wall s) of the first workload's ABBA block.
+    # Per ABBA block of the first workload: (1-thread wall s, 2-thread wall s), summed.
     blocks: list[tuple[float, float]] = []
     for rep in range(a.reps):
         for n, src in sources.items():
@@ -178,9 +187,14 @@ def main() -> int:
                 names.remove("ours-1t")
             names = names[rep % len(names):] + names[:rep % len(names)]
             for name in names:
-                runs = SCALING_BLOCK[rep % 2] if scaling and name == "ours" else (name,)
+                if scaling and name == "ours":
+                    first = rep * a.scaling_blocks
+                    runs = tuple(run for b in range(first, first + a.scaling_blocks)
+                                 for run in SCALING_BLOCK[b % 2])
+                else:
+                    runs = (name,)
                 walls = {"ours": 0.0, "ours-1t": 0.0}
-                for run in runs:
+                for k, run in enumerate(runs):
                     if out.exists():
                         shutil.rmtree(out)
                     load1 = os.getloadavg()[0]
@@ -192,8 +206,9 @@ def main() -> int:
                     print(f"rep {rep} {n:4d} trials {run:8s} wall {r['wall']:7.2f} s  cpu "
                           f"{r['cpu']:7.2f} s  rss {r['rss']:7.1f} MB  load {load1:4.1f}",
                           file=sys.stderr)
-                if len(runs) > 1:
-                    blocks.append((walls["ours-1t"], walls["ours"]))
+                    if len(runs) > 1 and k % 4 == 3:
+                        blocks.append((walls["ours-1t"], walls["ours"]))
+                        walls = {"ours": 0.0, "ours-1t": 0.0}
     if out.exists():
         shutil.rmtree(out)
 
@@ -208,7 +223,7 @@ def main() -> int:
 
     print(f"\n{'workload':>10} {'command':8} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} "
           f"{'GB/s in':>8}   (wall and CPU: median of each command's runs, {a.reps}, ours and "
-          f"ours-1t {2 * a.reps} at {a.trials} trials; peak: the largest)")
+          f"ours-1t {2 * a.reps * a.scaling_blocks} at {a.trials} trials; peak: the largest)")
     for n, src in sources.items():
         raw = sum(i.file_size for i in __import__("zipfile").ZipFile(src).infolist())
         for name in ("ours", "ours-1t", "two-1t", "python", "unzip"):

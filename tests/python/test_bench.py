@@ -17,7 +17,8 @@ COMMANDS = ["ours", "ours-1t", "two-1t", "python"] + (["unzip"] if shutil.which(
 def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(helpers.REPO / "benches" / "bench.py"), "--trials", "4", "--big", "6",
-         "--reps", "1", "--work", str(tmp_path), "--bin", str(helpers.binary()), "--check"],
+         "--reps", "1", "--scaling-blocks", "2", "--work", str(tmp_path), "--bin",
+         str(helpers.binary()), "--check"],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {m.group(1): [float(x) for x in m.group(2).split()]
@@ -28,14 +29,15 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     for label in ("ours / python", "1 thread / 2 threads", "two 1-thread jobs", "peak RSS ours"):
         assert re.search(rf"^\s+{re.escape(label)}\s+\d+\.\d+", proc.stdout, re.M), proc.stdout
     assert "matches the source value for value (4 trials" in proc.stdout, proc.stdout
-    # The 2-thread speedup comes from one ABBA block: 2 threads, 1, 1, 2, adjacent, after an
-    # unmeasured warm-up conversion.
-    assert re.search(r"\(median of 1 ABBA blocks: \d+\.\d+\)", proc.stdout), proc.stdout
+    # The 2-thread speedup comes from two ABBA blocks: 2 threads, 1, 1, 2, then 1, 2, 2, 1, all
+    # adjacent, after an unmeasured warm-up conversion.
+    assert re.search(r"\(median of 2 ABBA blocks: \d+\.\d+, \d+\.\d+\)", proc.stdout), proc.stdout
     runs = re.findall(r"^rep 0\s+4 trials (ours|ours-1t)\s", proc.stderr, re.M)
-    assert runs == ["ours", "ours-1t", "ours-1t", "ours"], proc.stderr
+    assert runs == ["ours", "ours-1t", "ours-1t", "ours", "ours-1t", "ours", "ours", "ours-1t"], \
+        proc.stderr
     assert "warm-up    4 trials (unmeasured)" in proc.stderr, proc.stderr
     # Peaks: the largest of the runs; the flatness ratio from as many runs at each size (the
-    # 4-trial workload has two 2-thread runs, the 6-trial one has one).
+    # 4-trial workload has four 2-thread runs, the 6-trial one has one).
     assert re.search(r"^\s+peak RSS ours\s+\d+\.\d+ MB \[<= 256\]  \(largest of the runs; "
                      r"median \d+\.\d+\)", proc.stdout, re.M), proc.stdout
     assert re.search(r"^\s+peak RSS 6 / 4 trials\s+\d+\.\d+\s+\[within 1\.10\]  \(largest of 1 "
