@@ -569,19 +569,24 @@ fn run(cli: Cli) -> Result<(), Error> {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_DEFAULT_PURGE_DELAY_MS: std::ffi::c_long = 10;
 
-/// Freed memory goes back to the system at once instead of after mimalloc's 10 ms delay. Why:
-/// with the delay, a stage's buffers were sometimes still mapped when the next stage made its
-/// own, so the peak depended on timing: 92-108 MB over six 64-trial runs at 2 threads, 94-114
-/// MB at 256 trials; purged at once 85-96 and 82-91 MB, at the same CPU (docs/performance.md,
-/// "Eighth round"). Left alone where `MIMALLOC_PURGE_DELAY` is set (the user's choice), or where
-/// the option at that place does not hold the default delay (another mimalloc whose options are
-/// numbered otherwise).
+/// Freed memory goes back to the system at once instead of after mimalloc's 10 ms delay, for
+/// the commands that convert. Why: with the delay, a stage's buffers were sometimes still mapped
+/// when the next stage made its own, so the peak depended on timing: 92-108 MB over six 64-trial
+/// runs at 2 threads, 94-114 MB at 256 trials; purged at once 85-96 and 82-91 MB, at the same
+/// CPU (docs/performance.md, "Eighth round"). Conversions keep their big buffers per thread, so
+/// they lose nothing by it. `verify` does not: zarrs decodes every chunk into a fresh buffer,
+/// which, purged at once, the kernel faulted in and zeroed again each time (64 trials: 357k page
+/// faults instead of 1k, 0.47 instead of 1.01 GB/s; "Tenth round"), so it keeps the delay.
+/// Left alone where `MIMALLOC_PURGE_DELAY` is set (the user's choice), or where the option at
+/// that place does not hold the default delay (another mimalloc whose options are numbered
+/// otherwise).
 fn purge_freed_memory_at_once() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
-    // SAFETY: called first thing in `main`, before any other thread exists (mimalloc's option
-    // calls are not thread safe); both take and return plain integers.
+    // SAFETY: called from `main` right after the command line is parsed, before any other
+    // thread exists (mimalloc's option calls are not thread safe); both take and return plain
+    // integers.
     unsafe {
         if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_DEFAULT_PURGE_DELAY_MS {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
@@ -590,8 +595,13 @@ fn purge_freed_memory_at_once() {
 }
 
 fn main() -> ExitCode {
-    purge_freed_memory_at_once();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Convert { .. } | Command::Finalize { .. } | Command::Ingest { .. }
+    ) {
+        purge_freed_memory_at_once();
+    }
     init_logging(&cli);
     sensorium_ingest::interrupt::install();
     let json = cli.log_format == LogFormat::Json;
