@@ -11,7 +11,8 @@ deflate), then runs, interleaved and repeated:
             scales two independent jobs (shared caches, memory bandwidth, neighbours on a VM) in
             the same minutes, to read the 2-thread speedup against; also what a cluster user
             gets by running two mice at 1 thread instead of one at 2
-and prints wall time, CPU time (user+sys), peak RSS (each child's own, from wait4;
+and `verify` of the output after each repetition's 2-thread speedup blocks (GB/s of decoded
+values), and prints wall time, CPU time (user+sys), peak RSS (each child's own, from wait4;
 Linux keeps the size of the process that started it, this script's ~14 MB, as a floor) and the
 ratios the targets are stated in. With --check, our output of the first workload is compared
 value for value with the source (tests/python/helpers.py).
@@ -79,6 +80,20 @@ def run_measured(cmds: list[list[str]]) -> dict:
     for log in logs:
         log.close()
     return {"wall": wall, "cpu": cpu, "rss": rss}
+
+
+def verify_rate(binary: Path, store: Path) -> float:
+    """GB/s of decoded values of `verify` over the dataset a conversion just wrote to `store`
+    (its shards come from the disk: direct writes leave nothing in the page cache)."""
+    import re
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(binary), "verify", str(store)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    found = re.search(r"([\d.]+) MB of values decoded", proc.stdout)
+    if proc.returncode != 0 or not found:
+        raise SystemExit(f"verify failed ({proc.returncode}): {store}\n{proc.stdout[-2000:]}"
+                         f"{proc.stderr[-2000:]}")
+    return float(found.group(1)) / 1e3 / wall
 
 
 def workload(work: Path, trials: int) -> Path:
@@ -176,6 +191,8 @@ def main() -> int:
     results: dict[tuple[int, str], list[dict]] = {}
     # Per ABBA block of the first workload: (1-thread wall s, 2-thread wall s), summed.
     blocks: list[tuple[float, float]] = []
+    # `verify` after each repetition's scaling blocks, GB/s of decoded values.
+    verify_rates: list[float] = []
     for rep in range(a.reps):
         for n, src in sources.items():
             cmds = commands(a.bin, src, out)
@@ -209,6 +226,12 @@ def main() -> int:
                     if len(runs) > 1 and k % 4 == 3:
                         blocks.append((walls["ours-1t"], walls["ours"]))
                         walls = {"ours": 0.0, "ours-1t": 0.0}
+                if len(runs) > 1:
+                    # The store the block's last run wrote (each run starts from an empty `out`).
+                    last = cmds[runs[-1]][0]
+                    verify_rates.append(verify_rate(a.bin, Path(last[last.index("--out") + 1])))
+                    print(f"rep {rep} {n:4d} trials verify   {verify_rates[-1]:7.2f} GB/s",
+                          file=sys.stderr)
     if out.exists():
         shutil.rmtree(out)
 
@@ -269,6 +292,9 @@ def main() -> int:
         r = peak(a.big, 'ours', runs) / peak(n, 'ours', runs)
         print(f"  peak RSS {a.big} / {n} trials {r:6.3f}  [within 1.10]  (largest of {runs} runs "
               f"each)")
+    if verify_rates:
+        print(f"  verify                 {statistics.median(verify_rates):6.2f} GB/s of decoded "
+              f"values  [reported]  (median of {len(verify_rates)}, each right after a conversion)")
     if a.check:
         check(a.bin, sources[a.trials], a.work / "check")
         shutil.rmtree(a.work / "check", ignore_errors=True)

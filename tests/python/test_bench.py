@@ -36,6 +36,10 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     assert runs == ["ours", "ours-1t", "ours-1t", "ours", "ours-1t", "ours", "ours", "ours-1t"], \
         proc.stderr
     assert "warm-up    4 trials (unmeasured)" in proc.stderr, proc.stderr
+    # `verify` runs on the output of the scaling blocks and its throughput is reported.
+    assert re.search(r"^rep 0\s+4 trials verify\s+\d+\.\d+ GB/s$", proc.stderr, re.M), proc.stderr
+    assert re.search(r"^\s+verify\s+\d+\.\d+ GB/s of decoded values  \[reported\]  \(median of 1,",
+                     proc.stdout, re.M), proc.stdout
     # Peaks: the largest of the runs; the flatness ratio from as many runs at each size (the
     # 4-trial workload has four 2-thread runs, the 6-trial one has one).
     assert re.search(r"^\s+peak RSS ours\s+\d+\.\d+ MB \[<= 256\]  \(largest of the runs; "
