@@ -40,11 +40,12 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
     assert re.search(r"^rep 0\s+4 trials verify\s+\d+\.\d+ GB/s$", proc.stderr, re.M), proc.stderr
     assert re.search(r"^\s+verify\s+\d+\.\d+ GB/s of decoded values  \[reported\]  \(median of 1,",
                      proc.stdout, re.M), proc.stdout
-    # Peaks: the largest of the runs; the flatness ratio from as many runs at each size (the
-    # 4-trial workload has four 2-thread runs, the 6-trial one has one).
+    # Peaks: the largest of the runs; the flatness ratio from as many runs at each size (four
+    # 2-thread runs at 4 trials, in the blocks, and four at 6 trials).
     assert re.search(r"^\s+peak RSS ours\s+\d+\.\d+ MB \[<= 256\]  \(largest of the runs; "
                      r"median \d+\.\d+\)", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^\s+peak RSS 6 / 4 trials\s+\d+\.\d+\s+\[within 1\.10\]  \(largest of 1 "
+    assert len(re.findall(r"^rep 0\s+6 trials ours\s", proc.stderr, re.M)) == 4, proc.stderr
+    assert re.search(r"^\s+peak RSS 6 / 4 trials\s+\d+\.\d+\s+\[within 1\.10\]  \(largest of 4 "
                      r"runs each\)", proc.stdout, re.M), proc.stdout
 
 
