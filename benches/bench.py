@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -87,7 +88,6 @@ def run_measured(cmds: list[list[str]]) -> dict:
 def verify_rate(binary: Path, store: Path) -> float:
     """GB/s of decoded values of `verify` over the dataset a conversion just wrote to `store`
     (its shards come from the disk: direct writes leave nothing in the page cache)."""
-    import re
     t0 = time.perf_counter()
     proc = subprocess.run([str(binary), "verify", str(store)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -252,8 +252,8 @@ def main() -> int:
         return max(x["rss"] for x in v) if v else float("nan")
 
     print(f"\n{'workload':>10} {'command':8} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} "
-          f"{'GB/s in':>8}   (wall and CPU: median of each command's runs, {a.reps}, ours and "
-          f"ours-1t {2 * a.reps * a.scaling_blocks} at {a.trials} trials; peak: the largest)")
+          f"{'GB/s in':>8}   (wall and CPU: median of each command's runs, {a.reps}; ours "
+          f"{2 * a.reps * a.scaling_blocks} at each size, ours-1t as many; peak: the largest)")
     for n, src in sources.items():
         raw = sum(i.file_size for i in __import__("zipfile").ZipFile(src).infolist())
         for name in ("ours", "ours-1t", "two-1t", "python", "unzip"):
