@@ -191,8 +191,6 @@ def main() -> int:
             print(f"warm-up {n:4d} trials (unmeasured)", file=sys.stderr)
             run_measured(commands(a.bin, src, out)["ours"])
     results: dict[tuple[int, str], list[dict]] = {}
-    # Per ABBA block of the first workload: (1-thread wall s, 2-thread wall s), summed.
-    blocks: list[tuple[float, float]] = []
     # `verify` after each repetition's scaling blocks, GB/s of decoded values.
     verify_rates: list[float] = []
     for rep in range(a.reps):
@@ -217,22 +215,16 @@ def main() -> int:
                     runs = ("ours",) * (2 * a.scaling_blocks)
                 else:
                     runs = (name,)
-                walls = {"ours": 0.0, "ours-1t": 0.0}
-                for k, run in enumerate(runs):
+                for run in runs:
                     if out.exists():
                         shutil.rmtree(out)
                     load1 = os.getloadavg()[0]
                     r = run_measured(cmds[run])
                     r["load"] = load1
                     results.setdefault((n, run), []).append(r)
-                    if run in walls:
-                        walls[run] += r["wall"]
                     print(f"rep {rep} {n:4d} trials {run:8s} wall {r['wall']:7.2f} s  cpu "
                           f"{r['cpu']:7.2f} s  rss {r['rss']:7.1f} MB  load {load1:4.1f}",
                           file=sys.stderr)
-                    if in_blocks and k % 4 == 3:
-                        blocks.append((walls["ours-1t"], walls["ours"]))
-                        walls = {"ours": 0.0, "ours-1t": 0.0}
                 if in_blocks:
                     # The store the block's last run wrote (each run starts from an empty `out`).
                     last = cmds[runs[-1]][0]
@@ -277,11 +269,15 @@ def main() -> int:
     print("\nratios (targets in brackets):")
     print(f"  ours / python          {med(n, 'ours', 'wall') / med(n, 'python', 'wall'):6.3f}  [<= 0.333]")
     print(f"  ours / unzip -p        {med(n, 'ours', 'wall') / med(n, 'unzip', 'wall'):6.3f}  [<= 0.6]")
-    if blocks:
-        per_block = [one / two for one, two in blocks]
+    # When both ran, `ours` and `ours-1t` ran only in ABBA blocks on the first workload, two runs
+    # of each per block, in run order: block k's ratio comes from the k-th pair of each.
+    one_t = [x["wall"] for x in results.get((n, "ours-1t"), [])]
+    two_t = [x["wall"] for x in results.get((n, "ours"), [])]
+    if one_t and two_t:
+        per_block = [sum(one_t[i:i + 2]) / sum(two_t[i:i + 2]) for i in range(0, len(one_t), 2)]
         shown = ", ".join(f"{x:.3f}" for x in per_block)
         print(f"  1 thread / 2 threads   {statistics.median(per_block):6.3f}  [>= 1.8]  "
-              f"(median of {len(blocks)} ABBA blocks: {shown})")
+              f"(median of {len(per_block)} ABBA blocks: {shown})")
     print(f"    ratio of the medians {med(n, 'ours-1t', 'wall') / med(n, 'ours', 'wall'):6.3f}  "
           f"(all runs of each, not paired)")
     if (n, "two-1t") in results:
