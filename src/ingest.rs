@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::catalog;
 use crate::error::{Error, Result};
+use crate::pipeline::embedded::PipelineChoice;
 use crate::pipeline::runner::{convert, ConvertOptions};
 use crate::progress::ProgressMode;
 use crate::source::Source;
@@ -17,8 +18,8 @@ pub const LOCK_FILE: &str = ".ingest.lock";
 pub struct IngestOptions {
     pub inbox: PathBuf,
     pub store: PathBuf,
-    pub pipeline_text: String,
-    pub pipeline_file: String,
+    /// `Auto` picks the pipeline for each source by its content.
+    pub pipeline: PipelineChoice,
     pub threads: Option<usize>,
     pub max_memory: Option<u64>,
     /// Write large Zarr objects with direct I/O where the file system takes it
@@ -200,8 +201,10 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
     // 2. Convert what the store does not have.
     let mut known = catalog::fingerprints(&opts.store);
     for path in stable {
-        let fingerprint = match Source::open(&path) {
-            Ok(source) => source.fingerprint(),
+        let (fingerprint, pipeline) = match Source::open(&path)
+            .and_then(|source| Ok((source.fingerprint(), opts.pipeline.resolve(&source)?)))
+        {
+            Ok(found) => found,
             Err(e) => {
                 report.failed.push((path, first_line(&e)));
                 continue;
@@ -217,8 +220,8 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
             source: path.clone(),
             store: opts.store.clone(),
             name: None,
-            pipeline_text: opts.pipeline_text.clone(),
-            pipeline_file: opts.pipeline_file.clone(),
+            pipeline_text: pipeline.0,
+            pipeline_file: pipeline.1,
             force: false,
             threads: opts.threads,
             max_memory: opts.max_memory,

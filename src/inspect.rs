@@ -2,19 +2,21 @@
 
 use std::collections::BTreeMap;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::npy;
-use crate::pipeline::plan::{plan, Disposition, Plan, StagePlan, TrialPlan};
-use crate::pipeline::spec::{Measure, MetaAxis, Pipeline, Stage};
-use crate::source::{read_npy, Source, SourceKind};
-use crate::stages::trial_array::valid_frames;
+use crate::error::Result;
+use crate::pipeline::plan::{plan, Disposition};
+use crate::pipeline::spec::Pipeline;
+use crate::source::{Source, SourceKind};
+pub use crate::stages::kind::Variable;
+use crate::stages::meta_table::tier_counts;
 
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     pub name: String,
+    /// The pipeline the source was inspected with (which `auto` picked, or the file given).
+    pub pipeline: String,
+    pub pipeline_file: String,
     pub source: String,
     pub source_kind: SourceKind,
     pub source_bytes: u64,
@@ -43,27 +45,6 @@ pub struct TrialIds {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Variable {
-    pub stage: String,
-    pub source: String,
-    pub dtype: String,
-    pub trial_shape: Vec<u64>,
-    pub fortran_order: bool,
-}
-
-impl Variable {
-    fn of<C>(stage: &Stage, t: &TrialPlan<C>) -> Variable {
-        Variable {
-            stage: stage.id().into(),
-            source: stage.source().into(),
-            dtype: t.dtype.to_string(),
-            trial_shape: t.trial_shape.clone(),
-            fortran_order: t.trials.iter().any(|a| a.header.fortran_order),
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
 pub struct Skipped {
     pub path: String,
     pub reason: String,
@@ -75,57 +56,25 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
     let mut valid = BTreeMap::new();
     let mut meta_files = Vec::new();
     let mut statistics = Vec::new();
-    let mut dtype = None;
     let mut warnings = Vec::new();
-    for (stage, p) in pipeline.stages.iter().zip(&plan.stages) {
-        match p {
-            StagePlan::TrialArray(t) => {
-                dtype.get_or_insert_with(|| t.dtype.to_string());
-                variables.push(Variable::of(stage, t));
-                if t.config.measures.contains(&Measure::ValidFrames) {
-                    let frames = *t.trial_shape.last().unwrap_or(&0) as usize;
-                    let lengths: Vec<Result<usize>> = t
-                        .trials
-                        .par_iter()
-                        .map_init(
-                            || source.reader(),
-                            |reader, a| {
-                                let reader = reader
-                                    .as_mut()
-                                    .map_err(|e| Error::Internal(e.to_string()))?;
-                                let (header, bytes) =
-                                    read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
-                                let le = npy::to_little_endian_c(
-                                    &header,
-                                    &bytes[header.payload_offset..],
-                                );
-                                Ok(valid_frames(header.dtype, &le, frames))
-                            },
-                        )
-                        .collect();
-                    for l in lengths {
-                        *valid.entry(l? as u64).or_insert(0) += 1;
-                    }
-                }
-            }
-            StagePlan::TrialTable(t) => {
-                variables.push(Variable::of(stage, t));
-            }
-            StagePlan::Statistics(s) => statistics.extend(
-                s.arrays
-                    .iter()
-                    .map(|(n, a)| format!("{n} {} {:?}", a.header.dtype, a.header.shape)),
-            ),
-            StagePlan::MetaTable(m) => {
-                for (stem, a) in &m.files {
-                    meta_files.push(format!(
-                        "{}/{stem}.npy {} {:?}",
-                        m.config.source, a.header.dtype, a.header.shape
-                    ));
-                }
-            }
-        }
+    for stage_plan in &plan.stages {
+        let d = stage_plan.describe(source)?;
+        variables.extend(d.variable);
+        valid.extend(d.valid_frames);
+        meta_files.extend(d.meta_files);
+        statistics.extend(d.statistics);
     }
+    // The dtype of the first per-trial variable stored as an array.
+    let dtype = plan
+        .stages
+        .iter()
+        .position(|p| !p.zarr_arrays().is_empty() && p.runs_in_parts())
+        .and_then(|i| {
+            variables
+                .iter()
+                .find(|v| v.stage == pipeline.stages[i].id())
+        })
+        .map(|v| v.dtype.clone());
     let tiers = tier_counts(source, &plan)?;
     let skipped: Vec<Skipped> = source
         .entries
@@ -152,6 +101,8 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
     }
     Ok(Inspection {
         name: source.dataset_name(),
+        pipeline: pipeline.pipeline.clone(),
+        pipeline_file: String::new(),
         source: source.name.clone(),
         source_kind: source.kind,
         source_bytes: source.total_size(),
@@ -182,6 +133,7 @@ impl Inspection {
         let mut s = String::new();
         let opt = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
         let _ = writeln!(s, "dataset    {}", self.name);
+        let _ = writeln!(s, "pipeline   {} ({})", self.pipeline, self.pipeline_file);
         let _ = writeln!(
             s,
             "source     {} ({:?}, {} entries, {:.1} MB uncompressed)",
@@ -199,7 +151,11 @@ impl Inspection {
             self.trial_ids.gaps
         );
         let _ = writeln!(s, "neurons    {}", opt(self.n_neurons));
-        let _ = writeln!(s, "frames     {}", opt(self.n_frames));
+        let frames = match self.n_frames {
+            Some(n) => n.to_string(),
+            None => "none (no frame axis)".to_string(),
+        };
+        let _ = writeln!(s, "frames     {frames}");
         let _ = writeln!(s, "dtype      {}", self.dtype.as_deref().unwrap_or("?"));
         let _ = writeln!(s, "\ntiers");
         for (tier, n) in &self.tiers {
@@ -241,32 +197,4 @@ impl Inspection {
         }
         s
     }
-}
-
-/// Trials per tier, from the trial table's `tiers.npy` (empty when there is none).
-pub fn tier_counts(source: &Source, plan: &Plan) -> Result<BTreeMap<String, usize>> {
-    let mut tiers = BTreeMap::new();
-    for p in &plan.stages {
-        let StagePlan::MetaTable(m) = p else { continue };
-        if m.config.axis != MetaAxis::Trial {
-            continue;
-        }
-        for (stem, a) in m.files.iter().filter(|(stem, _)| stem == "tiers") {
-            let entry = &source.entries[a.entry];
-            let mut reader = source.reader()?;
-            let (header, bytes) = read_npy(source, reader.as_mut(), entry)?;
-            let values =
-                npy::decode_strings(&header, &bytes[header.payload_offset..]).map_err(|p| {
-                    Error::bad_input(
-                        source.locate(entry),
-                        p,
-                        format!("re-export {stem}.npy with numpy"),
-                    )
-                })?;
-            for v in values {
-                *tiers.entry(v).or_insert(0) += 1;
-            }
-        }
-    }
-    Ok(tiers)
 }

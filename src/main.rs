@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sensorium_ingest::inspect::inspect;
+use sensorium_ingest::pipeline::embedded::{PipelineChoice, EMBEDDED};
 use sensorium_ingest::pipeline::memory;
 use sensorium_ingest::pipeline::runner::{
     convert, plan_run, ConvertOptions, ConvertReport, RunPlan,
 };
 use sensorium_ingest::pipeline::shards::{self, FinalizeOptions, Finalized, ShardArg};
-use sensorium_ingest::pipeline::spec::{Pipeline, DEFAULT_PIPELINE, DEFAULT_PIPELINE_NAME};
+use sensorium_ingest::pipeline::spec::Pipeline;
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
 use sensorium_ingest::Error;
@@ -58,10 +59,11 @@ struct Target {
     /// The store folder; the dataset is written to STORE/<name>/.
     #[arg(long = "out", value_name = "STORE")]
     out: PathBuf,
-    /// Pipeline file; default: the embedded pipelines/sensorium2023.yaml.
-    #[arg(long, value_name = "FILE")]
-    pipeline: Option<PathBuf>,
-    /// Dataset name; default: the source's name without `-Video-<32 hex>`.
+    /// Pipeline: `auto` (the embedded pipeline that fits the source, named in `plan` and
+    /// `inspect`), the name of an embedded pipeline (sensorium2023, sensorium2022), or a file.
+    #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
+    pipeline: String,
+    /// Dataset name; default: the source's name without `-<Stimulus>-<32 hex>`.
     #[arg(long)]
     name: Option<String>,
     /// Rerun every stage; replace a dataset converted from another source.
@@ -76,7 +78,11 @@ impl Target {
         resources: &ResourceArgs,
         progress: ProgressMode,
     ) -> Result<ConvertOptions, Error> {
-        let (pipeline_text, pipeline_file) = load_pipeline(&self.pipeline)?;
+        let choice = PipelineChoice::from_argument(&self.pipeline)?;
+        let (pipeline_text, pipeline_file) = match choice.fixed() {
+            Some(fixed) => fixed,
+            None => choice.resolve(&Source::open(&self.source)?)?,
+        };
         Ok(ConvertOptions {
             source: self.source,
             store: self.out,
@@ -161,8 +167,9 @@ enum Command {
         inbox: PathBuf,
         #[arg(long = "out", value_name = "STORE")]
         out: PathBuf,
-        #[arg(long, value_name = "FILE")]
-        pipeline: Option<PathBuf>,
+        /// `auto` picks the embedded pipeline for each source by its content.
+        #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
+        pipeline: String,
         #[arg(long)]
         threads: Option<usize>,
         #[command(flatten)]
@@ -191,11 +198,15 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_name = "FILE")]
-        pipeline: Option<PathBuf>,
+        #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
+        pipeline: String,
     },
-    /// Print the embedded default pipeline (a starting point for your own).
-    DefaultPipeline,
+    /// Print an embedded pipeline (a starting point for your own): the 2023 default, or NAME.
+    DefaultPipeline {
+        /// sensorium2023 or sensorium2022.
+        #[arg(default_value = "sensorium2023")]
+        name: String,
+    },
     /// Print the JSON Schema of pipeline files (schemas/pipeline.schema.json).
     PipelineSchema,
     /// Print a shell completion script.
@@ -224,26 +235,6 @@ macro_rules! outp {
     }};
 }
 
-fn load_pipeline(path: &Option<PathBuf>) -> Result<(String, String), Error> {
-    match path {
-        None => Ok((
-            DEFAULT_PIPELINE.to_string(),
-            DEFAULT_PIPELINE_NAME.to_string(),
-        )),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| match e.kind() {
-                std::io::ErrorKind::InvalidData => Error::bad_pipeline(
-                    p.display().to_string(),
-                    "the file is not UTF-8 text",
-                    "a pipeline file is YAML text; start from `sensorium-ingest default-pipeline`",
-                ),
-                _ => Error::io(p, "cannot read the pipeline file", e),
-            })?;
-            Ok((text, p.display().to_string()))
-        }
-    }
-}
-
 /// The header line, then one line per stage (scripts read the stage lines by position).
 fn print_plan(plan: &RunPlan) {
     let mib = |b: u64| b.div_ceil(1 << 20);
@@ -262,9 +253,11 @@ fn print_plan(plan: &RunPlan) {
         ),
     };
     out!(
-        "{} -> {}{resources}",
+        "{} -> {} (pipeline {}: {}){resources}",
         plan.dataset,
-        plan.dataset_dir.display()
+        plan.dataset_dir.display(),
+        plan.pipeline,
+        plan.pipeline_file
     );
     for s in &plan.stages {
         out!(
@@ -479,10 +472,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             json,
             pipeline,
         } => {
-            let (text, file) = load_pipeline(&pipeline)?;
-            let pipeline = Pipeline::parse(&text, &file)?;
             let source = Source::open(&source)?;
-            let report = inspect(&source, &pipeline)?;
+            let (text, file) = PipelineChoice::from_argument(&pipeline)?.resolve(&source)?;
+            let pipeline = Pipeline::parse(&text, &file)?;
+            let mut report = inspect(&source, &pipeline)?;
+            report.pipeline_file = file;
             if json {
                 out!(
                     "{}",
@@ -503,12 +497,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             min_age,
             settle,
         } => {
-            let (pipeline_text, pipeline_file) = load_pipeline(&pipeline)?;
             let report = ingest::ingest(&ingest::IngestOptions {
                 inbox,
                 store: out,
-                pipeline_text,
-                pipeline_file,
+                pipeline: PipelineChoice::from_argument(&pipeline)?,
                 threads,
                 max_memory: resources.max_memory,
                 direct_io: !resources.no_direct_io,
@@ -557,8 +549,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             outp!("{}", Pipeline::json_schema());
             Ok(())
         }
-        Command::DefaultPipeline => {
-            outp!("{DEFAULT_PIPELINE}");
+        Command::DefaultPipeline { name } => {
+            let Some((_, text)) = EMBEDDED.iter().find(|(n, _)| *n == name) else {
+                let names: Vec<&str> = EMBEDDED.iter().map(|(n, _)| *n).collect();
+                return Err(Error::bad_input(
+                    name,
+                    "no embedded pipeline has this name",
+                    format!("embedded pipelines: {}", names.join(", ")),
+                ));
+            };
+            outp!("{text}");
             Ok(())
         }
     }

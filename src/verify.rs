@@ -19,6 +19,7 @@ use crate::per_thread::map_with_state;
 use crate::pipeline::runner::RUN_RECORD;
 use crate::source::Source;
 use crate::validate;
+use crate::writers::zarr::ZarrPath;
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -167,13 +168,12 @@ pub fn verify(dir: &Path, against: Option<&Path>) -> Result<VerifyReport> {
         }
     }
     for (output, entries) in by_array {
-        let Some(pos) = output.find(".zarr") else {
+        let Some(path) = ZarrPath::parse(output) else {
             continue;
         };
-        let (store_dir, array_path) = (&output[..pos + 5], &output[pos + 5..]);
-        let opened = FilesystemStore::new(dir.join(store_dir))
+        let opened = FilesystemStore::new(dir.join(&path.store))
             .map_err(|e| e.to_string())
-            .and_then(|s| Array::open(Arc::new(s), array_path).map_err(|e| e.to_string()));
+            .and_then(|s| Array::open(Arc::new(s), &path.node_path()).map_err(|e| e.to_string()));
         let array = match opened {
             Ok(a) => a,
             Err(e) => {

@@ -168,7 +168,8 @@ fn wrong_type_inside_a_stage_names_key_and_line() {
 
 #[test]
 fn default_pipeline_wants_nan_only_in_tails() {
-    use sensorium_ingest::pipeline::spec::{NanPolicy, Stage};
+    use sensorium_ingest::stages::registry::Stage;
+    use sensorium_ingest::stages::trial_array::NanPolicy;
     let p = parse(DEFAULT_PIPELINE).unwrap();
     for stage in &p.stages {
         if let Stage::TrialArray(c) = stage {

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::plan::{Disposition, Plan};
-use super::spec::{Pipeline, Stage};
+use super::spec::Pipeline;
 use crate::lock::{Lock, LockedEntry, Progress, StageLock};
 use crate::source::Source;
+use crate::stages::registry::Stage;
 use crate::stages::MeasureValues;
 
 #[derive(Debug, Clone)]
@@ -62,13 +63,15 @@ pub fn stage_keys(
     let trial_ids: Vec<String> = plan.trial_ids.iter().map(u32::to_string).collect();
     let trial_axis = trial_ids.join(",");
     // Settings that every output carries (attributes, Parquet metadata).
-    let global = format!(
-        "tool={}\ndataset={dataset}\nsource={}\npipeline={}\nframe_rate_hz={}",
+    let mut global = format!(
+        "tool={}\ndataset={dataset}\nsource={}\npipeline={}",
         crate::VERSION,
         source.name,
         pipeline.pipeline,
-        pipeline.frame_rate_hz
     );
+    if let Some(rate) = pipeline.frame_rate_hz {
+        global.push_str(&format!("\nframe_rate_hz={rate}"));
+    }
     let mut keys: Vec<StageKey> = Vec::with_capacity(pipeline.stages.len());
     for (i, stage) in pipeline.stages.iter().enumerate() {
         let config = serde_json::to_string(stage).unwrap_or_default();
@@ -85,11 +88,9 @@ pub fn stage_keys(
         }
         let inputs_hash = format!("blake3:{}", inputs.finalize().to_hex());
         let mut depends_on = BTreeMap::new();
-        if let Stage::MetaTable(c) = stage {
-            for d in &c.derived {
-                if let Some(pos) = pipeline.stages.iter().position(|s| s.id() == d.stage) {
-                    depends_on.insert(d.stage.clone(), keys[pos].key.clone());
-                }
+        for (upstream, _) in stage.reads() {
+            if let Some(pos) = pipeline.stages.iter().position(|s| s.id() == upstream) {
+                depends_on.insert(upstream, keys[pos].key.clone());
             }
         }
         let deps: Vec<String> = depends_on.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -17,28 +17,14 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::pipeline::plan::{ArrayEntry, Plan, StagePlan};
+use crate::pipeline::plan::Plan;
 use crate::source::Source;
-use crate::stages::trial_array;
-use crate::stages::trial_table::TRIALS_PER_BATCH;
-use crate::writers::output_store::BOUNCE_CAPACITY;
+use crate::stages::kind::StageNeed;
 
 /// What the process holds whatever the stage: code, allocator, source index, plan, records.
 /// Measured: 54 MB peak for the bundled fixture (11 trials, tiny arrays); 105-111 MB for a
 /// real-size mouse at 1 thread, of which ~55 MB is the thread's shard and entry buffers.
 pub const FIXED_BYTES: u64 = 64 << 20;
-
-/// One stage's share: `fixed + per_thread * min(threads, items)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StageNeed {
-    fixed: u64,
-    per_thread: u64,
-    /// More per thread when threads share items (a thread helping with another's shard holds
-    /// that shard's unit too): counted from 2 threads on.
-    per_helping_thread: u64,
-    /// Items the stage hands to threads: more threads than this hold no more buffers.
-    items: usize,
-}
 
 /// The memory each stage needs, from the plan (no data read).
 pub struct MemoryModel {
@@ -53,68 +39,13 @@ impl MemoryModel {
         source: &Source,
         pipeline_file: &str,
     ) -> Result<MemoryModel> {
-        let entry_bytes = |entries: &mut dyn Iterator<Item = &ArrayEntry>| {
-            entries
-                .map(|e| source.entries.get(e.entry).map_or(0, |e| e.size))
-                .max()
-                .unwrap_or(0)
-        };
-        let mut stages = Vec::with_capacity(plan.stages.len());
-        let may_run = plan.stages.iter().enumerate().filter(|(i, _)| runs(*i));
-        for (_, stage) in may_run {
-            stages.push(match stage {
-                StagePlan::TrialArray(p) => {
-                    let shard = trial_array::shard_shape(p, pipeline_file)?;
-                    let (read, encoded) = trial_array::thread_buffer_bytes(p, pipeline_file)?;
-                    let entry = entry_bytes(&mut p.trials.iter());
-                    StageNeed {
-                        fixed: 0,
-                        per_thread: read
-                            .saturating_add(encoded)
-                            .saturating_add(entry.saturating_mul(2))
-                            .saturating_add(BOUNCE_CAPACITY),
-                        // The unit it encodes for another thread's shard, as incompressible.
-                        per_helping_thread: read,
-                        items: p.trials.len().div_ceil(shard[0].max(1) as usize),
-                    }
-                }
-                StagePlan::TrialTable(p) => {
-                    // Two batches per thread in flight (`window_len`), each as columns and as a
-                    // record batch; the writer keeps a row group of the whole table at most.
-                    let batch = TRIALS_PER_BATCH as u64;
-                    let entry = entry_bytes(&mut p.trials.iter());
-                    let total = entry.saturating_mul(p.trials.len() as u64);
-                    StageNeed {
-                        fixed: total.saturating_mul(2),
-                        per_thread: entry.saturating_mul(batch * 2 * 2),
-                        per_helping_thread: 0,
-                        items: p.trials.len().div_ceil(TRIALS_PER_BATCH),
-                    }
-                }
-                StagePlan::Statistics(p) => StageNeed {
-                    fixed: 0,
-                    // The entry as read, its little-endian copy, its encoded chunk.
-                    per_thread: entry_bytes(&mut p.arrays.iter().map(|(_, e)| e))
-                        .saturating_mul(3)
-                        .saturating_add(BOUNCE_CAPACITY),
-                    per_helping_thread: 0,
-                    items: p.arrays.len(),
-                },
-                StagePlan::MetaTable(p) => {
-                    let total: u64 = p
-                        .files
-                        .iter()
-                        .map(|(_, e)| source.entries.get(e.entry).map_or(0, |e| e.size))
-                        .sum();
-                    StageNeed {
-                        fixed: total.saturating_mul(3),
-                        per_thread: 0,
-                        per_helping_thread: 0,
-                        items: 1,
-                    }
-                }
-            });
-        }
+        let stages = plan
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| runs(*i))
+            .map(|(_, stage)| stage.memory(source, pipeline_file))
+            .collect::<Result<Vec<StageNeed>>>()?;
         Ok(MemoryModel { stages })
     }
 

@@ -1,5 +1,6 @@
 //! The pipeline: its file (`spec`), the plan it makes for one source (`plan`) and the runner.
 
+pub mod embedded;
 pub mod keys;
 pub mod memory;
 pub mod plan;

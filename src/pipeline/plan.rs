@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 
 use globset::{Glob, GlobMatcher};
 
-use super::spec::{
-    MetaAxis, MetaTableConfig, Pipeline, Stage, StatisticsConfig, TrialArrayConfig,
-    TrialTableConfig,
-};
+use super::spec::Pipeline;
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Header};
 use crate::source::{read_npy_header, Source};
+use crate::stages::kind::PlanContext;
+use crate::stages::registry::StagePlan;
 
 /// What happens to one source entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +29,7 @@ pub struct ArrayEntry {
     pub header: Header,
 }
 
+/// The entries of a per-trial variable (`<source>/<trial>.npy`), checked alike.
 #[derive(Debug, Clone)]
 pub struct TrialPlan<'p, C> {
     pub config: &'p C,
@@ -38,29 +38,6 @@ pub struct TrialPlan<'p, C> {
     pub dtype: Dtype,
     /// Shape of one trial's array.
     pub trial_shape: Vec<u64>,
-}
-
-#[derive(Debug, Clone)]
-pub struct StatisticsPlan<'p> {
-    pub config: &'p StatisticsConfig,
-    /// `(var/subset/stat, entry)`, sorted by name.
-    pub arrays: Vec<(String, ArrayEntry)>,
-}
-
-#[derive(Debug, Clone)]
-pub struct MetaPlan<'p> {
-    pub config: &'p MetaTableConfig,
-    /// `(file stem, entry)` in column order.
-    pub files: Vec<(String, ArrayEntry)>,
-    pub rows: u64,
-}
-
-#[derive(Debug, Clone)]
-pub enum StagePlan<'p> {
-    TrialArray(TrialPlan<'p, TrialArrayConfig>),
-    TrialTable(TrialPlan<'p, TrialTableConfig>),
-    Statistics(StatisticsPlan<'p>),
-    MetaTable(MetaPlan<'p>),
 }
 
 pub struct Plan<'p> {
@@ -81,6 +58,13 @@ impl Plan<'_> {
 
 /// Builds and checks the plan. Reads every array header (a few KB per entry), nothing more.
 pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
+    let dispositions = claim_entries(pipeline, source)?;
+    plan_claimed(pipeline, source, dispositions)
+}
+
+/// Step 1 of the plan, from entry names alone: which stage or skip rule takes each entry. An
+/// entry that none takes is an error, so nothing is dropped silently.
+pub fn claim_entries(pipeline: &Pipeline, source: &Source) -> Result<Vec<Disposition>> {
     let skips: Vec<(GlobMatcher, &str)> = pipeline
         .skip
         .iter()
@@ -93,10 +77,7 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
     let excludes: Vec<Vec<GlobMatcher>> = pipeline
         .stages
         .iter()
-        .map(|s| match s {
-            Stage::Statistics(c) => c.exclude.iter().map(|p| compile(p)).collect(),
-            _ => Ok(Vec::new()),
-        })
+        .map(|s| s.excludes().iter().map(|p| compile(p)).collect())
         .collect::<Result<_>>()?;
     for entry in &source.entries {
         if let Some((_, reason)) = skips.iter().find(|(m, _)| m.is_match(&entry.path)) {
@@ -114,12 +95,7 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
             else {
                 continue;
             };
-            let claimed = match stage {
-                Stage::TrialArray(_) | Stage::TrialTable(_) => trial_number(rest).is_some(),
-                Stage::Statistics(_) => rest.ends_with(".npy"),
-                Stage::MetaTable(_) => rest.ends_with(".npy") && !rest.contains('/'),
-            };
-            if claimed {
+            if stage.claims(rest) {
                 let name = rest.trim_end_matches(".npy");
                 claim = Some(match excludes[i].iter().any(|m| m.is_match(name)) {
                     true => Disposition::Skipped(format!("excluded by stage {}", stage.id())),
@@ -150,7 +126,14 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
             "nothing is dropped silently: add a `skip` rule (with a reason) or a stage for them to the pipeline file",
         ));
     }
+    Ok(dispositions)
+}
 
+fn plan_claimed<'p>(
+    pipeline: &'p Pipeline,
+    source: &Source,
+    dispositions: Vec<Disposition>,
+) -> Result<Plan<'p>> {
     // 2. Headers of every claimed entry.
     let mut reader = source.reader()?;
     let mut per_stage: Vec<Vec<ArrayEntry>> = vec![Vec::new(); pipeline.stages.len()];
@@ -167,81 +150,17 @@ pub fn plan<'p>(pipeline: &'p Pipeline, source: &Source) -> Result<Plan<'p>> {
     // 3. Stage plans and the dataset's shared dimensions.
     let mut dims = Dims::default();
     let mut trial_ids: Option<(Vec<u32>, String)> = None;
-    let mut stages = Vec::with_capacity(pipeline.stages.len());
-    for (stage, entries) in pipeline.stages.iter().zip(per_stage) {
-        let plan = match stage {
-            Stage::TrialArray(c) => {
-                let p = trial_plan(source, c, &c.source, &c.id, entries, &mut trial_ids)?;
-                if p.trial_shape.len() + 1 != c.dimension_names.len() {
-                    return Err(Error::bad_input(
-                        format!("{}: {}", source.path.display(), c.source),
-                        format!("trials have {} axes but stage {} names {} dimensions after the trial axis", p.trial_shape.len(), c.id, c.dimension_names.len() - 1),
-                        "fix `dimension_names` in the pipeline, or check the source",
-                    ));
-                }
-                dims.add(
-                    &c.dimension_names[0],
-                    p.trials.len() as u64,
-                    &c.source,
-                    source,
-                )?;
-                for (name, &len) in c.dimension_names[1..].iter().zip(&p.trial_shape) {
-                    dims.add(name, len, &c.source, source)?;
-                }
-                StagePlan::TrialArray(p)
-            }
-            Stage::TrialTable(c) => {
-                let p = trial_plan(source, c, &c.source, &c.id, entries, &mut trial_ids)?;
-                if p.trial_shape.len() != 2 || p.trial_shape[0] != c.columns.len() as u64 {
-                    return Err(Error::bad_input(
-                        format!("{}: {}", source.path.display(), c.source),
-                        format!("trials have shape {:?}; stage {} expects ({}, frames), one row per column {:?}", p.trial_shape, c.id, c.columns.len(), c.columns),
-                        "fix `columns` in the pipeline, or check the source",
-                    ));
-                }
-                dims.add(&c.frame_column, p.trial_shape[1], &c.source, source)?;
-                StagePlan::TrialTable(p)
-            }
-            Stage::Statistics(c) => {
-                let mut arrays = Vec::new();
-                for a in entries {
-                    let path = &source.entries[a.entry].path;
-                    let name = path[c.source.len() + 1..]
-                        .trim_end_matches(".npy")
-                        .to_string();
-                    if !a.header.dtype.is_numeric() {
-                        return Err(Error::bad_input(
-                            source.locate(&source.entries[a.entry]),
-                            format!(
-                                "statistic has dtype {}; statistics must be numeric",
-                                a.header.dtype
-                            ),
-                            "skip it in the pipeline (`exclude`) or fix the file",
-                        ));
-                    }
-                    let var = name.split('/').next().unwrap_or_default();
-                    if let Some(names) = c.dimension_names.get(var) {
-                        if names.len() == a.header.shape.len() {
-                            for (n, &len) in names.iter().zip(&a.header.shape) {
-                                dims.add(n, len, path, source)?;
-                            }
-                        }
-                    }
-                    arrays.push((name, a));
-                }
-                arrays.sort_by(|a, b| a.0.cmp(&b.0));
-                StagePlan::Statistics(StatisticsPlan { config: c, arrays })
-            }
-            Stage::MetaTable(c) => StagePlan::MetaTable(meta_plan(
-                source,
-                c,
-                entries,
-                &mut dims,
-                trial_ids.as_ref().map(|t| t.0.len() as u64),
-            )?),
-        };
-        stages.push(plan);
-    }
+    let mut ctx = PlanContext {
+        source,
+        dims: &mut dims,
+        trial_ids: &mut trial_ids,
+    };
+    let stages = pipeline
+        .stages
+        .iter()
+        .zip(per_stage)
+        .map(|(stage, entries)| stage.plan(entries, &mut ctx))
+        .collect::<Result<Vec<_>>>()?;
     let trial_ids = trial_ids.map(|t| t.0).unwrap_or_default();
     Ok(Plan {
         trial_ids,
@@ -272,11 +191,17 @@ pub fn trial_number(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// The dataset's named dimensions and where each was first seen: every output that names a
+/// dimension must agree on its length.
 #[derive(Default)]
-struct Dims(BTreeMap<String, u64>, BTreeMap<String, String>);
+pub struct Dims(BTreeMap<String, u64>, BTreeMap<String, String>);
 
 impl Dims {
-    fn add(&mut self, name: &str, len: u64, from: &str, source: &Source) -> Result<()> {
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.0.get(name).copied()
+    }
+
+    pub fn add(&mut self, name: &str, len: u64, from: &str, source: &Source) -> Result<()> {
         match self.0.get(name) {
             Some(&have) if have != len => Err(Error::bad_input(
                 format!("{}: {from}", source.path.display()),
@@ -293,17 +218,20 @@ impl Dims {
     }
 }
 
-fn trial_plan<'p, C>(
-    source: &Source,
+/// The plan of a per-trial variable: its trials in numeric order, each of one dtype and shape,
+/// the same trials as every other per-trial variable of the source.
+pub(crate) fn trial_plan<'p, C>(
+    ctx: &mut PlanContext,
     config: &'p C,
     folder: &str,
     id: &str,
     mut entries: Vec<ArrayEntry>,
-    trial_ids: &mut Option<(Vec<u32>, String)>,
 ) -> Result<TrialPlan<'p, C>>
 where
     C: 'p,
 {
+    let source = ctx.source;
+    let trial_ids = &mut *ctx.trial_ids;
     let number = |a: &ArrayEntry| {
         trial_number(
             source.entries[a.entry]
@@ -373,81 +301,5 @@ where
         trials: entries,
         dtype,
         trial_shape: shape,
-    })
-}
-
-fn meta_plan<'p>(
-    source: &Source,
-    c: &'p MetaTableConfig,
-    entries: Vec<ArrayEntry>,
-    dims: &mut Dims,
-    n_trials: Option<u64>,
-) -> Result<MetaPlan<'p>> {
-    let stem = |a: &ArrayEntry| {
-        source.entries[a.entry]
-            .path
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .trim_end_matches(".npy")
-            .to_string()
-    };
-    let mut files: Vec<(String, ArrayEntry)> = entries.into_iter().map(|a| (stem(&a), a)).collect();
-    for req in &c.required {
-        if !files.iter().any(|(s, _)| s == req) {
-            return Err(Error::bad_input(
-                format!("{}: {}/{req}.npy", source.path.display(), c.source),
-                "required file is missing".to_string(),
-                format!("stage {} requires it; check that the source is complete, or remove it from `required`", c.id),
-            ));
-        }
-    }
-    let rank = |s: &str| c.order.iter().position(|o| o == s).unwrap_or(usize::MAX);
-    files.sort_by(|a, b| (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0)));
-    let mut rows = match c.axis {
-        MetaAxis::Trial => n_trials,
-        MetaAxis::Neuron => dims.0.get("neuron").copied(),
-    };
-    for (name, a) in &files {
-        let located = source.locate(&source.entries[a.entry]);
-        let shape = &a.header.shape;
-        let ok_rank = match c.split.get(name) {
-            Some(cols) => shape.len() == 2 && shape[1] == cols.len() as u64,
-            None => shape.len() == 1,
-        };
-        if !ok_rank {
-            let want = match c.split.get(name) {
-                Some(cols) => format!("(rows, {})", cols.len()),
-                None => "(rows,)".to_string(),
-            };
-            return Err(Error::bad_input(
-                located,
-                format!(
-                    "shape {shape:?} does not fit table {}: expected {want}",
-                    c.output
-                ),
-                "list 2-D files under `split` in the pipeline, or skip the file with a `skip` rule",
-            ));
-        }
-        let len = shape[0];
-        match rows {
-            Some(r) if r != len => {
-                let what = match c.axis {
-                    MetaAxis::Trial => "trials",
-                    MetaAxis::Neuron => "neurons",
-                };
-                return Err(Error::bad_input(located, format!("has {len} rows but the dataset has {r} {what}"), "the meta data does not belong to these trials/neurons; re-download the archive"));
-            }
-            _ => rows = Some(len),
-        }
-    }
-    let rows = rows.unwrap_or(0);
-    if c.axis == MetaAxis::Neuron {
-        dims.add("neuron", rows, &c.source, source)?;
-    }
-    Ok(MetaPlan {
-        config: c,
-        files,
-        rows,
     })
 }

@@ -11,21 +11,22 @@ use std::time::Instant;
 
 use super::keys::{decide, stage_keys, Decision, Origin, StageKey};
 use super::memory::{self, MemoryModel, ThreadChoice};
-use super::plan::{plan, Disposition, Plan, StagePlan};
-use super::spec::{Measure, Pipeline, Stage};
+use super::plan::{plan, Disposition, Plan};
+use super::spec::Pipeline;
 use crate::catalog::{self, CatalogRow};
 use crate::error::{Error, Result};
-use crate::inspect::tier_counts;
 use crate::lock::{self, write_synced, Lock, LockSource, LockedEntry, Progress, StageLock};
 use crate::manifest::{
     self, Counts, EntryInfo, Manifest, OutputInfo, PipelineInfo, SourceInfo, Tool,
 };
 use crate::progress::{self, ProgressMode, StageProgress};
 use crate::source::Source;
-use crate::stages::{self, MeasureValues, StageContext, StageResult};
-use crate::validate::{self, contract, stage_output::check_stage_output};
+use crate::stages::meta_table::tier_counts;
+use crate::stages::registry::{Stage, StagePlan};
+use crate::stages::{Measure, MeasureValues, StageContext, StageResult};
+use crate::validate::{self, contract};
 use crate::writers::output_store::WriteLog;
-use crate::writers::zarr::ZarrStore;
+use crate::writers::zarr::{ZarrPath, ZarrStore};
 use crate::writers::Provenance;
 
 pub const RUN_RECORD: &str = "run.json";
@@ -82,6 +83,9 @@ pub struct ConvertReport {
 #[derive(Debug, serde::Serialize)]
 pub struct RunPlan {
     pub dataset: String,
+    /// The pipeline's name and where it came from (a file, or embedded and picked by content).
+    pub pipeline: String,
+    pub pipeline_file: String,
     pub dataset_dir: PathBuf,
     pub up_to_date: bool,
     pub stages: Vec<PlannedStage>,
@@ -236,14 +240,7 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
             run: matches!(d, Decision::Run { .. }),
             reason: d.reason(),
             reads: std::iter::once(s.source().to_string())
-                .chain(match s {
-                    super::spec::Stage::MetaTable(c) => c
-                        .derived
-                        .iter()
-                        .map(|d| format!("{}.{}", d.stage, d.measure))
-                        .collect(),
-                    _ => Vec::new(),
-                })
+                .chain(s.reads().iter().map(|(stage, m)| format!("{stage}.{m}")))
                 .collect(),
             writes: s.output().to_string(),
         })
@@ -255,6 +252,8 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     };
     Ok(RunPlan {
         threads,
+        pipeline: pipeline.pipeline.clone(),
+        pipeline_file: opts.pipeline_file.clone(),
         up_to_date: prep.up_to_date(),
         dataset: prep.name.clone(),
         dataset_dir: prep.dataset_dir.clone(),
@@ -484,17 +483,12 @@ fn run_stages_and_publish(
                             Error::Internal("shards reused without a shards folder".into())
                         })?;
                         link_outputs(dir, staging, &lock)?;
-                        // The tasks wrote the shards; the array's metadata is written once, here.
-                        let StagePlan::TrialArray(p) = stage_plan else {
-                            return Err(Error::Internal(format!(
-                                "stage {} came from shards but is not a trial_array",
-                                stage.id()
-                            )));
-                        };
-                        let file = stages::trial_array::write_metadata(&ctx, p)?;
-                        let hash = validate::hash_file(&staging.join(&file))?.1;
-                        lock.outputs.insert(file, hash);
-                        check_stage_output(staging, &prep.plan, stage, stage_plan)?;
+                        // The tasks wrote the parts; what they leave to the end is written once, here.
+                        for file in stage_plan.finish_parts(&ctx)? {
+                            let hash = validate::hash_file(&staging.join(&file))?.1;
+                            lock.outputs.insert(file, hash);
+                        }
+                        stage_plan.check_output(staging, &prep.plan)?;
                     }
                 }
                 tracing::info!(stage = stage.id(), from = ?origin, "stage reused");
@@ -509,16 +503,11 @@ fn run_stages_and_publish(
                     entries,
                     bytes,
                 ))));
-                let result: Result<StageResult> = pool.install(|| match stage_plan {
-                    StagePlan::TrialArray(p) => stages::trial_array::run(&ctx, p),
-                    StagePlan::TrialTable(p) => stages::trial_table::run(&ctx, p),
-                    StagePlan::Statistics(p) => stages::statistics::run(&ctx, p),
-                    StagePlan::MetaTable(p) => stages::meta_table::run(&ctx, p),
-                });
+                let result: Result<StageResult> = pool.install(|| stage_plan.run(&ctx));
                 progress::set_current(None);
                 let result = result?;
                 // Validation between stages: what this stage wrote, read back from disk.
-                check_stage_output(staging, &prep.plan, stage, stage_plan)?;
+                stage_plan.check_output(staging, &prep.plan)?;
                 let outputs =
                     pool.install(|| hash_stage_outputs(staging, stage.output(), &groups, &writes))?;
                 report.stages.push(StageReport {
@@ -543,15 +532,8 @@ fn run_stages_and_publish(
             });
         }
         for (m, values) in &locked.measures {
-            let measure = match m.as_str() {
-                "valid_frames" => Measure::ValidFrames,
-                "all_zero" => Measure::AllZero,
-                other => {
-                    return Err(Error::Internal(format!(
-                        "unknown measure {other} in a lock"
-                    )))
-                }
-            };
+            let measure: Measure = serde_json::from_value(serde_json::Value::String(m.clone()))
+                .map_err(|_| Error::Internal(format!("unknown measure {m} in a lock")))?;
             measures.insert((stage.id().to_string(), measure), values.clone());
         }
         progress.stages.push(locked);
@@ -574,10 +556,7 @@ fn run_stages_and_publish(
     for s in &progress.stages {
         outputs.extend(s.outputs.clone());
     }
-    for g in groups
-        .iter()
-        .flat_map(|(store, paths)| paths.iter().map(move |p| group_file(store, p)))
-    {
+    for g in groups.iter().map(ZarrPath::metadata_file) {
         outputs.insert(g.clone(), validate::hash_file(&staging.join(&g))?.1);
     }
     let on_disk: BTreeSet<String> = validate::list_files(staging)?
@@ -874,13 +853,10 @@ fn link_outputs(from: &Path, to: &Path, lock: &StageLock) -> Result<()> {
 fn hash_stage_outputs(
     staging: &Path,
     output: &str,
-    groups: &BTreeMap<String, BTreeSet<String>>,
+    groups: &BTreeSet<ZarrPath>,
     log: &WriteLog,
 ) -> Result<BTreeMap<String, String>> {
-    let group_files: BTreeSet<String> = groups
-        .iter()
-        .flat_map(|(store, paths)| paths.iter().map(move |p| group_file(store, p)))
-        .collect();
+    let group_files: BTreeSet<String> = groups.iter().map(ZarrPath::metadata_file).collect();
     let root = staging.join(output);
     let files: Vec<String> = if root.is_dir() {
         validate::list_files(&root)?
@@ -983,42 +959,26 @@ pub(crate) fn hostname() -> String {
 }
 
 /// `zarr.json` path of a group (`path` inside the `.zarr` folder `store`).
-fn group_file(store: &str, path: &str) -> String {
-    if path == "/" {
-        format!("{store}/zarr.json")
-    } else {
-        format!("{store}{path}/zarr.json")
-    }
-}
-
-/// Every Zarr group on the way to an array (Zarr v3 has no implicit groups), by `.zarr` folder,
-/// derived from the plan so it never depends on what happens to be on disk.
-fn group_paths(pipeline: &Pipeline, plan: &Plan) -> BTreeMap<String, BTreeSet<String>> {
-    let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+/// Every Zarr group on the way to an array (Zarr v3 has no implicit groups), derived from the
+/// plan so it never depends on what happens to be on disk. A stage whose output holds several
+/// arrays makes its output a group too.
+fn group_paths(pipeline: &Pipeline, plan: &Plan) -> BTreeSet<ZarrPath> {
+    let mut groups = BTreeSet::new();
     for (stage, stage_plan) in pipeline.stages.iter().zip(&plan.stages) {
-        let output = stage.output();
-        let Some(pos) = output.find(".zarr") else {
+        let arrays = stage_plan.zarr_arrays();
+        let Some(output) = ZarrPath::parse(stage.output()).filter(|_| !arrays.is_empty()) else {
             continue;
         };
-        let store = output[..pos + 5].to_string();
-        let inner = output[pos + 5..].trim_start_matches('/');
-        let set = groups.entry(store).or_default();
-        set.insert("/".into());
-        let mut arrays: Vec<String> = Vec::new();
-        match stage_plan {
-            StagePlan::Statistics(p) => {
-                arrays.extend(p.arrays.iter().map(|(name, _)| format!("{inner}/{name}")))
-            }
-            _ => arrays.push(inner.to_string()),
+        for array in &arrays {
+            let node = if array.is_empty() {
+                output.clone()
+            } else {
+                output.join(array)
+            };
+            groups.extend(node.ancestors());
         }
-        for array in arrays {
-            let parts: Vec<&str> = array.split('/').filter(|p| !p.is_empty()).collect();
-            for depth in 1..parts.len() {
-                set.insert(format!("/{}", parts[..depth].join("/")));
-            }
-        }
-        if let StagePlan::Statistics(_) = stage_plan {
-            set.insert(format!("/{inner}"));
+        if arrays.iter().any(|a| !a.is_empty()) {
+            groups.insert(output);
         }
     }
     groups
@@ -1028,28 +988,28 @@ fn write_groups(
     dir: &Path,
     pipeline: &Pipeline,
     provenance: &Provenance,
-    groups: &BTreeMap<String, BTreeSet<String>>,
+    groups: &BTreeSet<ZarrPath>,
 ) -> Result<()> {
-    for (store_dir, paths) in groups {
-        let store = ZarrStore::open(&dir.join(store_dir), &WriteLog::new(false))?;
-        for path in paths {
-            let mut attributes = serde_json::Map::new();
-            if path == "/" {
-                attributes.insert("dataset".into(), provenance.dataset.clone().into());
-                attributes.insert("source".into(), provenance.source.clone().into());
-                attributes.insert("pipeline".into(), provenance.pipeline.clone().into());
-                attributes.insert(
-                    "pipeline_hash".into(),
-                    provenance.pipeline_hash.clone().into(),
-                );
-                attributes.insert(
-                    "sensorium_ingest_version".into(),
-                    provenance.tool_version.clone().into(),
-                );
-                attributes.insert("frame_rate_hz".into(), pipeline.frame_rate_hz.into());
+    for group in groups {
+        let store = ZarrStore::open(&dir.join(&group.store), &WriteLog::new(false))?;
+        let mut attributes = serde_json::Map::new();
+        if group.is_root() {
+            attributes.insert("dataset".into(), provenance.dataset.clone().into());
+            attributes.insert("source".into(), provenance.source.clone().into());
+            attributes.insert("pipeline".into(), provenance.pipeline.clone().into());
+            attributes.insert(
+                "pipeline_hash".into(),
+                provenance.pipeline_hash.clone().into(),
+            );
+            attributes.insert(
+                "sensorium_ingest_version".into(),
+                provenance.tool_version.clone().into(),
+            );
+            if let Some(rate) = pipeline.frame_rate_hz {
+                attributes.insert("frame_rate_hz".into(), rate.into());
             }
-            store.write_group(path, attributes)?;
         }
+        store.write_group(&group.node_path(), attributes)?;
     }
     Ok(())
 }

@@ -18,13 +18,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::StagePlan;
 use super::runner::{self, ConvertOptions, Prepared};
 use super::spec::Pipeline;
 use crate::error::{Error, Result};
 use crate::lock::{self_checksum, write_replacing, write_synced, StageLock};
 use crate::progress::{self, ProgressMode, StageProgress};
-use crate::stages::{self, MeasureValues, StageContext};
+use crate::stages::{MeasureValues, StageContext};
 use crate::writers::output_store::WriteLog;
 
 pub const JOB_FILE: &str = "job.json";
@@ -260,12 +259,20 @@ fn receipt_path(dir: &Path, shard: Shard) -> PathBuf {
         .join(format!("{:04}-of-{:04}.json", shard.index, shard.count))
 }
 
+/// Whether stage `index` runs in the tasks (the others run in `finalize`).
+fn runs_in_parts(prep: &Prepared, index: usize) -> bool {
+    prep.plan
+        .stages
+        .get(index)
+        .is_some_and(|p| p.runs_in_parts())
+}
+
 /// Trials per block: the least common multiple of every `trial_array` stage's trials per shard.
 fn trial_block(pipeline: &Pipeline, prep: &Prepared) -> Result<usize> {
     let mut block: Option<usize> = None;
     for (stage, plan) in pipeline.stages.iter().zip(&prep.plan.stages) {
-        if let StagePlan::TrialArray(p) = plan {
-            let per_shard = stages::trial_array::trials_per_shard(p, &prep.pipeline_file)?.max(1);
+        if let Some(per_shard) = plan.part_block(&prep.pipeline_file)? {
+            let per_shard = per_shard.max(1);
             let b = block.unwrap_or(1);
             let lcm = b / gcd(b, per_shard) * per_shard;
             tracing::debug!(stage = stage.id(), per_shard, "trials per shard");
@@ -385,10 +392,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
     }
 
     // A task runs the trial_array stages only.
-    let threads = runner::thread_choice(opts, &prep, |i| {
-        matches!(prep.plan.stages.get(i), Some(StagePlan::TrialArray(_)))
-    })?
-    .threads;
+    let threads = runner::thread_choice(opts, &prep, |i| runs_in_parts(&prep, i))?.threads;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -404,9 +408,9 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         .zip(&prep.keys)
         .zip(0..)
     {
-        let StagePlan::TrialArray(p) = plan else {
+        if !runs_in_parts(&prep, index) {
             continue;
-        };
+        }
         crate::interrupt::check()?;
         let stage_provenance = runner::stage_provenance(&provenance, stage, key);
         let ctx = StageContext {
@@ -428,7 +432,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             share(bytes),
         ))));
         tracing::info!(stage = stage.id(), shard = %shard, first = trials.start, end = trials.end, "stage started");
-        let result = pool.install(|| stages::trial_array::run_part(&ctx, p, trials.clone()));
+        let result = pool.install(|| plan.run_part(&ctx, trials.clone()));
         progress::set_current(None);
         let result = result?;
         report.bytes += result.bytes;
@@ -701,7 +705,7 @@ fn collect_receipts(
         .zip(&prep.keys)
         .enumerate()
     {
-        if !matches!(plan, StagePlan::TrialArray(_)) {
+        if !plan.runs_in_parts() {
             continue;
         }
         let mut outputs = BTreeMap::new();

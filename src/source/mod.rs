@@ -182,7 +182,7 @@ impl Source {
         format!("{}: {}", self.path.display(), entry.raw_path)
     }
 
-    /// The default dataset name: the source name without a trailing `-Video-<32 hex>`.
+    /// The default dataset name: the source name without a trailing `-<Stimulus>-<32 hex>`.
     pub fn dataset_name(&self) -> String {
         default_dataset_name(&self.name)
     }
@@ -206,14 +206,24 @@ impl Source {
     }
 }
 
+/// The FileTree family's name rule: a trailing `-<Stimulus>-<32 hex>` (`-Video-…`,
+/// `-GrayImageNet-…`, `-ColorImageNet-…`) is removed; the stimulus is a word that starts with a
+/// letter, so a name like `mouse-3-12-<hex>` keeps its numbers. Other names are kept whole.
 pub fn default_dataset_name(source_name: &str) -> String {
-    if let Some(pos) = source_name.rfind("-Video-") {
-        let tail = &source_name[pos + 7..];
-        if tail.len() == 32 && tail.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return source_name[..pos].to_string();
-        }
-    }
-    source_name.to_string()
+    strip_stimulus_suffix(source_name)
+        .unwrap_or(source_name)
+        .to_string()
+}
+
+fn strip_stimulus_suffix(name: &str) -> Option<&str> {
+    let (rest, hex) = name.rsplit_once('-')?;
+    let (stem, stimulus) = rest.rsplit_once('-')?;
+    let is_hex = hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    let is_word = stimulus.starts_with(|c: char| c.is_ascii_alphabetic())
+        && stimulus
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (is_hex && is_word && !stem.is_empty()).then_some(stem)
 }
 
 fn file_name(path: &Path) -> String {
@@ -457,6 +467,39 @@ pub(crate) fn prefetch_fills_page_cache(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dataset_names_lose_the_stimulus_and_hash_suffix() {
+        let hex = "9b4f6a1a067fe51e15306b9628efea20";
+        for (source, name) in [
+            (
+                format!("dynamic29515-10-12-Video-{hex}"),
+                "dynamic29515-10-12",
+            ),
+            (
+                format!("static21067-10-18-GrayImageNet-{hex}"),
+                "static21067-10-18",
+            ),
+            (
+                format!("static22846-10-16-ColorImageNet-{hex}"),
+                "static22846-10-16",
+            ),
+            (
+                format!("mouse-3-12-{hex}"),
+                "mouse-3-12-9b4f6a1a067fe51e15306b9628efea20",
+            ),
+            (
+                "static20457-5-9-preproc0".to_string(),
+                "static20457-5-9-preproc0",
+            ),
+            (
+                format!("-Video-{hex}"),
+                "-Video-9b4f6a1a067fe51e15306b9628efea20",
+            ),
+        ] {
+            assert_eq!(default_dataset_name(&source), name, "{source}");
+        }
+    }
 
     fn fill(data: &[u8], len: usize) -> (Filled, Vec<u8>) {
         let mut out = vec![0u8; len];

@@ -1,22 +1,52 @@
-//! One module per stage kind. Each takes its checked plan and the shared context, writes its
-//! outputs into the dataset's staging folder and reports every source entry it read.
+//! Stage kinds: one module per kind (its config, plan, memory need, run, output check and
+//! description), the contract they share (`kind`) and the registry that lists them. A stage
+//! takes its checked plan and the shared context, writes its outputs into the dataset's staging
+//! folder and reports every source entry it read.
 
+pub mod kind;
 pub mod meta_table;
+pub mod registry;
 pub mod statistics;
 pub mod trial_array;
 pub mod trial_table;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::npy::Header;
 use crate::pipeline::plan::{ArrayEntry, Plan};
-use crate::pipeline::spec::{Measure, Pipeline};
+use crate::pipeline::spec::Pipeline;
 use crate::source::{checked_header, read_npy, EntryReader, Source};
 use crate::writers::output_store::WriteLog;
+use crate::writers::zarr::ZarrPath;
 use crate::writers::Provenance;
+
+/// A per-trial fact a stage computes while copying, for later stages to read.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Measure {
+    /// Frames before the trailing frames in which every value is NaN (int32).
+    ValidFrames,
+    /// Every value of the trial is zero (bool).
+    AllZero,
+}
+
+impl fmt::Display for Measure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Measure::ValidFrames => "valid_frames",
+            Measure::AllZero => "all_zero",
+        })
+    }
+}
 
 /// What every stage sees.
 pub struct StageContext<'a> {
@@ -155,4 +185,10 @@ const HASH_PIECE_LEN: usize = 128 << 10;
 /// few enough that memory stays bounded whatever the number of trials.
 pub(crate) fn window_len() -> usize {
     rayon::current_num_threads() * 2
+}
+
+/// The Zarr store and node of a stage's output; the pipeline's check has made sure it has one.
+pub(crate) fn zarr_output(output: &str) -> Result<ZarrPath> {
+    ZarrPath::parse(output)
+        .ok_or_else(|| Error::Internal(format!("output {output:?} is not inside a `.zarr` store")))
 }

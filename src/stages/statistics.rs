@@ -4,21 +4,55 @@
 //! buffers, reused from array to array: fresh buffers for each array of a recording's size
 //! left the stage's peak memory to when the allocator returned the last ones).
 
-use super::trial_array::split_zarr_path;
-use super::{read_planned_into, EntryRecord, StageContext, StageResult};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::kind::{self, ConfigProblem, Description, PlanContext, StageKind, StageNeed};
+use super::registry::Stage;
+use super::{read_planned_into, zarr_output, EntryRecord, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy;
 use crate::per_thread::map_with_state;
-use crate::pipeline::plan::{ArrayEntry, StatisticsPlan};
-use crate::pipeline::spec::StatisticsConfig;
-use crate::source::EntryReader;
+use crate::pipeline::plan::{ArrayEntry, Plan};
+use crate::pipeline::spec::{check_codec, Compression, HINT};
+use crate::source::{EntryReader, Source};
+use crate::validate::{self, ExpectedArray};
+use crate::writers::output_store::BOUNCE_CAPACITY;
 use crate::writers::shard::ShardLayout;
 use crate::writers::write_behind::{self, EncoderSlot, WriteBehind};
-use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrStore};
+use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrPath, ZarrStore};
+
+/// Every `<source>/<var>/<subset>/<stat>.npy` copied unchanged to `<output>/<var>/<subset>/<stat>`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatisticsConfig {
+    /// Unique name of the stage, used in messages, the manifest and `derived`.
+    pub id: String,
+    pub source: String,
+    pub output: String,
+    pub compression: Compression,
+    /// Dimension names per variable; arrays whose rank does not match get `dim_0, dim_1, ...`.
+    #[serde(default)]
+    pub dimension_names: BTreeMap<String, Vec<String>>,
+    /// Globs (relative to `source`, without `.npy`) of statistics to leave out; recorded as skipped.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatisticsPlan<'p> {
+    pub config: &'p StatisticsConfig,
+    /// `(var/subset/stat, entry)`, sorted by name.
+    pub arrays: Vec<(String, ArrayEntry)>,
+}
 
 pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
-    let (store_dir, base) = split_zarr_path(&c.output);
+    let output = zarr_output(&c.output)?;
+    let (base, store_dir) = (output.node_path(), output.store);
     let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir), ctx.writes)?;
     // Chunks go to disk on I/O threads while their worker reads its next array.
     let io_threads = rayon::current_num_threads().min(plan.arrays.len());
@@ -91,12 +125,7 @@ fn write_one(
     buffers.entry.resize(size, 0);
     let read = read_planned_into(ctx.source, reader, planned, &mut buffers.entry)?;
     let header = &planned.header;
-    let var = name.split('/').next().unwrap_or_default();
-    let rank = header.shape.len();
-    let dimension_names = match c.dimension_names.get(var) {
-        Some(names) if names.len() == rank => names.clone(),
-        _ => (0..rank).map(|i| format!("dim_{i}")).collect(),
-    };
+    let dimension_names = dimension_names(c, name, header.shape.len());
     let mut attributes = serde_json::Map::new();
     attributes.insert("source".into(), ctx.provenance.source.clone().into());
     attributes.insert("source_file".into(), entry.path.clone().into());
@@ -127,7 +156,7 @@ fn write_one(
         blake3::hash(payload).to_hex().to_string()
     });
     if !payload.is_empty() || header.shape.is_empty() {
-        let indices = vec![0; rank];
+        let indices = vec![0; header.shape.len()];
         // Encoded with the thread's zstd context and buffer where writers::shard can (the
         // same bytes as zarrs'), else by zarrs.
         let fill = fill_bytes(header.dtype);
@@ -170,4 +199,130 @@ fn write_one(
         index: None,
     };
     Ok((record, len))
+}
+
+/// The dimension names of statistic `name` (`var/subset/stat`): its variable's, where they fit
+/// its rank, else `dim_0, dim_1, ...`.
+fn dimension_names(c: &StatisticsConfig, name: &str, rank: usize) -> Vec<String> {
+    let var = name.split('/').next().unwrap_or_default();
+    match c.dimension_names.get(var) {
+        Some(names) if names.len() == rank => names.clone(),
+        _ => (0..rank).map(|i| format!("dim_{i}")).collect(),
+    }
+}
+
+impl StageKind for StatisticsConfig {
+    const KIND: &'static str = "statistics";
+    type Plan<'p> = StatisticsPlan<'p>;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn source(&self) -> &str {
+        &self.source
+    }
+    fn output(&self) -> &str {
+        &self.output
+    }
+
+    fn check(&self, _earlier: &[Stage]) -> std::result::Result<(), ConfigProblem> {
+        if ZarrPath::parse(&self.output).is_none() {
+            return Err(ConfigProblem::new(
+                format!("output {:?} is not inside a `.zarr` group", self.output),
+                "write statistics to e.g. `data.zarr/statistics`",
+            ));
+        }
+        check_codec(&self.compression, false).map_err(|p| ConfigProblem::new(p, HINT))
+    }
+
+    fn claims(&self, rest: &str) -> bool {
+        rest.ends_with(".npy")
+    }
+
+    fn excludes(&self) -> &[String] {
+        &self.exclude
+    }
+
+    fn plan<'p>(
+        &'p self,
+        entries: Vec<ArrayEntry>,
+        ctx: &mut PlanContext,
+    ) -> Result<Self::Plan<'p>> {
+        let source = ctx.source;
+        let mut arrays = Vec::new();
+        for a in entries {
+            let path = &source.entries[a.entry].path;
+            let name = path[self.source.len() + 1..]
+                .trim_end_matches(".npy")
+                .to_string();
+            if !a.header.dtype.is_numeric() {
+                return Err(Error::bad_input(
+                    source.locate(&source.entries[a.entry]),
+                    format!(
+                        "statistic has dtype {}; statistics must be numeric",
+                        a.header.dtype
+                    ),
+                    "skip it in the pipeline (`exclude`) or fix the file",
+                ));
+            }
+            let var = name.split('/').next().unwrap_or_default();
+            if let Some(names) = self.dimension_names.get(var) {
+                if names.len() == a.header.shape.len() {
+                    for (n, &len) in names.iter().zip(&a.header.shape) {
+                        ctx.dims.add(n, len, path, source)?;
+                    }
+                }
+            }
+            arrays.push((name, a));
+        }
+        arrays.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(StatisticsPlan {
+            config: self,
+            arrays,
+        })
+    }
+
+    fn zarr_arrays(plan: &Self::Plan<'_>) -> Vec<String> {
+        plan.arrays.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    fn memory(plan: &Self::Plan<'_>, source: &Source, _pipeline_file: &str) -> Result<StageNeed> {
+        Ok(StageNeed {
+            fixed: 0,
+            // The entry as read, its little-endian copy, its encoded chunk.
+            per_thread: kind::largest_entry(source, plan.arrays.iter().map(|(_, e)| e))
+                .saturating_mul(3)
+                .saturating_add(BOUNCE_CAPACITY),
+            per_helping_thread: 0,
+            items: plan.arrays.len(),
+        })
+    }
+
+    fn run(ctx: &StageContext, plan: &Self::Plan<'_>) -> Result<StageResult> {
+        run(ctx, plan)
+    }
+
+    fn check_output(dir: &Path, _plan: &Plan, p: &Self::Plan<'_>) -> Result<()> {
+        let c = p.config;
+        for (name, a) in &p.arrays {
+            validate::check_zarr_array(&ExpectedArray {
+                path: &dir.join(&c.output).join(name),
+                shape: &a.header.shape,
+                data_type: &validate::zarr_type_name(a.header.dtype),
+                dimension_names: &dimension_names(c, name, a.header.shape.len()),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn describe(_source: &Source, plan: &Self::Plan<'_>) -> Result<Description> {
+        Ok(Description {
+            statistics: plan
+                .arrays
+                .iter()
+                .map(|(name, a)| kind::header_line(name, &a.header))
+                .collect(),
+            ..Description::default()
+        })
+    }
 }

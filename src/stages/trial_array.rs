@@ -3,22 +3,143 @@
 //! reader) as raw little-endian bytes, a chunk row at a time where writers::shard encodes the
 //! shard (the whole shard where zarrs does), and the encoded shard is written at once.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
 use zarrs::array::{ArrayBytes, CodecOptions};
 
+use super::kind::{self, ConfigProblem, Description, PlanContext, StageKind, StageNeed};
+use super::registry::Stage;
 use super::{
-    read_planned, read_planned_into, EntryRecord, MeasureValues, StageContext, StageResult,
+    read_planned, read_planned_into, zarr_output, EntryRecord, Measure, MeasureValues,
+    StageContext, StageResult,
 };
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::per_thread::{lock, map_with_state_helping};
-use crate::pipeline::plan::{ArrayEntry, TrialPlan};
-use crate::pipeline::spec::{Extent, Measure, NanPolicy, TrialArrayConfig};
-use crate::source::EntryReader;
+use crate::pipeline::plan::{trial_number, trial_plan, ArrayEntry, Plan, TrialPlan};
+use crate::pipeline::spec::{check_codec, Compression, FRAME_DIMENSION, HINT};
+use crate::source::{read_npy, EntryReader, Source};
+use crate::validate::{self, ExpectedArray};
+use crate::writers::output_store::BOUNCE_CAPACITY;
 use crate::writers::shard::{Compressor, EncodedRun, ShardLayout};
 use crate::writers::write_behind::{self, EncoderSlot};
-use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrStore};
+use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrPath, ZarrStore};
+
+/// Per-trial arrays (`<source>/<trial>.npy`) stacked into one Zarr array with a leading trial axis.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrialArrayConfig {
+    /// Unique name of the stage, used in messages, the manifest and `derived`.
+    pub id: String,
+    pub source: String,
+    /// Path of the array inside the dataset folder, e.g. `data.zarr/videos`.
+    pub output: String,
+    /// One name per output axis (trial axis first).
+    pub dimension_names: Vec<String>,
+    /// Inner chunk shape (the unit of reading), one extent per output axis.
+    pub chunk_shape: Vec<Extent>,
+    /// Shard shape (the unit of storage: one file), a multiple of `chunk_shape`.
+    pub shard_shape: Vec<Extent>,
+    pub compression: Compression,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, serde_json::Value>,
+    /// Per-trial facts computed while copying, for later stages (`valid_frames`, `all_zero`).
+    #[serde(default)]
+    pub measures: Vec<Measure>,
+    /// Where NaN may appear in a trial: `allow` (anywhere, the default) or `tail_only` (only in
+    /// the trailing frames in which every value is NaN; a NaN before them stops the run).
+    #[serde(default)]
+    pub nan: NanPolicy,
+}
+
+/// Where NaN may appear in a trial's values (checked while copying, per trial).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    /// NaN may appear anywhere; values are copied as they are.
+    #[default]
+    Allow,
+    /// NaN only in the trailing frames in which every value is NaN (the part after the stimulus
+    /// ended); any NaN before them is refused as bad input.
+    TailOnly,
+}
+
+/// An axis extent in a chunk or shard shape: a number, or `full` for the whole axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    Full,
+    Size(u64),
+}
+
+impl Extent {
+    pub fn resolve(self, axis_len: u64) -> u64 {
+        match self {
+            Extent::Full => axis_len.max(1),
+            Extent::Size(n) => n,
+        }
+    }
+}
+
+impl JsonSchema for Extent {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Extent".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An axis extent: a positive integer, or `full` for the whole axis.",
+            "oneOf": [{"type": "integer", "minimum": 1}, {"const": "full"}]
+        })
+    }
+}
+
+impl Serialize for Extent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Extent::Full => s.serialize_str("full"),
+            Extent::Size(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Extent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Extent, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Extent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a positive integer or `full`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Extent, E> {
+                if v == 0 {
+                    return Err(E::custom("a chunk or shard extent must be at least 1"));
+                }
+                Ok(Extent::Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Extent, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom("a chunk or shard extent must be at least 1"))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Extent, E> {
+                if v == "full" {
+                    Ok(Extent::Full)
+                } else {
+                    Err(E::custom(format!(
+                        "unknown extent {v:?}: expected a positive integer or `full`"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<StageResult> {
     let open = open_array(ctx, plan, true)?;
@@ -45,7 +166,7 @@ pub fn run_part(
         )));
     }
     let mut result = write_trials(ctx, plan, &open, trials.clone())?;
-    let (store_dir, _) = split_zarr_path(&plan.config.output);
+    let store_dir = zarr_output(&plan.config.output)?.store;
     for group in trials.start / per_shard..trials.end.div_ceil(per_shard) {
         let mut indices = vec![0u64; shard.len()];
         indices[0] = group as u64;
@@ -62,11 +183,7 @@ pub fn run_part(
 /// to the dataset folder.
 pub fn write_metadata(ctx: &StageContext, plan: &TrialPlan<TrialArrayConfig>) -> Result<String> {
     open_array(ctx, plan, true)?;
-    let (store_dir, array_path) = split_zarr_path(&plan.config.output);
-    Ok(format!(
-        "{store_dir}{}/zarr.json",
-        array_path.trim_end_matches('/')
-    ))
+    Ok(zarr_output(&plan.config.output)?.metadata_file())
 }
 
 /// Trials per shard of this stage's array: the grain a sharded run splits the trial axis at.
@@ -143,10 +260,14 @@ fn open_array(
     let c = plan.config;
     let shape = array_shape(plan);
     let (chunk, shard) = resolve_shapes(c, &shape, ctx.pipeline_file)?;
-    let (store_dir, array_path) = split_zarr_path(&c.output);
+    let output = zarr_output(&c.output)?;
+    let (array_path, store_dir) = (output.node_path(), output.store);
     let store = ZarrStore::open(&ctx.dataset_dir.join(store_dir), ctx.writes)?;
     let mut attributes = serde_json::Map::new();
-    attributes.insert("frame_rate_hz".into(), ctx.pipeline.frame_rate_hz.into());
+    let has_frames = c.dimension_names.iter().any(|d| d == FRAME_DIMENSION);
+    if let Some(rate) = ctx.pipeline.frame_rate_hz.filter(|_| has_frames) {
+        attributes.insert("frame_rate_hz".into(), rate.into());
+    }
     attributes.insert("source".into(), ctx.provenance.source.clone().into());
     attributes.insert("source_variable".into(), c.source.clone().into());
     attributes.insert("source_dtype".into(), plan.dtype.to_string().into());
@@ -610,14 +731,6 @@ impl<'a> TrialReading<'a> {
     }
 }
 
-/// `data.zarr/videos` -> (`data.zarr`, `/videos`).
-pub fn split_zarr_path(output: &str) -> (String, String) {
-    match output.find(".zarr/") {
-        Some(pos) => (output[..pos + 5].to_string(), output[pos + 5..].to_string()),
-        None => (output.to_string(), "/".to_string()),
-    }
-}
-
 fn resolve_shapes(c: &TrialArrayConfig, shape: &[u64], file: &str) -> Result<(Vec<u64>, Vec<u64>)> {
     let chunk: Vec<u64> = c
         .chunk_shape
@@ -926,6 +1039,200 @@ pub fn all_zero(dtype: Dtype, le: &[u8]) -> bool {
         }),
         _ => le.iter().all(|&b| b == 0),
     }
+}
+
+impl StageKind for TrialArrayConfig {
+    const KIND: &'static str = "trial_array";
+    type Plan<'p> = TrialPlan<'p, TrialArrayConfig>;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn source(&self) -> &str {
+        &self.source
+    }
+    fn output(&self) -> &str {
+        &self.output
+    }
+
+    fn check(&self, _earlier: &[Stage]) -> std::result::Result<(), ConfigProblem> {
+        let rank = self.dimension_names.len();
+        if rank < 2 {
+            return Err(ConfigProblem::new(
+                "dimension_names needs the trial axis and at least one more",
+                HINT,
+            ));
+        }
+        if self.chunk_shape.len() != rank || self.shard_shape.len() != rank {
+            return Err(ConfigProblem::new(
+                format!("chunk_shape and shard_shape need {rank} extents, one per dimension name"),
+                HINT,
+            ));
+        }
+        if ZarrPath::parse(&self.output).is_none_or(|p| p.is_root()) {
+            return Err(ConfigProblem::new(
+                format!(
+                    "output {:?} is not an array inside a `.zarr` group",
+                    self.output
+                ),
+                "write arrays to e.g. `data.zarr/videos`",
+            ));
+        }
+        let frames_last = self
+            .dimension_names
+            .last()
+            .is_some_and(|d| d == FRAME_DIMENSION);
+        let reads_frames =
+            self.measures.contains(&Measure::ValidFrames) || self.nan == NanPolicy::TailOnly;
+        if reads_frames && !frames_last {
+            return Err(ConfigProblem::new(
+                format!("the `valid_frames` measure and `nan: tail_only` read the frame axis, and the last of dimension_names is not `{FRAME_DIMENSION}`"),
+                "remove them for arrays without a frame axis, or name the last axis `frame`",
+            ));
+        }
+        check_codec(&self.compression, false).map_err(|p| ConfigProblem::new(p, HINT))
+    }
+
+    fn has_frame_axis(&self) -> bool {
+        self.dimension_names.iter().any(|d| d == FRAME_DIMENSION)
+    }
+
+    fn measures(&self) -> &[Measure] {
+        &self.measures
+    }
+
+    fn claims(&self, rest: &str) -> bool {
+        trial_number(rest).is_some()
+    }
+
+    fn plan<'p>(
+        &'p self,
+        entries: Vec<ArrayEntry>,
+        ctx: &mut PlanContext,
+    ) -> Result<Self::Plan<'p>> {
+        let p = trial_plan(ctx, self, &self.source, &self.id, entries)?;
+        let source = ctx.source;
+        if p.trial_shape.len() + 1 != self.dimension_names.len() {
+            return Err(Error::bad_input(
+                format!("{}: {}", source.path.display(), self.source),
+                format!(
+                    "trials have {} axes but stage {} names {} dimensions after the trial axis",
+                    p.trial_shape.len(),
+                    self.id,
+                    self.dimension_names.len() - 1
+                ),
+                "fix `dimension_names` in the pipeline, or check the source",
+            ));
+        }
+        let trials = p.trials.len() as u64;
+        ctx.dims
+            .add(&self.dimension_names[0], trials, &self.source, source)?;
+        for (name, &len) in self.dimension_names[1..].iter().zip(&p.trial_shape) {
+            ctx.dims.add(name, len, &self.source, source)?;
+        }
+        Ok(p)
+    }
+
+    fn zarr_arrays(_plan: &Self::Plan<'_>) -> Vec<String> {
+        vec![String::new()]
+    }
+
+    fn memory(plan: &Self::Plan<'_>, source: &Source, pipeline_file: &str) -> Result<StageNeed> {
+        let shard = shard_shape(plan, pipeline_file)?;
+        let (read, encoded) = thread_buffer_bytes(plan, pipeline_file)?;
+        let entry = kind::largest_entry(source, plan.trials.iter());
+        Ok(StageNeed {
+            fixed: 0,
+            per_thread: read
+                .saturating_add(encoded)
+                .saturating_add(entry.saturating_mul(2))
+                .saturating_add(BOUNCE_CAPACITY),
+            // The unit it encodes for another thread's shard, as incompressible.
+            per_helping_thread: read,
+            items: plan.trials.len().div_ceil(shard[0].max(1) as usize),
+        })
+    }
+
+    fn run(ctx: &StageContext, plan: &Self::Plan<'_>) -> Result<StageResult> {
+        run(ctx, plan)
+    }
+
+    const RUNS_IN_PARTS: bool = true;
+
+    fn part_block(plan: &Self::Plan<'_>, pipeline_file: &str) -> Result<Option<usize>> {
+        trials_per_shard(plan, pipeline_file).map(Some)
+    }
+
+    fn run_part(
+        ctx: &StageContext,
+        plan: &Self::Plan<'_>,
+        part: Range<usize>,
+    ) -> Result<StageResult> {
+        run_part(ctx, plan, part)
+    }
+
+    fn finish_parts(ctx: &StageContext, plan: &Self::Plan<'_>) -> Result<Vec<String>> {
+        Ok(vec![write_metadata(ctx, plan)?])
+    }
+
+    fn check_output(dir: &Path, _plan: &Plan, p: &Self::Plan<'_>) -> Result<()> {
+        let c = p.config;
+        let mut shape = vec![p.trials.len() as u64];
+        shape.extend(&p.trial_shape);
+        validate::check_zarr_array(&ExpectedArray {
+            path: &dir.join(&c.output),
+            shape: &shape,
+            data_type: &validate::zarr_type_name(p.dtype),
+            dimension_names: &c.dimension_names,
+        })?;
+        Ok(())
+    }
+
+    fn describe(source: &Source, plan: &Self::Plan<'_>) -> Result<Description> {
+        let c = plan.config;
+        let mut description = Description {
+            variable: Some(kind::variable(
+                &c.id,
+                &c.source,
+                plan.dtype.to_string(),
+                &plan.trials,
+                &plan.trial_shape,
+            )),
+            ..Description::default()
+        };
+        if c.measures.contains(&Measure::ValidFrames) {
+            description.valid_frames = valid_frame_counts(source, plan)?;
+        }
+        Ok(description)
+    }
+}
+
+/// Valid-frame length -> number of trials, read from every trial (for `inspect`).
+fn valid_frame_counts(
+    source: &Source,
+    plan: &TrialPlan<TrialArrayConfig>,
+) -> Result<BTreeMap<u64, usize>> {
+    let frames = *plan.trial_shape.last().unwrap_or(&0) as usize;
+    let lengths: Vec<Result<usize>> = plan
+        .trials
+        .par_iter()
+        .map_init(
+            || source.reader(),
+            |reader, a| {
+                let reader = reader
+                    .as_mut()
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let (header, bytes) = read_npy(source, reader.as_mut(), &source.entries[a.entry])?;
+                let le = npy::to_little_endian_c(&header, &bytes[header.payload_offset..]);
+                Ok(valid_frames(header.dtype, &le, frames))
+            },
+        )
+        .collect();
+    let mut counts = BTreeMap::new();
+    for length in lengths {
+        *counts.entry(length? as u64).or_insert(0) += 1;
+    }
+    Ok(counts)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! `trial_table`: per-trial `(channels, frames)` arrays as one long Parquet table, one row per
-//! (trial, frame) in trial-axis order, one column per channel. Written a window of trials at a
-//! time, so memory does not grow with the number of trials.
+//! (trial, frame) in trial-axis order, one column per channel; per-trial `(channels,)` arrays
+//! (no frame axis) as one row per trial. Written a window of trials at a time, so memory does
+//! not grow with the number of trials.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int32Array};
@@ -9,12 +11,39 @@ use arrow::datatypes::{Field, Schema};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 
+use arrow::datatypes::DataType;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::kind::{self, ConfigProblem, Description, PlanContext, StageKind, StageNeed};
+use super::registry::Stage;
 use super::{read_planned, window_len, EntryRecord, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy;
-use crate::pipeline::plan::TrialPlan;
-use crate::pipeline::spec::TrialTableConfig;
+use crate::pipeline::plan::{trial_number, trial_plan, ArrayEntry, Plan, TrialPlan};
+use crate::pipeline::spec::{check_codec, check_column_names, Compression, HINT};
+use crate::source::Source;
+use crate::validate;
 use crate::writers::parquet::{arrow_type, numeric_column, TableWriter};
+
+/// Per-trial `(channels, frames)` arrays written as a long table, one row per (trial, frame);
+/// or per-trial `(channels,)` arrays, one row per trial, when there is no `frame_column`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrialTableConfig {
+    /// Unique name of the stage, used in messages, the manifest and `derived`.
+    pub id: String,
+    pub source: String,
+    pub output: String,
+    /// Column name of the trial number.
+    pub trial_column: String,
+    /// Column name of the frame index; leave it out for trials without a frame axis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_column: Option<String>,
+    /// One column name per row of the source's first axis.
+    pub columns: Vec<String>,
+    pub compression: Compression,
+}
 
 /// Trials per record batch.
 pub(crate) const TRIALS_PER_BATCH: usize = 16;
@@ -23,10 +52,16 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
     let c = plan.config;
     let value_type = arrow_type(plan.dtype)
         .ok_or_else(|| Error::Internal(format!("dtype {} has no table form", plan.dtype)))?;
-    let mut fields = vec![
-        Field::new(&c.trial_column, arrow::datatypes::DataType::Int32, false),
-        Field::new(&c.frame_column, arrow::datatypes::DataType::Int32, false),
-    ];
+    let mut fields = vec![Field::new(
+        &c.trial_column,
+        arrow::datatypes::DataType::Int32,
+        false,
+    )];
+    fields.extend(
+        c.frame_column
+            .iter()
+            .map(|f| Field::new(f, arrow::datatypes::DataType::Int32, false)),
+    );
     fields.extend(
         c.columns
             .iter()
@@ -35,7 +70,10 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
     let schema = Arc::new(Schema::new(fields));
     let path = ctx.dataset_dir.join(&c.output);
     let mut writer = TableWriter::create(&path, schema.clone(), &c.compression, ctx.provenance)?;
-    let (channels, frames) = (plan.trial_shape[0] as usize, plan.trial_shape[1] as usize);
+    let channels = plan.trial_shape[0] as usize;
+    // Without a frame axis a trial is one row: the same layout with one frame.
+    let frames = plan.trial_shape.get(1).map_or(1, |&f| f as usize);
+    let with_frame_column = c.frame_column.is_some();
     let trial_ids = &ctx.plan.trial_ids;
     let batches: Vec<usize> = (0..plan.trials.len().div_ceil(TRIALS_PER_BATCH)).collect();
     let mut result = StageResult::default();
@@ -76,10 +114,10 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
                             index: Some((first + k) as u64),
                         });
                     }
-                    let mut columns: Vec<ArrayRef> = vec![
-                        Arc::new(Int32Array::from(ids)),
-                        Arc::new(Int32Array::from(frame_index)),
-                    ];
+                    let mut columns: Vec<ArrayRef> = vec![Arc::new(Int32Array::from(ids))];
+                    if with_frame_column {
+                        columns.push(Arc::new(Int32Array::from(frame_index)));
+                    }
                     for column in &per_channel {
                         columns.push(numeric_column(plan.dtype, column, 0, 1)?);
                     }
@@ -98,4 +136,116 @@ pub fn run(ctx: &StageContext, plan: &TrialPlan<TrialTableConfig>) -> Result<Sta
     writer.finish()?;
     result.bytes = plan.trials.len() as u64 * (channels * frames * plan.dtype.size) as u64;
     Ok(result)
+}
+
+impl StageKind for TrialTableConfig {
+    const KIND: &'static str = "trial_table";
+    type Plan<'p> = TrialPlan<'p, TrialTableConfig>;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn source(&self) -> &str {
+        &self.source
+    }
+    fn output(&self) -> &str {
+        &self.output
+    }
+
+    fn check(&self, _earlier: &[Stage]) -> std::result::Result<(), ConfigProblem> {
+        if !self.output.ends_with(".parquet") {
+            return Err(ConfigProblem::new(
+                format!("output {:?} must end in .parquet", self.output),
+                HINT,
+            ));
+        }
+        let mut names = vec![&self.trial_column];
+        names.extend(self.frame_column.iter());
+        names.extend(self.columns.iter());
+        check_column_names(&names).map_err(|p| ConfigProblem::new(p, HINT))?;
+        check_codec(&self.compression, true).map_err(|p| ConfigProblem::new(p, HINT))
+    }
+
+    fn has_frame_axis(&self) -> bool {
+        self.frame_column.is_some()
+    }
+
+    fn claims(&self, rest: &str) -> bool {
+        trial_number(rest).is_some()
+    }
+
+    fn plan<'p>(
+        &'p self,
+        entries: Vec<ArrayEntry>,
+        ctx: &mut PlanContext,
+    ) -> Result<Self::Plan<'p>> {
+        let p = trial_plan(ctx, self, &self.source, &self.id, entries)?;
+        let rank = if self.frame_column.is_some() { 2 } else { 1 };
+        if p.trial_shape.len() != rank || p.trial_shape[0] != self.columns.len() as u64 {
+            let expected = match self.frame_column {
+                Some(_) => format!("({}, frames)", self.columns.len()),
+                None => format!("({},)", self.columns.len()),
+            };
+            return Err(Error::bad_input(
+                format!("{}: {}", ctx.source.path.display(), self.source),
+                format!("trials have shape {:?}; stage {} expects {expected}, one row per column {:?}", p.trial_shape, self.id, self.columns),
+                "fix `columns` in the pipeline (and `frame_column`: set for (columns, frames) trials, left out for (columns,) ones), or check the source",
+            ));
+        }
+        if let Some(frame) = &self.frame_column {
+            ctx.dims
+                .add(frame, p.trial_shape[1], &self.source, ctx.source)?;
+        }
+        Ok(p)
+    }
+
+    fn zarr_arrays(_plan: &Self::Plan<'_>) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn memory(plan: &Self::Plan<'_>, source: &Source, _pipeline_file: &str) -> Result<StageNeed> {
+        // Two batches per thread in flight (`window_len`), each as columns and as a record
+        // batch; the writer keeps a row group of the whole table at most.
+        let batch = TRIALS_PER_BATCH as u64;
+        let entry = kind::largest_entry(source, plan.trials.iter());
+        let total = entry.saturating_mul(plan.trials.len() as u64);
+        Ok(StageNeed {
+            fixed: total.saturating_mul(2),
+            per_thread: entry.saturating_mul(batch * 2 * 2),
+            per_helping_thread: 0,
+            items: plan.trials.len().div_ceil(TRIALS_PER_BATCH),
+        })
+    }
+
+    fn run(ctx: &StageContext, plan: &Self::Plan<'_>) -> Result<StageResult> {
+        run(ctx, plan)
+    }
+
+    fn check_output(dir: &Path, _plan: &Plan, p: &Self::Plan<'_>) -> Result<()> {
+        let c = p.config;
+        let value = arrow_type(p.dtype).unwrap_or(DataType::Null);
+        let mut columns = vec![(c.trial_column.clone(), DataType::Int32)];
+        columns.extend(c.frame_column.iter().map(|f| (f.clone(), DataType::Int32)));
+        columns.extend(c.columns.iter().map(|n| (n.clone(), value.clone())));
+        let frames = p.trial_shape.get(1).copied().unwrap_or(1);
+        validate::check_parquet(
+            &dir.join(&c.output),
+            &columns,
+            p.trials.len() as u64 * frames,
+        )
+    }
+
+    fn describe(_source: &Source, plan: &Self::Plan<'_>) -> Result<Description> {
+        let c = plan.config;
+        Ok(Description {
+            variable: Some(kind::variable(
+                &c.id,
+                &c.source,
+                plan.dtype.to_string(),
+                &plan.trials,
+                &plan.trial_shape,
+            )),
+            ..Description::default()
+        })
+    }
 }

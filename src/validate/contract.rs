@@ -10,7 +10,17 @@ use serde::Deserialize;
 use super::read_parquet_schema;
 use crate::error::{Error, Result};
 
-const SENSORIUM2023: &str = include_str!("../../schemas/sensorium2023.output.json");
+/// Contracts known to this build, embedded so the binary needs no files beside it.
+const CONTRACTS: &[(&str, &str)] = &[
+    (
+        "sensorium2023",
+        include_str!("../../schemas/sensorium2023.output.json"),
+    ),
+    (
+        "sensorium2022",
+        include_str!("../../schemas/sensorium2022.output.json"),
+    ),
+];
 
 #[derive(Debug, Deserialize)]
 pub struct Contract {
@@ -56,16 +66,14 @@ pub struct Column {
     pub kind: String,
 }
 
-/// Contracts known to this build (embedded, so the binary needs no files beside it).
-pub fn known() -> &'static [&'static str] {
-    &["sensorium2023"]
+/// Names of the contracts known to this build.
+pub fn known() -> impl Iterator<Item = &'static str> {
+    CONTRACTS.iter().map(|(name, _)| *name)
 }
 
 pub fn load(name: &str) -> Option<Contract> {
-    match name {
-        "sensorium2023" => serde_json::from_str(SENSORIUM2023).ok(),
-        _ => None,
-    }
+    let (_, text) = CONTRACTS.iter().find(|(n, _)| *n == name)?;
+    serde_json::from_str(text).ok()
 }
 
 fn broken(dir: &Path, what: &str, problem: String) -> Error {

@@ -3,7 +3,6 @@
 //! and with the output contract in `schemas/`; every output file is hashed for the manifest.
 
 pub mod contract;
-pub mod stage_output;
 
 use std::fs::File;
 use std::path::Path;
@@ -136,4 +135,16 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The Zarr v3 data type name of a numpy dtype.
+pub fn zarr_type_name(dtype: crate::npy::Dtype) -> String {
+    use crate::npy::Kind;
+    match dtype.kind {
+        Kind::Float => format!("float{}", dtype.size * 8),
+        Kind::Int => format!("int{}", dtype.size * 8),
+        Kind::UInt => format!("uint{}", dtype.size * 8),
+        Kind::Bool => "bool".into(),
+        _ => "unsupported".into(),
+    }
 }

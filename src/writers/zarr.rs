@@ -193,3 +193,93 @@ fn codecs(c: &Compression, typesize: usize) -> Result<Vec<Arc<dyn BytesToBytesCo
         Codec::None => vec![],
     })
 }
+
+/// A path in a dataset folder that leads into a Zarr store: `data.zarr/statistics/videos` is
+/// the node `statistics/videos` of the store `data.zarr`. The store is the first path part that
+/// ends in `.zarr`. The one place such paths are parsed, so a pipeline's check, the stages that
+/// write and the groups written around them cannot disagree on where a store begins.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ZarrPath {
+    /// The store folder, relative to the dataset folder.
+    pub store: String,
+    /// The node inside the store, `/`-separated; empty for the store's root group.
+    pub node: String,
+}
+
+impl ZarrPath {
+    /// `None` when no part of the path is a `.zarr` folder.
+    pub fn parse(path: &str) -> Option<ZarrPath> {
+        let parts: Vec<&str> = path.split('/').collect();
+        let at = parts
+            .iter()
+            .position(|p| p.len() > ".zarr".len() && p.ends_with(".zarr"))?;
+        Some(ZarrPath {
+            store: parts[..=at].join("/"),
+            node: parts[at + 1..].join("/"),
+        })
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.node.is_empty()
+    }
+
+    /// The node as the store names it: `/statistics/videos`, or `/` for the root group.
+    pub fn node_path(&self) -> String {
+        format!("/{}", self.node)
+    }
+
+    /// The node's `zarr.json`, relative to the dataset folder.
+    pub fn metadata_file(&self) -> String {
+        match self.is_root() {
+            true => format!("{}/zarr.json", self.store),
+            false => format!("{}/{}/zarr.json", self.store, self.node),
+        }
+    }
+
+    /// The node `name` below this one.
+    pub fn join(&self, name: &str) -> ZarrPath {
+        let node = match self.is_root() {
+            true => name.to_string(),
+            false => format!("{}/{name}", self.node),
+        };
+        ZarrPath {
+            store: self.store.clone(),
+            node,
+        }
+    }
+
+    /// Every group above the node, from the root group down (not the node itself).
+    pub fn ancestors(&self) -> Vec<ZarrPath> {
+        let parts: Vec<&str> = self.node.split('/').filter(|p| !p.is_empty()).collect();
+        (0..parts.len())
+            .map(|depth| ZarrPath {
+                store: self.store.clone(),
+                node: parts[..depth].join("/"),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod zarr_path_tests {
+    use super::ZarrPath;
+
+    #[test]
+    fn the_store_is_the_first_part_ending_in_zarr() {
+        let p = ZarrPath::parse("data.zarr/statistics/videos").unwrap_or_else(|| panic!("parse"));
+        assert_eq!(
+            (p.store.as_str(), p.node.as_str()),
+            ("data.zarr", "statistics/videos")
+        );
+        assert_eq!(p.node_path(), "/statistics/videos");
+        assert_eq!(p.metadata_file(), "data.zarr/statistics/videos/zarr.json");
+        let ancestors: Vec<String> = p.ancestors().iter().map(|a| a.node_path()).collect();
+        assert_eq!(ancestors, ["/", "/statistics"]);
+        let root = ZarrPath::parse("out/s.zarr").unwrap_or_else(|| panic!("parse"));
+        assert!(root.is_root());
+        assert_eq!(root.metadata_file(), "out/s.zarr/zarr.json");
+        for not_zarr in ["s.zarrx/a", "trials.parquet", ".zarr/a", "data/zarr/a"] {
+            assert_eq!(ZarrPath::parse(not_zarr), None, "{not_zarr}");
+        }
+    }
+}

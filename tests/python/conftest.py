@@ -121,3 +121,19 @@ def convert(tmp_path_factory, mouse):
         return got
 
     return get
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """family(key, kind, **options) -> Path of a generated FileTree-family member
+    (gen_family.py: static2022, color, lab_export), built once per session."""
+    import gen_family
+    cache: dict[str, Path] = {}
+
+    def make(key: str, kind: str, **options) -> Path:
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"fam-{key}")
+            cache[key] = gen_family.generate(kind, out, **options)
+        return cache[key]
+
+    return make

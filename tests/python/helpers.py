@@ -50,8 +50,8 @@ def describe_run(proc: subprocess.CompletedProcess) -> str:
 
 
 def dataset_name(source_name: str) -> str:
-    """Source stem without a trailing -Video-<32 hex>."""
-    return re.sub(r"-Video-[0-9a-fA-F]{32}$", "", source_name)
+    """Source stem without a trailing -<Stimulus>-<32 hex> (Video, GrayImageNet, ...)."""
+    return re.sub(r"-[A-Za-z][A-Za-z0-9_]*-[0-9a-fA-F]{32}$", "", source_name)
 
 
 def is_junk(path: str) -> bool:
@@ -347,3 +347,97 @@ def strip_algo(h: str) -> str:
 
 def read_json(p: Path):
     return json.loads(Path(p).read_text())
+
+
+# ----------------------------------------------------------------------------- FileTree family
+# (Sensorium 2022 static mice, colour mice, lab exports: see gen_family.py, test_family.py)
+
+STATIC_VARIABLES = ("images", "responses", "behavior", "pupil_center")
+STATIC_TABLES = {"behavior": ("pupil_dilation", "pupil_dilation_derivative", "running_speed"),
+                 "pupil_center": ("x", "y")}
+
+
+def family_dataset_name(source_name: str) -> str:
+    """Source stem without a trailing -<Stimulus>-<32 hex> (Video, GrayImageNet, ...)."""
+    return re.sub(r"-[A-Za-z][A-Za-z0-9]*-[0-9a-fA-F]{32}$", "", source_name)
+
+
+class StaticSource(Source):
+    """A Sensorium 2022-style source (one image per trial, no frame axis), read with
+    zipfile/pathlib + numpy only."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.dataset = family_dataset_name(self.name)
+
+    @cached_property
+    def trial_ids(self) -> list[int]:
+        def numbers(var):
+            return sorted(int(p.rsplit("/", 1)[-1][:-4]) for p in self.files_under(f"data/{var}")
+                          if p.endswith(".npy"))
+        ids = numbers("images")
+        for var in STATIC_VARIABLES[1:]:
+            assert numbers(var) == ids, f"source has different trial sets in data/images and data/{var}"
+        return ids
+
+    @cached_property
+    def source_dtype(self) -> np.dtype:
+        """The images' dtype as stored in the npy (uint8 or a float, either byte order)."""
+        return self.trial("images", self.trial_ids[0]).dtype
+
+    @cached_property
+    def image_dtype(self) -> np.dtype:
+        return le_dtype(self.source_dtype)
+
+    @cached_property
+    def float_dtype(self) -> np.dtype:
+        """The responses' float kind as stored by the converter (little-endian)."""
+        return le_dtype(self.trial("responses", self.trial_ids[0]).dtype)
+
+    @cached_property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.trial("images", self.trial_ids[0]).shape)
+
+    @cached_property
+    def shape(self) -> tuple[int, int]:
+        """(n_trials, N)."""
+        return self.n_trials, self.trial("responses", self.trial_ids[0]).shape[0]
+
+    @cached_property
+    def frame_image_id(self) -> list:
+        return self.load("meta/trials/frame_image_id.npy").tolist()
+
+    def extra_meta(self, kind: str) -> list[str]:
+        """1-D meta/<kind>/*.npy stems other than the named columns, sorted by name."""
+        named = {"trials": {"tiers", "frame_image_id"},
+                 "neurons": {"unit_ids", "cell_motor_coordinates"}}[kind]
+        out = []
+        for p in self.files_under(f"meta/{kind}"):
+            stem = p.rsplit("/", 1)[-1][:-4]
+            if stem in named or not p.endswith(".npy"):
+                continue
+            if self.load(p).ndim == 1:
+                out.append(stem)
+        return sorted(out)
+
+    def expected_trials(self) -> dict[str, list]:
+        cols: dict[str, list] = {
+            "trial": list(range(self.n_trials)),
+            "trial_id": list(self.trial_ids),
+            "tier": self.tiers,
+            "frame_image_id": self.frame_image_id,
+        }
+        for stem in self.extra_meta("trials"):
+            cols[stem] = column_values(self.load(f"meta/trials/{stem}.npy"))
+        cols["responses_withheld"] = self.withheld
+        return cols
+
+    def expected_table(self, var: str) -> dict[str, np.ndarray]:
+        """behavior / pupil_center: one row per trial, a column per value of the (k,) array."""
+        stack = to_le(self.stack(var))                      # (n, k)
+        names = STATIC_TABLES[var]
+        assert stack.shape[1] == len(names), f"{var}: {stack.shape[1]} values per trial"
+        out = {"trial_id": np.array(self.trial_ids, dtype=np.int32)}
+        for k, name in enumerate(names):
+            out[name] = np.ascontiguousarray(stack[:, k])
+        return out
