@@ -12,9 +12,8 @@ use crate::per_thread::map_with_state;
 use crate::pipeline::plan::{ArrayEntry, StatisticsPlan};
 use crate::pipeline::spec::StatisticsConfig;
 use crate::source::EntryReader;
-use crate::writers::shard::ShardLayout;
 use crate::writers::write_behind::{self, EncoderSlot, WriteBehind};
-use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrStore};
+use crate::writers::zarr::{encoder_layout, store_chunk, ArraySpec, ZarrStore};
 
 pub fn run(ctx: &StageContext, plan: &StatisticsPlan) -> Result<StageResult> {
     let c = plan.config;
@@ -109,7 +108,7 @@ fn write_one(
         shape: header.shape.clone(),
         dtype: header.dtype,
         shard_shape: None,
-        chunk_shape: chunk_shape.clone(),
+        chunk_shape,
         dimension_names,
         attributes,
         compression: &c.compression,
@@ -128,16 +127,9 @@ fn write_one(
     });
     if !payload.is_empty() || header.shape.is_empty() {
         let indices = vec![0; rank];
-        // Encoded with the thread's zstd context and buffer where writers::shard can (the
-        // same bytes as zarrs'), else by zarrs.
-        let fill = fill_bytes(header.dtype);
-        match ShardLayout::new(
-            &chunk_shape,
-            &chunk_shape,
-            header.dtype.size,
-            &c.compression,
-            &fill,
-        ) {
+        // Encoded with the thread's zstd context and buffer where writers::shard can, as the
+        // array's metadata says (the same bytes as zarrs'), else by zarrs.
+        match encoder_layout(&array) {
             Some(layout) => {
                 let key = array.chunk_key(&indices);
                 let slot = &mut buffers.encoder;
