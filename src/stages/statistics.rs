@@ -21,9 +21,8 @@ use crate::pipeline::spec::{check_codec, Compression, HINT};
 use crate::source::{EntryReader, Source};
 use crate::validate::{self, ExpectedArray};
 use crate::writers::output_store::BOUNCE_CAPACITY;
-use crate::writers::shard::ShardLayout;
 use crate::writers::write_behind::{self, EncoderSlot, WriteBehind};
-use crate::writers::zarr::{fill_bytes, store_chunk, ArraySpec, ZarrPath, ZarrStore};
+use crate::writers::zarr::{encoder_layout, store_chunk, ArraySpec, ZarrPath, ZarrStore};
 
 /// Every `<source>/<var>/<subset>/<stat>.npy` copied unchanged to `<output>/<var>/<subset>/<stat>`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -138,7 +137,7 @@ fn write_one(
         shape: header.shape.clone(),
         dtype: header.dtype,
         shard_shape: None,
-        chunk_shape: chunk_shape.clone(),
+        chunk_shape,
         dimension_names,
         attributes,
         compression: &c.compression,
@@ -157,16 +156,9 @@ fn write_one(
     });
     if !payload.is_empty() || header.shape.is_empty() {
         let indices = vec![0; header.shape.len()];
-        // Encoded with the thread's zstd context and buffer where writers::shard can (the
-        // same bytes as zarrs'), else by zarrs.
-        let fill = fill_bytes(header.dtype);
-        match ShardLayout::new(
-            &chunk_shape,
-            &chunk_shape,
-            header.dtype.size,
-            &c.compression,
-            &fill,
-        ) {
+        // Encoded with the thread's zstd context and buffer where writers::shard can, as the
+        // array's metadata says (the same bytes as zarrs'), else by zarrs.
+        match encoder_layout(&array) {
             Some(layout) => {
                 let key = array.chunk_key(&indices);
                 let slot = &mut buffers.encoder;

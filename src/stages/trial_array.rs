@@ -30,7 +30,9 @@ use crate::validate::{self, ExpectedArray};
 use crate::writers::output_store::BOUNCE_CAPACITY;
 use crate::writers::shard::{Compressor, EncodedRun, ShardLayout};
 use crate::writers::write_behind::{self, EncoderSlot};
-use crate::writers::zarr::{fill_bytes, ArraySpec, ZarrArray, ZarrPath, ZarrStore};
+use crate::writers::zarr::{
+    array_metadata, encoder_layout, fill_bytes, ArraySpec, ZarrArray, ZarrPath, ZarrStore,
+};
 
 /// Per-trial arrays (`<source>/<trial>.npy`) stacked into one Zarr array with a leading trial axis.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -203,10 +205,22 @@ pub fn thread_buffer_bytes(
     plan: &TrialPlan<TrialArrayConfig>,
     pipeline_file: &str,
 ) -> Result<(u64, u64)> {
-    let (chunk, shard) = resolve_shapes(plan.config, &array_shape(plan), pipeline_file)?;
+    let shape = array_shape(plan);
+    let (chunk, shard) = resolve_shapes(plan.config, &shape, pipeline_file)?;
     let size = plan.dtype.size as u64;
     let shard_bytes = shard.iter().fold(size, |a, &d| a.saturating_mul(d));
-    let (_, unit_trials) = encoding(plan, &chunk, &shard);
+    // The layout of the metadata the run will write; attributes play no part in it.
+    let array_path = zarr_output(&plan.config.output)?.node_path();
+    let spec = array_spec(
+        plan,
+        &array_path,
+        shape,
+        &chunk,
+        &shard,
+        serde_json::Map::new(),
+    );
+    let layout = ShardLayout::from_metadata(&array_metadata(&spec)?);
+    let unit_trials = unit_trials(layout.as_ref(), &chunk, &shard);
     let read = shard[1..]
         .iter()
         .fold(size, |a, &d| a.saturating_mul(d))
@@ -214,27 +228,15 @@ pub fn thread_buffer_bytes(
     Ok((read, shard_bytes))
 }
 
-/// How the shards are encoded, and the trials a thread reads at once: writers::shard's layout
-/// and the trials one inner chunk row spans (one in the default layouts), or `None` and the
-/// whole shard where zarrs encodes them.
-fn encoding(
-    plan: &TrialPlan<TrialArrayConfig>,
-    chunk: &[u64],
-    shard: &[u64],
-) -> (Option<ShardLayout>, usize) {
+/// The trials a thread reads at once: the trials one inner chunk row spans (one in the default
+/// layouts) where writers::shard encodes the shards (`layout`), the whole shard where zarrs
+/// does.
+fn unit_trials(layout: Option<&ShardLayout>, chunk: &[u64], shard: &[u64]) -> usize {
     let trials_per_shard = shard[0].max(1) as usize;
-    let layout = ShardLayout::new(
-        shard,
-        chunk,
-        plan.dtype.size,
-        &plan.config.compression,
-        &fill_bytes(plan.dtype),
-    );
-    let unit_trials = match &layout {
+    match layout {
         Some(_) => (chunk[0] as usize).clamp(1, trials_per_shard),
         None => trials_per_shard,
-    };
-    (layout, unit_trials)
+    }
 }
 
 fn array_shape(plan: &TrialPlan<TrialArrayConfig>) -> Vec<u64> {
@@ -249,6 +251,27 @@ struct OpenArray {
     store: ZarrStore,
     chunk: Vec<u64>,
     shard: Vec<u64>,
+}
+
+/// How the stage's array is created, `shape` cut into `shard` shards of `chunk` chunks.
+fn array_spec<'a>(
+    plan: &'a TrialPlan<TrialArrayConfig>,
+    array_path: &'a str,
+    shape: Vec<u64>,
+    chunk: &[u64],
+    shard: &[u64],
+    attributes: serde_json::Map<String, serde_json::Value>,
+) -> ArraySpec<'a> {
+    ArraySpec {
+        path: array_path,
+        shape,
+        dtype: plan.dtype,
+        shard_shape: Some(shard.to_vec()),
+        chunk_shape: chunk.to_vec(),
+        dimension_names: plan.config.dimension_names.clone(),
+        attributes,
+        compression: &plan.config.compression,
+    }
 }
 
 /// Opens the stage's array; its metadata is written when `store_metadata`.
@@ -274,16 +297,7 @@ fn open_array(
     for (k, v) in &c.attributes {
         attributes.insert(k.clone(), v.clone());
     }
-    let spec = ArraySpec {
-        path: &array_path,
-        shape,
-        dtype: plan.dtype,
-        shard_shape: Some(shard.clone()),
-        chunk_shape: chunk.clone(),
-        dimension_names: c.dimension_names.clone(),
-        attributes,
-        compression: &c.compression,
-    };
+    let spec = array_spec(plan, &array_path, shape, &chunk, &shard, attributes);
     let array = if store_metadata {
         store.create_array(&spec)?
     } else {
@@ -317,8 +331,9 @@ fn write_trials(
     let c = plan.config;
     let trials_per_shard = shard[0] as usize;
     let reading = TrialReading::new(ctx, plan, &shard[1..]);
-    // Shards this module can encode itself (writers::shard), else zarrs encodes them.
-    let (encodable, unit_trials) = encoding(plan, &open.chunk, shard);
+    // Shards writers::shard can encode, as the array's metadata says, else zarrs encodes them.
+    let encodable = encoder_layout(array);
+    let unit_trials = unit_trials(encodable.as_ref(), &open.chunk, shard);
     let groups: Vec<usize> =
         (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
     let shard_write_failed = |e: String| {

@@ -20,7 +20,7 @@ use parquet::schema::types::ColumnPath;
 use super::Provenance;
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Kind};
-use crate::pipeline::spec::{Codec, Compression};
+use crate::writers::codec::{Codec, Compression};
 
 pub struct TableWriter {
     path: PathBuf,

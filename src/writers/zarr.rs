@@ -8,14 +8,16 @@ use zarrs::array::codec::{
     BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode, GzipCodec,
     ShardingCodecOptions, SubchunkWriteOrder, ZstdCodec,
 };
-use zarrs::array::{Array, ArrayBuilder, ArrayBytes, FillValue};
+use zarrs::array::{Array, ArrayBuilder, ArrayBytes, ArrayMetadata, FillValue};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::GroupBuilder;
+use zarrs::metadata::v3::ArrayMetadataV3;
 
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Kind};
-use crate::pipeline::spec::{Codec, Compression, Shuffle};
+use crate::writers::codec::{Codec, Compression, Shuffle};
 use crate::writers::output_store::{OutputStore, WriteLog};
+use crate::writers::shard::ShardLayout;
 
 pub type ZarrArray = Array<OutputStore>;
 
@@ -89,30 +91,53 @@ impl ZarrStore {
     /// An array handle for writing chunks, without writing its metadata: a shard task of a
     /// sharded run writes chunks only, `finalize` writes the metadata once.
     pub fn array(&self, spec: &ArraySpec) -> Result<ZarrArray> {
-        let (grid, inner) = match &spec.shard_shape {
-            Some(shard) => (shard.clone(), Some(spec.chunk_shape.clone())),
-            None => (spec.chunk_shape.clone(), None),
-        };
-        let mut builder = ArrayBuilder::new(
-            spec.shape.clone(),
-            grid,
-            zarr_data_type(spec.dtype)?,
-            FillValue::new(fill_value(spec.dtype)),
-        );
-        builder
-            .subchunk_shape(inner)
-            .bytes_to_bytes_codecs(codecs(spec.compression, spec.dtype.size)?)
-            .dimension_names(Some(spec.dimension_names.clone()))
-            .attributes(spec.attributes.clone())
-            // Inner chunks are written in C order, not in the order threads finish them, so a
-            // shard's bytes are the same whatever the thread count (determinism).
-            .codec_specific_options(CodecSpecificOptions::default().with_option(
-                ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
-            ));
-        builder
+        builder(spec)?
             .build(self.store.clone(), spec.path)
             .map_err(|e| self.err(spec.path, e))
     }
+}
+
+/// The metadata an array of `spec` is created with, without a store: what `encoder_layout`
+/// reads, for estimates made before any array exists.
+pub fn array_metadata(spec: &ArraySpec) -> Result<ArrayMetadataV3> {
+    builder(spec)?
+        .build_metadata()
+        .map_err(|e| Error::Internal(format!("array {}: {e}", spec.path)))
+}
+
+/// How `writers::shard` encodes the array's shards (its chunk, if unsharded), read from the
+/// metadata the array was built with; `None`: `zarrs` encodes them.
+pub fn encoder_layout(array: &ZarrArray) -> Option<ShardLayout> {
+    let ArrayMetadata::V3(metadata) = array.metadata() else {
+        return None;
+    };
+    ShardLayout::from_metadata(metadata)
+}
+
+/// The one place an array's metadata is put together, for `ZarrStore::array` and
+/// `array_metadata`.
+fn builder(spec: &ArraySpec) -> Result<ArrayBuilder> {
+    let (grid, inner) = match &spec.shard_shape {
+        Some(shard) => (shard.clone(), Some(spec.chunk_shape.clone())),
+        None => (spec.chunk_shape.clone(), None),
+    };
+    let mut builder = ArrayBuilder::new(
+        spec.shape.clone(),
+        grid,
+        zarr_data_type(spec.dtype)?,
+        FillValue::new(fill_value(spec.dtype)),
+    );
+    builder
+        .subchunk_shape(inner)
+        .bytes_to_bytes_codecs(codecs(spec.compression, spec.dtype.size)?)
+        .dimension_names(Some(spec.dimension_names.clone()))
+        .attributes(spec.attributes.clone())
+        // Inner chunks are written in C order, not in the order threads finish them, so a
+        // shard's bytes are the same whatever the thread count (determinism).
+        .codec_specific_options(CodecSpecificOptions::default().with_option(
+            ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
+        ));
+    Ok(builder)
 }
 
 /// Stores one chunk (a whole shard for sharded arrays) from little-endian C-order bytes.
