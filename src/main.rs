@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sensorium_ingest::inspect::inspect;
-use sensorium_ingest::pipeline::embedded::{PipelineChoice, EMBEDDED};
-use sensorium_ingest::pipeline::memory;
-use sensorium_ingest::pipeline::runner::{
-    convert, plan_run, ConvertOptions, ConvertReport, RunPlan,
+use sensorium_ingest::commands::convert::{
+    self, parse_size, ConvertOptions, ConvertReport, FinalizeOptions, Finalized, Request, RunPlan,
+    ShardArg,
 };
-use sensorium_ingest::pipeline::shards::{self, FinalizeOptions, Finalized, ShardArg};
+use sensorium_ingest::commands::inspect::inspect;
+use sensorium_ingest::commands::{ingest, verify};
+use sensorium_ingest::pipeline::embedded::{PipelineChoice, EMBEDDED};
 use sensorium_ingest::pipeline::spec::Pipeline;
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
@@ -20,7 +20,6 @@ use sensorium_ingest::Error;
 /// buffers were mapped and unmapped again and again (page faults; docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use sensorium_ingest::{ingest, verify};
 
 #[derive(Parser)]
 #[command(
@@ -78,23 +77,18 @@ impl Target {
         resources: &ResourceArgs,
         progress: ProgressMode,
     ) -> Result<ConvertOptions, Error> {
-        let choice = PipelineChoice::from_argument(&self.pipeline)?;
-        let (pipeline_text, pipeline_file) = match choice.fixed() {
-            Some(fixed) => fixed,
-            None => choice.resolve(&Source::open(&self.source)?)?,
-        };
-        Ok(ConvertOptions {
+        Request {
             source: self.source,
             store: self.out,
             name: self.name,
-            pipeline_text,
-            pipeline_file,
+            pipeline: PipelineChoice::from_argument(&self.pipeline)?,
             force: self.force,
             threads,
             max_memory: resources.max_memory,
             direct_io: !resources.no_direct_io,
             progress,
-        })
+        }
+        .options()
     }
 }
 
@@ -102,7 +96,7 @@ impl Target {
 struct ResourceArgs {
     /// Memory the run must fit in, e.g. 4G (K/M/G/T are powers of 1024, as SLURM's --mem):
     /// fewer threads are used if needed. Default: the cgroup's or SLURM's limit, if any.
-    #[arg(long, value_name = "SIZE", value_parser = memory::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_memory: Option<u64>,
     /// Write shards through the page cache instead of with direct I/O (O_DIRECT). Direct I/O
     /// is used only where the file system takes it; see docs/operations.md.
@@ -353,7 +347,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 max_memory: None,
                 no_direct_io: false,
             };
-            print_plan(&plan_run(&target.options(None, &defaults, progress)?)?);
+            print_plan(&convert::plan(&target.options(None, &defaults, progress)?)?);
             Ok(())
         }
         Command::Verify { path, against } => {
@@ -398,9 +392,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .map(|s| s.resolve(|name| std::env::var(name).ok()))
                 .transpose()?;
             if dry_run {
-                print_plan(&plan_run(&options)?);
+                print_plan(&convert::plan(&options)?);
                 if let Some(shard) = shard {
-                    let (trials, block) = shards::plan_part(&options, shard)?;
+                    let (trials, block) = convert::plan_part(&options, shard)?;
                     out!(
                         "  shard {shard}: trials {}..{} (parts are whole blocks of {block} trials); trial_array stages only, then `finalize`",
                         trials.start,
@@ -410,7 +404,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 return Ok(());
             }
             if let Some(shard) = shard {
-                let r = shards::convert_shard(&options, shard)?;
+                let r = convert::shard_task(&options, shard)?;
                 let what = if r.up_to_date {
                     "the dataset is complete and up to date; nothing to do".to_string()
                 } else if r.trials.is_empty() {
@@ -434,7 +428,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 );
                 return Ok(());
             }
-            let report = convert(&options)?;
+            let report = convert::convert(&options)?;
             if report.up_to_date {
                 out!(
                     "{} is up to date ({}); nothing to do",
@@ -452,7 +446,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             threads,
             resources,
         } => {
-            match shards::finalize(&FinalizeOptions {
+            match convert::finalize(&FinalizeOptions {
                 dataset_dir: dataset,
                 source,
                 threads,

@@ -1,9 +1,8 @@
-//! The pipeline: its file (`spec`), the plan it makes for one source (`plan`) and the runner.
+//! The pipeline file (`spec`: top-level keys and the stages, each its kind's config), the
+//! pipelines embedded in the binary and `--pipeline auto` (`embedded`), and the plan a pipeline
+//! makes for one source (`plan`): which entry feeds which stage, checked before anything is
+//! written.
 
 pub mod embedded;
-pub mod keys;
-pub mod memory;
 pub mod plan;
-pub mod runner;
-pub mod shards;
 pub mod spec;

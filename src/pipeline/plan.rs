@@ -48,6 +48,8 @@ pub struct Plan<'p> {
     pub stages: Vec<StagePlan<'p>>,
     /// One per `Source::entries`.
     pub dispositions: Vec<Disposition>,
+    /// The checked header of every entry a stage reads, by `Source::entries` index.
+    pub headers: BTreeMap<usize, Header>,
 }
 
 impl Plan<'_> {
@@ -147,6 +149,12 @@ fn plan_claimed<'p>(
         }
     }
 
+    let headers = per_stage
+        .iter()
+        .flatten()
+        .map(|a| (a.entry, a.header.clone()))
+        .collect();
+
     // 3. Stage plans and the dataset's shared dimensions.
     let mut dims = Dims::default();
     let mut trial_ids: Option<(Vec<u32>, String)> = None;
@@ -167,6 +175,7 @@ fn plan_claimed<'p>(
         dims: dims.0,
         stages,
         dispositions,
+        headers,
     })
 }
 

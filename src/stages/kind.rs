@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::registry::Stage;
 use super::{Measure, StageContext, StageResult};
 use crate::error::{Error, Result};
-use crate::npy::Header;
+use crate::npy::{Dtype, Header};
 use crate::pipeline::plan::{ArrayEntry, Dims, Plan};
 use crate::source::Source;
 
@@ -124,6 +124,12 @@ pub trait StageKind: Sized {
     /// The Zarr arrays it writes, relative to its output (`""`: the output is the array);
     /// empty for a stage that writes no Zarr array.
     fn zarr_arrays(plan: &Self::Plan<'_>) -> Vec<String>;
+
+    /// The dtype of the per-trial values it stores as an array, if it does (the dataset's dtype
+    /// in the catalog and in `inspect`).
+    fn trial_dtype(_plan: &Self::Plan<'_>) -> Option<Dtype> {
+        None
+    }
 
     /// Its memory, from the plan.
     fn memory(plan: &Self::Plan<'_>, source: &Source, pipeline_file: &str) -> Result<StageNeed>;

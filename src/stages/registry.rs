@@ -13,6 +13,7 @@ use super::kind::{ConfigProblem, Description, PlanContext, StageKind, StageNeed}
 use super::{meta_table, statistics, trial_array, trial_table};
 use super::{Measure, StageContext, StageResult};
 use crate::error::Result;
+use crate::npy::Dtype;
 use crate::pipeline::plan::{ArrayEntry, Plan, TrialPlan};
 use crate::source::Source;
 
@@ -89,6 +90,9 @@ macro_rules! stage_kinds {
         impl StagePlan<'_> {
             pub fn zarr_arrays(&self) -> Vec<String> {
                 match self { $(StagePlan::$variant(p) => <$config as StageKind>::zarr_arrays(p)),+ }
+            }
+            pub fn trial_dtype(&self) -> Option<Dtype> {
+                match self { $(StagePlan::$variant(p) => <$config as StageKind>::trial_dtype(p)),+ }
             }
             pub fn memory(&self, source: &Source, pipeline_file: &str) -> Result<StageNeed> {
                 match self { $(StagePlan::$variant(p) => <$config as StageKind>::memory(p, source, pipeline_file)),+ }

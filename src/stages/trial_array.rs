@@ -1152,6 +1152,10 @@ impl StageKind for TrialArrayConfig {
         vec![String::new()]
     }
 
+    fn trial_dtype(plan: &Self::Plan<'_>) -> Option<Dtype> {
+        Some(plan.dtype)
+    }
+
     fn memory(plan: &Self::Plan<'_>, source: &Source, pipeline_file: &str) -> Result<StageNeed> {
         let shard = shard_shape(plan, pipeline_file)?;
         let (read, encoded) = thread_buffer_bytes(plan, pipeline_file)?;

@@ -64,17 +64,11 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
         meta_files.extend(d.meta_files);
         statistics.extend(d.statistics);
     }
-    // The dtype of the first per-trial variable stored as an array.
     let dtype = plan
         .stages
         .iter()
-        .position(|p| !p.zarr_arrays().is_empty() && p.runs_in_parts())
-        .and_then(|i| {
-            variables
-                .iter()
-                .find(|v| v.stage == pipeline.stages[i].id())
-        })
-        .map(|v| v.dtype.clone());
+        .find_map(|p| p.trial_dtype())
+        .map(|d| d.to_string());
     let tiers = tier_counts(source, &plan)?;
     let skipped: Vec<Skipped> = source
         .entries

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::plan::{Disposition, Plan};
-use super::spec::Pipeline;
-use crate::lock::{Lock, LockedEntry, Progress, StageLock};
+use crate::executor::lock::{Lock, LockedEntry, Progress, StageLock};
+use crate::pipeline::plan::{Disposition, Plan};
+use crate::pipeline::spec::Pipeline;
 use crate::source::Source;
 use crate::stages::registry::Stage;
 use crate::stages::MeasureValues;

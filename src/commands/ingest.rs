@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::catalog;
 use crate::error::{Error, Result};
+use crate::executor::catalog;
+use crate::executor::{convert, ConvertOptions};
 use crate::pipeline::embedded::PipelineChoice;
-use crate::pipeline::runner::{convert, ConvertOptions};
 use crate::progress::ProgressMode;
 use crate::source::Source;
 

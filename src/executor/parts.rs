@@ -18,13 +18,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::runner::{self, ConvertOptions, Prepared};
-use super::spec::Pipeline;
+use super::lock::{self_checksum, write_replacing, write_synced, StageLock};
+use super::stage_run::{Scope, StageRunner};
+use super::{self as runner, ConvertOptions, Prepared};
 use crate::error::{Error, Result};
-use crate::lock::{self_checksum, write_replacing, write_synced, StageLock};
-use crate::progress::{self, ProgressMode, StageProgress};
-use crate::stages::{MeasureValues, StageContext};
-use crate::writers::output_store::WriteLog;
+use crate::pipeline::spec::Pipeline;
+use crate::progress::ProgressMode;
+use crate::stages::MeasureValues;
 
 pub const JOB_FILE: &str = "job.json";
 pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
@@ -391,66 +391,17 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             .map_err(|e| Error::io(&receipt_file, "cannot remove an old receipt", e))?;
     }
 
-    // A task runs the trial_array stages only.
+    // A task runs the stages that run in parts only; `finalize` runs the others.
     let threads = runner::thread_choice(opts, &prep, |i| runs_in_parts(&prep, i))?.threads;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
-    let provenance = runner::provenance(&prep, &pipeline);
-    let no_measures = BTreeMap::new();
-    let writes = WriteLog::new(opts.direct_io);
+    let stages = StageRunner::new(&prep, threads, opts.direct_io, opts.progress)?;
+    let scope = Scope::Part {
+        trials: trials.clone(),
+        dir: &dir,
+    };
     let mut locks = Vec::new();
-    for (((stage, plan), key), index) in pipeline
-        .stages
-        .iter()
-        .zip(&prep.plan.stages)
-        .zip(&prep.keys)
-        .zip(0..)
-    {
-        if !runs_in_parts(&prep, index) {
-            continue;
-        }
-        crate::interrupt::check()?;
-        let stage_provenance = runner::stage_provenance(&provenance, stage, key);
-        let ctx = StageContext {
-            source: &prep.source,
-            pipeline: &pipeline,
-            plan: &prep.plan,
-            dataset_dir: &dir,
-            provenance: &stage_provenance,
-            measures: &no_measures,
-            pipeline_file: &opts.pipeline_file,
-            writes: &writes,
-        };
-        let (entries, bytes) = runner::stage_totals(&prep.source, &prep.plan, index);
-        let share = |total: u64| total * trials.len() as u64 / n.max(1) as u64;
-        progress::set_current(Some(std::sync::Arc::new(StageProgress::new(
-            opts.progress,
-            stage.id(),
-            share(entries),
-            share(bytes),
-        ))));
-        tracing::info!(stage = stage.id(), shard = %shard, first = trials.start, end = trials.end, "stage started");
-        let result = pool.install(|| plan.run_part(&ctx, trials.clone()));
-        progress::set_current(None);
-        let result = result?;
-        report.bytes += result.bytes;
-        let outputs = pool.install(|| {
-            use rayon::prelude::*;
-            result
-                .written
-                .par_iter()
-                .map(|f| Ok((f.clone(), runner::written_hash(&dir.join(f), &writes)?)))
-                .collect::<Result<BTreeMap<_, _>>>()
-        })?;
-        locks.push(runner::lock_from_result(
-            key,
-            stage,
-            &prep.source,
-            outputs,
-            &result,
-        ));
+    for (lock, stage) in stages.run(&scope, |_| Ok(()))? {
+        report.bytes += stage.bytes;
+        locks.push(lock);
     }
     let mut receipt = Receipt {
         format: RECEIPT_FORMAT.into(),
@@ -590,7 +541,11 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
     };
     let dir = shards_dir(&store, &name);
     if !dir.join(JOB_FILE).is_file() {
-        if opts.dataset_dir.join(crate::manifest::FILE_NAME).is_file() {
+        if opts
+            .dataset_dir
+            .join(crate::executor::manifest::FILE_NAME)
+            .is_file()
+        {
             return Ok(Finalized::AlreadyComplete(opts.dataset_dir.clone()));
         }
         return Err(Error::bad_input(

@@ -12,11 +12,11 @@ use zarrs::array::{Array, ArrayBytes, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
 use crate::error::{Error, Result};
-use crate::lock::{self, Lock};
-use crate::manifest::{self, Manifest};
+use crate::executor::lock::{self, Lock};
+use crate::executor::manifest::{self, Manifest};
+use crate::executor::RUN_RECORD;
 use crate::npy;
 use crate::per_thread::map_with_state;
-use crate::pipeline::runner::RUN_RECORD;
 use crate::source::Source;
 use crate::validate;
 use crate::writers::zarr::ZarrPath;

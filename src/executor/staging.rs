@@ -1,0 +1,157 @@
+//! The staging folder and the publish protocol. A dataset is built in `STORE/.<name>.partial`;
+//! finished stages' files stay there across a killed run (the next run resumes); the folder is
+//! renamed into place only when complete, `manifest.json` written last inside it, so a folder
+//! without `manifest.json` is never a dataset. A replaced dataset is renamed aside first and
+//! removed after; a run interrupted between the two renames is repaired by the next one.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use super::keys::{Decision, Origin};
+use super::lock::{self, StageLock};
+use super::{manifest, Prepared, RUN_RECORD};
+use crate::error::{Error, Result};
+use crate::validate;
+
+/// A publish interrupted between its two renames leaves the old dataset aside: put it back.
+pub(crate) fn recover_interrupted_publish(
+    store: &Path,
+    name: &str,
+    dataset_dir: &Path,
+) -> Result<()> {
+    let aside = store.join(format!(".{name}.replaced"));
+    if aside.exists() {
+        if dataset_dir.exists() {
+            std::fs::remove_dir_all(&aside)
+                .map_err(|e| Error::io(&aside, "cannot remove a replaced dataset", e))?;
+        } else {
+            std::fs::rename(&aside, dataset_dir).map_err(|e| {
+                Error::io(
+                    &aside,
+                    "cannot restore the dataset moved aside by an interrupted run",
+                    e,
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Files the runner keeps for itself, not outputs.
+pub(crate) fn is_bookkeeping(path: &str) -> bool {
+    [
+        manifest::FILE_NAME,
+        lock::FILE_NAME,
+        RUN_RECORD,
+        lock::PROGRESS_FILE,
+    ]
+    .contains(&path)
+        || path.starts_with(".progress.json")
+}
+
+/// Starts from a clean staging folder, or resumes one left by a killed run: the outputs of
+/// stages it finished are kept, everything else in it is removed.
+pub(crate) fn prepare_staging(prep: &Prepared) -> Result<()> {
+    let staging = &prep.staging_dir;
+    let keep: BTreeSet<&str> = prep
+        .decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Reuse {
+                origin: Origin::Partial,
+                lock,
+            } => Some(lock),
+            _ => None,
+        })
+        .flat_map(|l| l.outputs.keys().map(String::as_str))
+        .collect();
+    if !staging.exists() || keep.is_empty() {
+        if staging.exists() {
+            std::fs::remove_dir_all(staging)
+                .map_err(|e| Error::io(staging, "cannot remove a stale staging folder", e))?;
+        }
+        return std::fs::create_dir_all(staging)
+            .map_err(|e| Error::io(staging, "cannot create the staging folder", e));
+    }
+    for file in validate::list_files(staging)? {
+        if !keep.contains(file.as_str()) {
+            let path = staging.join(&file);
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(&path, "cannot clean the staging folder", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The first output of a stage whose content no longer matches the lock, if any.
+pub(crate) fn damaged_output(dir: &Path, lock: &StageLock) -> Option<String> {
+    use rayon::prelude::*;
+    let mut bad: Vec<&String> = lock
+        .outputs
+        .par_iter()
+        .filter(|(file, hash)| {
+            validate::hash_file(&dir.join(file))
+                .map(|(_, h)| &h != *hash)
+                .unwrap_or(true)
+        })
+        .map(|(file, _)| file)
+        .collect();
+    bad.sort();
+    bad.first().map(|f| f.to_string())
+}
+
+pub(crate) fn remove_stage_outputs(staging: &Path, lock: &StageLock) -> Result<()> {
+    for file in lock.outputs.keys() {
+        let path = staging.join(file);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(&path, "cannot clean the staging folder", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Brings a finished stage's files from the existing dataset into the staging folder: hard
+/// links (no copy, and the old dataset stays intact since files are never rewritten in place),
+/// falling back to copies across file systems. Metadata files are always copied.
+pub(crate) fn link_outputs(from: &Path, to: &Path, lock: &StageLock) -> Result<()> {
+    for file in lock.outputs.keys() {
+        let (src, dst) = (from.join(file), to.join(file));
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, "cannot create", e))?;
+        }
+        if dst.exists() {
+            std::fs::remove_file(&dst).map_err(|e| Error::io(&dst, "cannot replace", e))?;
+        }
+        let linked = !file.ends_with("zarr.json") && std::fs::hard_link(&src, &dst).is_ok();
+        if !linked {
+            std::fs::copy(&src, &dst).map_err(|e| {
+                Error::io(&src, "cannot reuse an output of the existing dataset", e)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the finished staging folder into place. An existing dataset is renamed aside first
+/// and removed once the new one is in place; an interruption in between is repaired by the
+/// next run (`recover_interrupted_publish`).
+pub(crate) fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
+    let parent = dataset_dir.parent().unwrap_or(Path::new("."));
+    let aside = parent.join(format!(".{name}.replaced"));
+    let had_old = dataset_dir.exists();
+    if had_old {
+        std::fs::rename(dataset_dir, &aside)
+            .map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
+    }
+    std::fs::rename(staging, dataset_dir)
+        .map_err(|e| Error::io(dataset_dir, "cannot move the new dataset into place", e))?;
+    if had_old {
+        std::fs::remove_dir_all(&aside)
+            .map_err(|e| Error::io(&aside, "cannot remove the replaced dataset", e))?;
+    }
+    if let Ok(dir) = std::fs::File::open(parent) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
