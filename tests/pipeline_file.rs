@@ -239,3 +239,38 @@ fn every_key_is_documented() {
         "keys missing from docs/pipeline-reference.md: {missing:?}"
     );
 }
+
+#[test]
+fn outputs_must_lead_into_a_zarr_store_by_a_whole_path_part() {
+    // `s.zarrx/a` once passed the check and then landed in another folder than its groups.
+    for (from, to) in [
+        ("output: data.zarr/statistics", "output: s.zarrx/a"),
+        ("output: data.zarr/videos", "output: data.zarrx/videos"),
+        ("output: data.zarr/videos", "output: data.zarr"),
+    ] {
+        let text = DEFAULT_PIPELINE.replacen(from, to, 1);
+        let (_, problem) = pipeline_error(&text);
+        assert!(problem.contains(".zarr"), "{to}: {problem}");
+    }
+    let nested = DEFAULT_PIPELINE.replacen(
+        "output: data.zarr/statistics",
+        "output: more/stats.zarr/all",
+        1,
+    );
+    assert!(parse(&nested).is_ok());
+}
+
+#[test]
+fn frame_rate_only_where_a_stage_has_a_frame_axis() {
+    let without = DEFAULT_PIPELINE.replace("frame_rate_hz: 30.0\n", "");
+    let (_, problem) = pipeline_error(&without);
+    assert!(problem.contains("frame_rate_hz"), "{problem}");
+    for (_, text) in sensorium_ingest::pipeline::embedded::EMBEDDED {
+        let p = parse(text).unwrap();
+        assert_eq!(p.frame_rate_hz.is_some(), p.frame_axis_stage().is_some());
+    }
+    let static_text = sensorium_ingest::pipeline::embedded::EMBEDDED[1].1;
+    let with_rate = static_text.replace("version: 1\n", "version: 1\nframe_rate_hz: 30.0\n");
+    let (_, problem) = pipeline_error(&with_rate);
+    assert!(problem.contains("no stage has a frame axis"), "{problem}");
+}

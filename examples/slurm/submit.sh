@@ -56,7 +56,7 @@ dataset_name() {
     else
         base="${base%.zip}"
     fi
-    if [[ $base =~ ^(.*)-Video-[0-9a-fA-F]{32}$ ]]; then base="${BASH_REMATCH[1]}"; fi
+    if [[ $base =~ ^(.*)-[A-Za-z][A-Za-z0-9_]*-[0-9a-fA-F]{32}$ ]]; then base="${BASH_REMATCH[1]}"; fi
     printf '%s\n' "$base"
 }
 

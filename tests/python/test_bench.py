@@ -49,6 +49,37 @@ def test_benchmark_runs_every_command_and_checks_our_output(tmp_path):
                      r"runs each\)", proc.stdout, re.M), proc.stdout
 
 
+def test_ab_benchmark_compares_two_builds_in_blocks_and_their_data(tmp_path):
+    """benches/ab.py: the same build as A and B gives the block ratios, both medians, and says
+    the two wrote the same data; a build that writes other data makes it fail."""
+    source = helpers.REPO / "fixtures" / "dynamic90001-1-1-Video-0123456789abcdef0123456789abcdef.zip"
+    args = [sys.executable, str(helpers.REPO / "benches" / "ab.py"), "--a", str(helpers.binary()),
+            "--b", str(helpers.binary()), "--source", str(source), "--blocks", "2",
+            "--work", str(tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"^block \d: (\w+) wall", proc.stderr, re.M) == ["ABBA", "BAAB"], proc.stderr
+    assert re.search(r"^wall B/A: median of blocks \d+\.\d+ \(blocks \d+\.\d+-\d+\.\d+\)$",
+                     proc.stdout, re.M), proc.stdout
+    assert re.search(r"^A .*: wall median \d+\.\d+ s, cpu median \d+\.\d+ s, peak rss max "
+                     r"\d+\.\d+ MB$", proc.stdout, re.M), proc.stdout
+    assert "same data: yes" in proc.stdout, proc.stdout
+
+    # B: the same binary with a pipeline that compresses harder, so its shard files differ.
+    text = subprocess.run([str(helpers.binary()), "default-pipeline"], capture_output=True,
+                          text=True, check=True).stdout
+    pipeline = tmp_path / "level9.yaml"
+    pipeline.write_text(text.replace("{codec: zstd, level: 1}", "{codec: zstd, level: 9}"))
+    other = tmp_path / "other-build"
+    other.write_text(f'#!/bin/sh\nexec "{helpers.binary()}" "$@" --pipeline "{pipeline}"\n')
+    other.chmod(0o755)
+    args[args.index("--b") + 1] = str(other)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "same data: NO" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_cold_cache_benchmark_runs_and_restores_the_machine(tmp_path):
     """benches/cold_cache.py (root only: it drops the page cache, sets a cgroup read limit and
     the disk's readahead) converts with every binary given and leaves the readahead and cgroups
