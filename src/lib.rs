@@ -14,6 +14,19 @@
 //! - [`executor`]: staging, validation between stages, checksums, lock, manifest, catalog,
 //!   publish; whole runs, `--shard` parts and `finalize`;
 //! - [`commands`]: convert, plan, finalize, verify, ingest, inspect.
+//!
+//! Platforms: Linux is the supported and tested one. Other Unix systems are expected to build
+//! and convert the same bytes (best effort, untested), without the Linux-only parts: direct
+//! I/O (ordinary writes instead), the read-ahead hint, peak memory, cgroup memory limits and
+//! taking over a stale ingest lock (README.md, "Platform"). Other systems are refused at
+//! compile time: the readers and writers use Unix positioned I/O and file descriptors.
+
+#[cfg(not(unix))]
+compile_error!(
+    "sensorium-ingest supports Linux, and other Unix systems on a best-effort basis: it uses Unix \
+     positioned reads and writes and file descriptors (std::os::unix, libc). Build it on Linux \
+     (or WSL on Windows)."
+);
 
 pub mod commands;
 pub mod error;

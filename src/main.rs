@@ -17,7 +17,8 @@ use sensorium_ingest::source::Source;
 use sensorium_ingest::Error;
 
 /// mimalloc keeps freed pages for reuse: with glibc malloc, the shards' and zstd's multi-MB
-/// buffers were mapped and unmapped again and again (page faults; docs/performance.md).
+/// buffers were mapped and unmapped again and again (page faults; docs/performance.md,
+/// "mimalloc, purge policy per command").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -565,12 +566,12 @@ const MI_DEFAULT_PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// Freed memory goes back to the system at once instead of after mimalloc's 10 ms delay, for
 /// the commands that convert. Why: with the delay, a stage's buffers were sometimes still mapped
-/// when the next stage made its own, so the peak depended on timing: 92-108 MB over six 64-trial
-/// runs at 2 threads, 94-114 MB at 256 trials; purged at once 85-96 and 82-91 MB, at the same
-/// CPU (docs/performance.md, "Eighth round"). Conversions keep their big buffers per thread, so
-/// they lose nothing by it. `verify` does not: zarrs decodes every chunk into a fresh buffer,
-/// which, purged at once, the kernel faulted in and zeroed again each time (64 trials: 357k page
-/// faults instead of 1k, 0.47 instead of 1.01 GB/s; "Tenth round"), so it keeps the delay.
+/// when the next stage made its own, so the peak depended on timing; purged at once, it is
+/// lower and flat in the number of trials, at the same CPU. Conversions keep their big buffers
+/// per thread, so they lose nothing by it. `verify` does not: zarrs decodes every chunk into a
+/// fresh buffer, which, purged at once, the kernel faulted in and zeroed again each time (far
+/// more page faults, a much slower `verify`), so it keeps the delay. The figures are in
+/// docs/performance.md, "mimalloc, purge policy per command".
 /// Left alone where `MIMALLOC_PURGE_DELAY` is set (the user's choice), or where the option at
 /// that place does not hold the default delay (another mimalloc whose options are numbered
 /// otherwise).

@@ -2,9 +2,9 @@
 //! that thread runs: source readers (each holds an entry's compressed and inflated bytes),
 //! trial buffers and shard encoders (MBs to tens of MB).
 //!
-//! Why not rayon's `map_init`: it makes a new state per split job, not per thread - 14 times for
-//! the 20 shards of a 64-trial conversion on 2 threads, each a fresh 40 MB buffer that the
-//! kernel must fault in and zero (5% of the run's CPU was page clearing). Here each worker makes
+//! Why not rayon's `map_init`: it makes a new state per split job, not per thread - many times
+//! per stage, each a fresh buffer of tens of MB that the kernel must fault in and zero
+//! (docs/performance.md, "One working state per thread"). Here each worker makes
 //! its state once, takes items one at a time (in order, so the work stays balanced to the last
 //! item), and drops the state on its own thread when no item is left, so the allocator gets the
 //! memory back at once rather than from another thread later.

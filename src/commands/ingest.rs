@@ -40,7 +40,7 @@ pub struct IngestReport {
 }
 
 /// Held while an ingest runs: a file created exclusively (`O_EXCL` works on NFS v3+), removed
-/// on drop. A lock left by a dead process on this host is taken over.
+/// on drop. A lock left by a dead process on this host is taken over (Linux: `process_gone`).
 struct IngestLock {
     path: PathBuf,
 }
@@ -68,9 +68,7 @@ impl IngestLock {
                     let mut parts = holder.split_whitespace();
                     let (pid, holder_host) =
                         (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let dead = holder_host == host()
-                        && !pid.is_empty()
-                        && !Path::new("/proc").join(pid).exists();
+                    let dead = holder_host == host() && !pid.is_empty() && process_gone(pid);
                     if dead {
                         tracing::warn!(lock = %path.display(), pid, "removing the lock of an ingest that died");
                         let _ = std::fs::remove_file(&path);
@@ -95,6 +93,19 @@ impl Drop for IngestLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Whether no process `pid` runs on this host, from `/proc` (Linux). Elsewhere it cannot be
+/// told reliably (no `/proc`, and no `/etc/hostname` to tell hosts apart), so a lock is never
+/// taken over there: the user removes a stale one by hand, as `Error::Busy`'s hint says.
+#[cfg(target_os = "linux")]
+fn process_gone(pid: &str) -> bool {
+    !Path::new("/proc").join(pid).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_gone(_pid: &str) -> bool {
+    false
 }
 
 fn host() -> String {

@@ -11,8 +11,8 @@
 //! shard taken as incompressible, the largest source entry twice (its compressed bytes and, off
 //! the in-place path, its inflated copy), the copy buffer of direct I/O writes
 //! (`writers::output_store`), and from 2 threads on the unit a thread encodes when it helps
-//! with another's shard. On the Sensorium layout the measured peak is about half of it
-//! (docs/operations.md).
+//! with another's shard. On the Sensorium layout the measured peak is well under it
+//! (docs/operations.md, "Memory"; docs/performance.md, "Threads and memory").
 
 use std::path::{Path, PathBuf};
 
@@ -22,8 +22,9 @@ use crate::source::Source;
 use crate::stages::kind::StageNeed;
 
 /// What the process holds whatever the stage: code, allocator, source index, plan, records.
-/// Measured: 54 MB peak for the bundled fixture (11 trials, tiny arrays); 105-111 MB for a
-/// real-size mouse at 1 thread, of which ~55 MB is the thread's shard and entry buffers.
+/// Set above the measured peak of a conversion whose arrays are tiny (the bundled fixture),
+/// which is this part alone, and of a real-size mouse at 1 thread less that thread's buffers
+/// (docs/performance.md, "Threads and memory").
 pub const FIXED_BYTES: u64 = 64 << 20;
 
 /// The memory each stage needs, from the plan (no data read).
@@ -84,7 +85,8 @@ pub struct MemoryLimit {
 /// The memory this process may use: the tightest of its cgroup's limit (what SLURM with
 /// `ConstrainRAMSpace`, Docker and Kubernetes set, and the kernel enforces) and SLURM's
 /// allocation (`SLURM_MEM_PER_NODE`, or `SLURM_MEM_PER_CPU` times the task's CPUs), which
-/// SLURM enforces by polling where it has no cgroup. None when nothing limits it.
+/// SLURM enforces by polling where it has no cgroup. None when nothing limits it. Cgroups are
+/// Linux's: elsewhere the files are absent and only SLURM's variables and `--max-memory` count.
 pub fn detect_limit() -> Option<MemoryLimit> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mut limits = cgroup_limits(&cgroups, Path::new("/sys/fs/cgroup"));

@@ -445,6 +445,8 @@ fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// This host's name, for run.json and file names; empty where neither `/etc/hostname` nor
+/// `HOSTNAME` gives one (macOS, for one).
 pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())

@@ -202,9 +202,9 @@ pub struct ArchiveReader {
 }
 
 /// Whole-entry inflation with libdeflate, for deflated entries: it inflates these float arrays
-/// ~1.8x faster than zip's streaming reader over zlib-rs (measured on the 64-trial bench
-/// workload: 0.73 s vs 1.35 s for 896 MB, CRC-32 included), at the cost of holding one entry's
-/// compressed bytes per reader (~2.5 MB for a responses trial).
+/// much faster than zip's streaming reader over zlib-rs, CRC-32 included (docs/performance.md,
+/// "libdeflate, entries read in place"), at the cost of holding one entry's compressed bytes
+/// per reader (~2.5 MB for a responses trial).
 struct Inflater {
     decompressor: libdeflater::Decompressor,
     compressed: Vec<u8>,

@@ -318,9 +318,9 @@ fn open_array(
 /// groups of shards. A task reads its shard a unit at a time into its thread's buffer (reused
 /// from unit to unit: no fresh pages): the trials one inner chunk row spans (one trial in the
 /// default layouts) where writers::shard encodes the shard, so a thread holds one trial and the
-/// shard's compressed bytes, not a shard of raw values (docs/performance.md, "Seventh round");
-/// the whole shard where zarrs encodes it. A thread that runs out of shards helps with the last
-/// units of the shards still being encoded (`ShardTail`).
+/// shard's compressed bytes, not a shard of raw values (docs/performance.md, "One trial in
+/// memory per thread"); the whole shard where zarrs encodes it. A thread that runs out of
+/// shards helps with the last units of the shards still being encoded (`ShardTail`).
 fn write_trials(
     ctx: &StageContext,
     plan: &TrialPlan<TrialArrayConfig>,
@@ -512,8 +512,8 @@ struct UnitState {
 /// A shard being encoded by its thread, front to back, whose last units a thread that has run
 /// out of shards may take from the back (read, encoded, handed over in order). Why: at the end
 /// of a stage the threads ran out of shards up to a shard apart, and one thread read the last
-/// shard's trials alone (12-148 ms per stage at 2 threads; docs/performance.md, "Seventh
-/// round").
+/// shard's trials alone while the others sat idle (docs/performance.md, "Help with the last
+/// shard").
 struct ShardTail {
     group: usize,
     state: Mutex<TailState>,
@@ -989,7 +989,7 @@ fn is_nan(size: usize, b: &[u8]) -> bool {
 
 /// Whether any element (`N` bytes) of `le` passes `test`. Blocks without early exit inside a
 /// block, elements taken as fixed-size arrays: the loop vectorises (built from single bytes it
-/// does not, and runs ~10x slower).
+/// does not, and runs many times slower; docs/performance.md, "Vectorised NaN-tail check").
 fn any_element<const N: usize>(le: &[u8], test: impl Fn([u8; N]) -> bool) -> bool {
     const BLOCK: usize = 4096;
     le.chunks(BLOCK).any(|block| {
@@ -1024,7 +1024,8 @@ fn any_nan(size: usize, le: &[u8]) -> bool {
 
 /// Every value is zero (NaN is not zero). Floats compare their bits without the sign bit, in
 /// blocks without early exit inside a block, so the loop vectorises (elements are taken as
-/// fixed-size arrays: built from single bytes, the loop does not vectorise and runs ~10x slower).
+/// fixed-size arrays: built from single bytes, the loop does not vectorise and runs many times
+/// slower).
 pub fn all_zero(dtype: Dtype, le: &[u8]) -> bool {
     const BLOCK: usize = 4096;
     match (dtype.kind, dtype.size) {

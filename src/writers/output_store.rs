@@ -3,11 +3,12 @@
 //!
 //! - Large objects (shards) are written with direct I/O (`O_DIRECT`) where the file system takes
 //!   it, so they do not pass through the page cache. Why: a conversion writes each shard once
-//!   and never reads it again, and copying it into fresh page-cache pages cost 10-20% of the
-//!   conversion's CPU on the benchmark machine (docs/performance.md, "Fifth round"). It also
+//!   and never reads it again, and copying it into fresh page-cache pages is a large share of
+//!   the conversion's CPU (docs/performance.md, "Direct I/O, hashes taken as written"). It also
 //!   keeps a 10-20 GB mouse from filling the node's page cache (which cgroups charge to the job)
 //!   with pages nobody reads. Where `O_DIRECT` is refused (ramfs, tmpfs before Linux 6.6, some FUSE and network file
-//!   systems), the store falls back to ordinary writes for the rest of the run.
+//!   systems), the store falls back to ordinary writes for the rest of the run. Linux only:
+//!   elsewhere every write is an ordinary one (see [`DIRECT_IO_AVAILABLE`]).
 //! - Every object's size and BLAKE3 are taken from the bytes as they are written and kept in a
 //!   [`WriteLog`], so the runner need not read the stage's files back to hash them.
 //!
@@ -16,9 +17,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,11 @@ const DIRECT_IO_MIN_BYTES: usize = 1 << 20;
 /// a fallback.)
 const BOUNCE_BYTES: usize = 4 << 20;
 
+/// Whether this build tries direct I/O at all: `O_DIRECT` is a Linux flag (macOS has none; the
+/// BSDs' differ and are untested here), so elsewhere objects go through the page cache, as
+/// with `--no-direct-io`. The bytes written are the same either way.
+pub const DIRECT_IO_AVAILABLE: bool = cfg!(target_os = "linux");
+
 /// The most a thread's copy buffer holds, for the memory estimate.
 pub const BOUNCE_CAPACITY: u64 = (BOUNCE_BYTES + ALIGN) as u64;
 
@@ -57,10 +63,11 @@ pub struct WriteLog {
 }
 
 impl WriteLog {
-    /// `direct_io`: try direct I/O for large objects; `false`: always through the page cache.
+    /// `direct_io`: try direct I/O for large objects (where [`DIRECT_IO_AVAILABLE`]); `false`:
+    /// always through the page cache.
     pub fn new(direct_io: bool) -> Arc<WriteLog> {
         Arc::new(WriteLog {
-            direct_io: AtomicBool::new(direct_io),
+            direct_io: AtomicBool::new(direct_io && DIRECT_IO_AVAILABLE),
             ..Default::default()
         })
     }
@@ -200,15 +207,29 @@ thread_local! {
     static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Writes `value` to `path` with `O_DIRECT`: whole aligned blocks, the last one zero-padded,
-/// then the file is cut to the value's length.
-fn write_direct(path: &Path, value: &[u8]) -> std::io::Result<()> {
-    let file = OpenOptions::new()
+/// Creates (or truncates) `path` for writing with `O_DIRECT`.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
-        .open(path)?;
+        .open(path)
+}
+
+/// No `O_DIRECT` here: answered as a file system that refuses it (`refused`), so a caller falls
+/// back to an ordinary write. Not reached while `WriteLog` keeps `DIRECT_IO_AVAILABLE`.
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> std::io::Result<File> {
+    Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+}
+
+/// Writes `value` to `path` with `O_DIRECT`: whole aligned blocks, the last one zero-padded,
+/// then the file is cut to the value's length.
+fn write_direct(path: &Path, value: &[u8]) -> std::io::Result<()> {
+    let file = open_direct(path)?;
     let whole = value.len() / ALIGN * ALIGN;
     let aligned = value.as_ptr().align_offset(ALIGN) == 0;
     BOUNCE.with(|bounce| -> std::io::Result<()> {

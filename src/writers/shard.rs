@@ -6,7 +6,8 @@
 //! Why: for every inner chunk, `zarrs` copies the chunk out of the shard, makes a new zstd
 //! context, compresses into a new buffer, copies that once more, and then assembles the shard in
 //! a new buffer of the shard's size. Those are fresh pages the kernel must clear, and the page
-//! clearing grows with the thread count (docs/performance.md). Here each thread keeps one zstd
+//! clearing grows with the thread count (docs/performance.md, "Own shard encoder, zarrs for the
+//! rest"). Here each thread keeps one zstd
 //! context and one output buffer for a whole stage, and zstd writes each chunk straight into
 //! it; a shard may be given a few chunks at a time (`begin`, `add_chunks`, `finish`), so the
 //! caller need not hold the shard's raw values at once.

@@ -1,10 +1,9 @@
 //! Encoded objects written on I/O threads, so that a worker reads its next item while its last
 //! object goes to disk.
 //!
-//! Why: a direct I/O write and its `fsync` block the worker for the device's time (2-4 ms per
-//! 11 MB shard on the benchmark machine), and a blocked worker leaves its core idle: writing
-//! nothing at all made a 64-trial conversion 7% faster on 1 and on 2 threads
-//! (docs/performance.md, "Seventh round").
+//! Why: a direct I/O write and its `fsync` block the worker for the device's time, and a
+//! blocked worker leaves its core idle: a conversion that wrote nothing at all was measurably
+//! faster on 1 and on 2 threads (docs/performance.md, "Write-behind I/O threads").
 //!
 //! No buffer is added: the encoder's output buffer is lent to the I/O thread and comes back
 //! before the worker encodes again ([`EncoderSlot::encoder`] waits for it), which is after it
@@ -68,8 +67,7 @@ impl EncoderSlot {
 impl Drop for EncoderSlot {
     /// Waits for the last write, so its buffer is freed on the worker's thread, with the
     /// encoder's: freed on an I/O thread (which ends with its stage), the allocator kept the
-    /// memory until the end of the run (+20 MB peak measured at 1 thread). Its error, if any,
-    /// is `run`'s.
+    /// memory until the end of the run, which raised the peak. Its error, if any, is `run`'s.
     fn drop(&mut self) {
         let _ = self.encoder();
     }
@@ -144,8 +142,9 @@ impl WriteBehind<'_> {
         };
         // Hashed here, not on the I/O thread: `--threads` is the number of cores a job keeps
         // busy, and the I/O threads are only to wait on the device. Hashed there, a
-        // `--threads 1` conversion of 64 trials ran ~60 ms of BLAKE3 on a second core
-        // (docs/performance.md, "Tenth round"). The bytes were also just encoded on this core.
+        // `--threads 1` conversion ran part of its BLAKE3 on a second core
+        // (docs/performance.md, "Hashing on the worker"). The bytes were also just encoded on
+        // this core.
         let hash = blake3::hash(&buffer[start..]).to_hex().to_string();
         let (reply, returned) = sync_channel(1);
         let job = Job {
