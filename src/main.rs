@@ -1,16 +1,17 @@
 //! The `sensorium-ingest` command line: a thin layer over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sensorium_ingest::commands::convert::{
     self, parse_size, ConvertOptions, ConvertReport, FinalizeOptions, Finalized, Request, RunPlan,
-    ShardArg,
+    Shard, ShardArg, ShardReport,
 };
-use sensorium_ingest::commands::inspect::inspect;
-use sensorium_ingest::commands::{ingest, verify};
-use sensorium_ingest::pipeline::embedded::{PipelineChoice, EMBEDDED};
+use sensorium_ingest::commands::ingest::{self, IngestReport};
+use sensorium_ingest::commands::inspect;
+use sensorium_ingest::commands::verify::{self, VerifyReport};
+use sensorium_ingest::pipeline::embedded::{self, PipelineChoice};
 use sensorium_ingest::pipeline::spec::Pipeline;
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
@@ -111,40 +112,13 @@ enum Command {
     #[command(
         after_help = "Examples:\n  sensorium-ingest convert dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip --out store/\n  sensorium-ingest convert extracted/dynamic29515-10-12/ --out store/ --pipeline my.yaml --threads 8"
     )]
-    Convert {
-        #[command(flatten)]
-        target: Target,
-        /// Worker threads (default: every core the process may use, at most
-        /// SLURM_CPUS_PER_TASK). Output is identical for any value.
-        #[arg(long)]
-        threads: Option<usize>,
-        #[command(flatten)]
-        resources: ResourceArgs,
-        /// Show what would run and why, write nothing (same as `plan`).
-        #[arg(long)]
-        dry_run: bool,
-        /// Convert only part K (0-based) of N of the trial arrays, for a job array; then run
-        /// `finalize STORE/NAME` once every part is done. `auto`: K and N from a SLURM job array;
-        /// `auto/N`: K from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX (Kubernetes).
-        #[arg(long, value_name = "K/N|auto|auto/N")]
-        shard: Option<ShardArg>,
-    },
+    Convert(ConvertArgs),
     /// Finish a sharded conversion: check every part's receipt, write the tables, manifest and
     /// lock, and publish STORE/NAME (identical to a single-process conversion).
     #[command(
         after_help = "Examples:\n  # three tasks (any machines sharing the store), then one finalize:\n  sensorium-ingest convert mouse.zip --out store/ --shard 0/3\n  sensorium-ingest convert mouse.zip --out store/ --shard 1/3\n  sensorium-ingest convert mouse.zip --out store/ --shard 2/3\n  sensorium-ingest finalize store/mouse\n\nExit status: 0 when published (or already complete), 75 when parts are missing or damaged\n(each is named: resubmit those tasks and finalize again), 65 when the source changed."
     )]
-    Finalize {
-        /// STORE/NAME, the dataset the parts belong to.
-        dataset: PathBuf,
-        /// The source, when it is not where the first task found it.
-        #[arg(long, value_name = "SOURCE")]
-        source: Option<PathBuf>,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[command(flatten)]
-        resources: ResourceArgs,
-    },
+    Finalize(FinalizeArgs),
     /// Show each stage of a conversion and whether it would run or be reused, and why.
     #[command(
         after_help = "Example:\n  sensorium-ingest plan mouse.zip --out store/ --pipeline edited.yaml"
@@ -157,25 +131,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  sensorium-ingest ingest /data/inbox --out /data/store\n  # cron, every 15 minutes:\n  */15 * * * *  sensorium-ingest -q ingest /data/inbox --out /data/store\n\nSources are recognised by their content fingerprint, not their file name. Files still being\nwritten are left for the next run. Exit status: 0 when nothing failed, 1 when a source failed\n(the others are still converted), 75 when another ingest holds the store."
     )]
-    Ingest {
-        /// Folder of mouse archives (*.zip) or extracted folders.
-        inbox: PathBuf,
-        #[arg(long = "out", value_name = "STORE")]
-        out: PathBuf,
-        /// `auto` picks the embedded pipeline for each source by its content.
-        #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
-        pipeline: String,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[command(flatten)]
-        resources: ResourceArgs,
-        /// Leave sources modified less than this many seconds ago for the next run.
-        #[arg(long, default_value_t = 120, value_name = "SECONDS")]
-        min_age: u64,
-        /// Seconds between two looks at the inbox; what changed in between is left for later.
-        #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
-        settle: f64,
-    },
+    Ingest(IngestArgs),
     /// Re-read datasets through the real decoders and compare with their recorded checksums.
     #[command(
         after_help = "Examples:\n  sensorium-ingest verify store/dynamic29515-10-12\n  sensorium-ingest verify store/            # every dataset in the store\n  sensorium-ingest verify store/dynamic29515-10-12 --against dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip\n\nExit status: 0 when everything matches, 1 when something does not (each bad file is named)."
@@ -212,6 +168,63 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+// The arguments of the commands with many, in structs of their own so that each command's
+// function takes one value. Plain comments: a doc comment here would become help text.
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Worker threads (default: every core the process may use, at most
+    /// SLURM_CPUS_PER_TASK). Output is identical for any value.
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    resources: ResourceArgs,
+    /// Show what would run and why, write nothing (same as `plan`).
+    #[arg(long)]
+    dry_run: bool,
+    /// Convert only part K (0-based) of N of the trial arrays, for a job array; then run
+    /// `finalize STORE/NAME` once every part is done. `auto`: K and N from a SLURM job array;
+    /// `auto/N`: K from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX (Kubernetes).
+    #[arg(long, value_name = "K/N|auto|auto/N")]
+    shard: Option<ShardArg>,
+}
+
+#[derive(clap::Args)]
+struct FinalizeArgs {
+    /// STORE/NAME, the dataset the parts belong to.
+    dataset: PathBuf,
+    /// The source, when it is not where the first task found it.
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    resources: ResourceArgs,
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// Folder of mouse archives (*.zip) or extracted folders.
+    inbox: PathBuf,
+    #[arg(long = "out", value_name = "STORE")]
+    out: PathBuf,
+    /// `auto` picks the embedded pipeline for each source by its content.
+    #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
+    pipeline: String,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    resources: ResourceArgs,
+    /// Leave sources modified less than this many seconds ago for the next run.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    min_age: u64,
+    /// Seconds between two looks at the inbox; what changed in between is left for later.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    settle: f64,
 }
 
 /// Like `println!`, but a closed stdout (`... | head`) is not a panic: output is best effort.
@@ -340,223 +353,236 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// One function per command, each printing its own result.
 fn run(cli: Cli) -> Result<(), Error> {
     let progress = progress_mode(&cli);
     match cli.command {
-        Command::Plan { target } => {
-            let defaults = ResourceArgs {
-                max_memory: None,
-                no_direct_io: false,
-            };
-            print_plan(&convert::plan(&target.options(None, &defaults, progress)?)?);
-            Ok(())
-        }
-        Command::Verify { path, against } => {
-            let datasets = verify::datasets(&path)?;
-            if against.is_some() && datasets.len() != 1 {
-                return Err(Error::bad_input(path.display().to_string(), "--against compares one dataset with its source, but this is a store of several", "name the dataset: STORE/NAME"));
-            }
-            let mut failures = Vec::new();
-            for dataset in datasets {
-                let report = verify::verify(&dataset, against.as_deref())?;
-                let status = if report.failures.is_empty() {
-                    "ok"
-                } else {
-                    "FAILED"
-                };
-                out!(
-                    "{status:<6} {}: {} files ({:.1} MB), {:.1} MB of values decoded in {:.2} s ({:.2} GB/s)",
-                    dataset.display(),
-                    report.files,
-                    report.file_bytes as f64 / 1e6,
-                    report.decoded_bytes as f64 / 1e6,
-                    report.seconds,
-                    report.decoded_bytes as f64 / 1e9 / report.seconds.max(1e-9)
-                );
-                failures.extend(report.failures);
-            }
-            if failures.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::Verify { failures })
-            }
-        }
-        Command::Convert {
-            target,
-            threads,
-            resources,
-            dry_run,
-            shard,
-        } => {
-            let options = target.options(threads, &resources, progress)?;
-            let shard = shard
-                .map(|s| s.resolve(|name| std::env::var(name).ok()))
-                .transpose()?;
-            if dry_run {
-                print_plan(&convert::plan(&options)?);
-                if let Some(shard) = shard {
-                    let (trials, block) = convert::plan_part(&options, shard)?;
-                    out!(
-                        "  shard {shard}: trials {}..{} (parts are whole blocks of {block} trials); trial_array stages only, then `finalize`",
-                        trials.start,
-                        trials.end
-                    );
-                }
-                return Ok(());
-            }
-            if let Some(shard) = shard {
-                let r = convert::shard_task(&options, shard)?;
-                let what = if r.up_to_date {
-                    "the dataset is complete and up to date; nothing to do".to_string()
-                } else if r.trials.is_empty() {
-                    "no trials in this part (there are more tasks than blocks of trials); its receipt says so".to_string()
-                } else if r.already_done {
-                    "already converted (its receipt matches its files); nothing to do".to_string()
-                } else {
-                    format!(
-                        "converted {:.1} MB in {:.1} s",
-                        r.bytes as f64 / 1e6,
-                        r.seconds
-                    )
-                };
-                out!(
-                    "{} shard {}: trials {}..{} -> {}: {what}",
-                    r.dataset,
-                    r.shard,
-                    r.trials.start,
-                    r.trials.end,
-                    r.shards_dir.display()
-                );
-                return Ok(());
-            }
-            let report = convert::convert(&options)?;
-            if report.up_to_date {
-                out!(
-                    "{} is up to date ({}); nothing to do",
-                    report.dataset,
-                    report.dataset_dir.display()
-                );
-                return Ok(());
-            }
-            print_report("converted", &report);
-            Ok(())
-        }
-        Command::Finalize {
-            dataset,
-            source,
-            threads,
-            resources,
-        } => {
-            match convert::finalize(&FinalizeOptions {
-                dataset_dir: dataset,
-                source,
-                threads,
-                max_memory: resources.max_memory,
-                direct_io: !resources.no_direct_io,
-                progress,
-            })? {
-                Finalized::AlreadyComplete(dir) => {
-                    out!("{} is complete; no sharded run to finalize", dir.display())
-                }
-                Finalized::Converted(report) => print_report("finalized", &report),
-            }
-            Ok(())
-        }
+        Command::Plan { target } => run_plan(target, progress),
+        Command::Verify { path, against } => run_verify(&path, against.as_deref()),
+        Command::Convert(args) => run_convert(args, progress),
+        Command::Finalize(args) => run_finalize(args, progress),
         Command::Inspect {
             source,
             json,
             pipeline,
-        } => {
-            let source = Source::open(&source)?;
-            let (text, file) = PipelineChoice::from_argument(&pipeline)?.resolve(&source)?;
-            let pipeline = Pipeline::parse(&text, &file)?;
-            let mut report = inspect(&source, &pipeline)?;
-            report.pipeline_file = file;
-            if json {
-                out!(
-                    "{}",
-                    serde_json::to_string_pretty(&report)
-                        .map_err(|e| Error::Internal(e.to_string()))?
-                );
-            } else {
-                outp!("{}", report.to_text());
-            }
-            Ok(())
-        }
-        Command::Ingest {
-            inbox,
-            out,
-            pipeline,
-            threads,
-            resources,
-            min_age,
-            settle,
-        } => {
-            let report = ingest::ingest(&ingest::IngestOptions {
-                inbox,
-                store: out,
-                pipeline: PipelineChoice::from_argument(&pipeline)?,
-                threads,
-                max_memory: resources.max_memory,
-                direct_io: !resources.no_direct_io,
-                min_age: std::time::Duration::from_secs(min_age),
-                settle: std::time::Duration::from_secs_f64(settle.max(0.0)),
-                progress,
-            })?;
-            for (path, dataset) in &report.added {
-                out!("added    {} -> {dataset}", path.display());
-            }
-            for (path, why) in &report.skipped {
-                out!("skipped  {}: {why}", path.display());
-            }
-            for (path, why) in &report.failed {
-                out!("failed   {}: {why}", path.display());
-            }
-            out!(
-                "{} added, {} skipped, {} failed",
-                report.added.len(),
-                report.skipped.len(),
-                report.failed.len()
-            );
-            if report.failed.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::SourcesFailed {
-                    failures: report
-                        .failed
-                        .iter()
-                        .map(|(p, w)| format!("{}: {w}", p.display()))
-                        .collect(),
-                })
-            }
-        }
-        Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(
-                shell,
-                &mut command,
-                "sensorium-ingest",
-                &mut std::io::stdout(),
-            );
-            Ok(())
-        }
+        } => run_inspect(&source, json, &pipeline),
+        Command::Ingest(args) => run_ingest(args, progress),
+        Command::Completions { shell } => run_completions(shell),
         Command::PipelineSchema => {
             outp!("{}", Pipeline::json_schema());
             Ok(())
         }
         Command::DefaultPipeline { name } => {
-            let Some((_, text)) = EMBEDDED.iter().find(|(n, _)| *n == name) else {
-                let names: Vec<&str> = EMBEDDED.iter().map(|(n, _)| *n).collect();
-                return Err(Error::bad_input(
-                    name,
-                    "no embedded pipeline has this name",
-                    format!("embedded pipelines: {}", names.join(", ")),
-                ));
-            };
-            outp!("{text}");
+            outp!("{}", embedded::by_name(&name)?);
             Ok(())
         }
     }
+}
+
+fn run_plan(target: Target, progress: ProgressMode) -> Result<(), Error> {
+    let defaults = ResourceArgs {
+        max_memory: None,
+        no_direct_io: false,
+    };
+    print_plan(&convert::plan(&target.options(None, &defaults, progress)?)?);
+    Ok(())
+}
+
+/// Every dataset is verified and reported before the exit status says whether any failed.
+fn run_verify(path: &Path, against: Option<&Path>) -> Result<(), Error> {
+    let datasets = verify::datasets(path)?;
+    if against.is_some() && datasets.len() != 1 {
+        return Err(Error::bad_input(
+            path.display().to_string(),
+            "--against compares one dataset with its source, but this is a store of several",
+            "name the dataset: STORE/NAME",
+        ));
+    }
+    let mut failures = Vec::new();
+    for dataset in datasets {
+        let report = verify::verify(&dataset, against)?;
+        print_verify_report(&report);
+        failures.extend(report.failures);
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Verify { failures })
+    }
+}
+
+fn print_verify_report(report: &VerifyReport) {
+    let status = if report.failures.is_empty() {
+        "ok"
+    } else {
+        "FAILED"
+    };
+    out!(
+        "{status:<6} {}: {} files ({:.1} MB), {:.1} MB of values decoded in {:.2} s ({:.2} GB/s)",
+        report.dataset.display(),
+        report.files,
+        report.file_bytes as f64 / 1e6,
+        report.decoded_bytes as f64 / 1e6,
+        report.seconds,
+        report.decoded_bytes as f64 / 1e9 / report.seconds.max(1e-9)
+    );
+}
+
+/// `convert`, `convert --dry-run` and `convert --shard K/N`.
+fn run_convert(args: ConvertArgs, progress: ProgressMode) -> Result<(), Error> {
+    let options = args
+        .target
+        .options(args.threads, &args.resources, progress)?;
+    let shard = args
+        .shard
+        .map(|s| s.resolve(|name| std::env::var(name).ok()))
+        .transpose()?;
+    if args.dry_run {
+        return print_dry_run(&options, shard);
+    }
+    if let Some(shard) = shard {
+        print_shard_report(&convert::shard_task(&options, shard)?);
+        return Ok(());
+    }
+    let report = convert::convert(&options)?;
+    if report.up_to_date {
+        out!(
+            "{} is up to date ({}); nothing to do",
+            report.dataset,
+            report.dataset_dir.display()
+        );
+    } else {
+        print_report("converted", &report);
+    }
+    Ok(())
+}
+
+/// The plan, and with `--shard` the trials that task would convert.
+fn print_dry_run(options: &ConvertOptions, shard: Option<Shard>) -> Result<(), Error> {
+    print_plan(&convert::plan(options)?);
+    if let Some(shard) = shard {
+        let (trials, block) = convert::plan_part(options, shard)?;
+        out!(
+            "  shard {shard}: trials {}..{} (parts are whole blocks of {block} trials); trial_array stages only, then `finalize`",
+            trials.start,
+            trials.end
+        );
+    }
+    Ok(())
+}
+
+fn print_shard_report(r: &ShardReport) {
+    let what = if r.up_to_date {
+        "the dataset is complete and up to date; nothing to do".to_string()
+    } else if r.trials.is_empty() {
+        "no trials in this part (there are more tasks than blocks of trials); its receipt says so"
+            .to_string()
+    } else if r.already_done {
+        "already converted (its receipt matches its files); nothing to do".to_string()
+    } else {
+        format!(
+            "converted {:.1} MB in {:.1} s",
+            r.bytes as f64 / 1e6,
+            r.seconds
+        )
+    };
+    out!(
+        "{} shard {}: trials {}..{} -> {}: {what}",
+        r.dataset,
+        r.shard,
+        r.trials.start,
+        r.trials.end,
+        r.shards_dir.display()
+    );
+}
+
+fn run_finalize(args: FinalizeArgs, progress: ProgressMode) -> Result<(), Error> {
+    let finalized = convert::finalize(&FinalizeOptions {
+        dataset_dir: args.dataset,
+        source: args.source,
+        threads: args.threads,
+        max_memory: args.resources.max_memory,
+        direct_io: !args.resources.no_direct_io,
+        progress,
+    })?;
+    match finalized {
+        Finalized::AlreadyComplete(dir) => {
+            out!("{} is complete; no sharded run to finalize", dir.display())
+        }
+        Finalized::Converted(report) => print_report("finalized", &report),
+    }
+    Ok(())
+}
+
+fn run_inspect(source: &Path, json: bool, pipeline: &str) -> Result<(), Error> {
+    // The source is opened before the pipeline argument is read, so that when both are wrong
+    // the source is the one reported.
+    let source = Source::open(source)?;
+    let report = inspect::inspect_with(&source, &PipelineChoice::from_argument(pipeline)?)?;
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?
+        );
+    } else {
+        outp!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+/// Every source is reported; the exit status says whether any failed.
+fn run_ingest(args: IngestArgs, progress: ProgressMode) -> Result<(), Error> {
+    let report = ingest::ingest(&ingest::IngestOptions {
+        inbox: args.inbox,
+        store: args.out,
+        pipeline: PipelineChoice::from_argument(&args.pipeline)?,
+        threads: args.threads,
+        max_memory: args.resources.max_memory,
+        direct_io: !args.resources.no_direct_io,
+        min_age: std::time::Duration::from_secs(args.min_age),
+        settle: std::time::Duration::from_secs_f64(args.settle.max(0.0)),
+        progress,
+    })?;
+    print_ingest_report(&report);
+    if report.failed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::SourcesFailed {
+        failures: report
+            .failed
+            .iter()
+            .map(|(p, w)| format!("{}: {w}", p.display()))
+            .collect(),
+    })
+}
+
+fn print_ingest_report(report: &IngestReport) {
+    for (path, dataset) in &report.added {
+        out!("added    {} -> {dataset}", path.display());
+    }
+    for (path, why) in &report.skipped {
+        out!("skipped  {}: {why}", path.display());
+    }
+    for (path, why) in &report.failed {
+        out!("failed   {}: {why}", path.display());
+    }
+    out!(
+        "{} added, {} skipped, {} failed",
+        report.added.len(),
+        report.skipped.len(),
+        report.failed.len()
+    );
+}
+
+fn run_completions(shell: clap_complete::Shell) -> Result<(), Error> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(
+        shell,
+        &mut command,
+        "sensorium-ingest",
+        &mut std::io::stdout(),
+    );
+    Ok(())
 }
 
 /// mimalloc v2's `mi_option_purge_delay` (its place in `mi_option_t`, mimalloc.h; the sys
@@ -593,7 +619,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Convert { .. } | Command::Finalize { .. } | Command::Ingest { .. }
+        Command::Convert(_) | Command::Finalize(_) | Command::Ingest(_)
     ) {
         purge_freed_memory_at_once();
     }

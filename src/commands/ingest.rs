@@ -148,57 +148,38 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
         .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
     let _lock = IngestLock::acquire(&opts.store)?;
     let mut report = IngestReport::default();
+    let settled = settled_sources(opts, &mut report)?;
+    convert_new_sources(opts, settled, &mut report)?;
+    Ok(report)
+}
+
+/// A source seen in the inbox, with its size and newest modification at the first look.
+struct FirstLook {
+    path: PathBuf,
+    size: u64,
+    modified: SystemTime,
+}
+
+/// The sources in the inbox that are complete, as far as can be told: not modified for
+/// `min_age`, and the same size and newest modification at two looks `settle` apart.
+/// Everything else is recorded in the report.
+fn settled_sources(opts: &IngestOptions, report: &mut IngestReport) -> Result<Vec<PathBuf>> {
     let listing = std::fs::read_dir(&opts.inbox)
         .map_err(|e| Error::io(&opts.inbox, "cannot list the inbox", e))?;
     let mut paths: Vec<PathBuf> = listing.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
-
-    // 1. What is there, and is it complete?
-    let mut first_look = Vec::new();
-    for path in paths {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with('.') {
-            continue;
-        }
-        if is_partial_download(&name) {
-            report
-                .skipped
-                .push((path, "a download in progress (by its name)".into()));
-            continue;
-        }
-        if !(path.is_dir() || name.ends_with(".zip")) {
-            report
-                .skipped
-                .push((path, "neither a .zip archive nor a folder".into()));
-            continue;
-        }
-        match footprint(&path) {
-            Ok((size, modified)) => {
-                let age = SystemTime::now()
-                    .duration_since(modified)
-                    .unwrap_or_default();
-                if age < opts.min_age {
-                    report.skipped.push((
-                        path,
-                        format!(
-                            "modified {:.0} s ago: still arriving? (--min-age {} s)",
-                            age.as_secs_f64(),
-                            opts.min_age.as_secs()
-                        ),
-                    ));
-                } else {
-                    first_look.push((path, size, modified));
-                }
-            }
-            Err(e) => report.failed.push((path, format!("cannot read: {e}"))),
-        }
-    }
+    let first_looks: Vec<FirstLook> = paths
+        .into_iter()
+        .filter_map(|path| first_look(path, opts.min_age, report))
+        .collect();
     std::thread::sleep(opts.settle);
     let mut stable = Vec::new();
-    for (path, size, modified) in first_look {
+    for FirstLook {
+        path,
+        size,
+        modified,
+    } in first_looks
+    {
         match footprint(&path) {
             Ok(now) if now == (size, modified) => stable.push(path),
             Ok(_) => report.skipped.push((
@@ -208,10 +189,66 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
             Err(e) => report.failed.push((path, format!("cannot read: {e}"))),
         }
     }
+    Ok(stable)
+}
 
-    // 2. Convert what the store does not have.
+/// `path` if it looks like a source that has finished arriving; otherwise why not goes into the
+/// report (hidden files are passed over without a word).
+fn first_look(path: PathBuf, min_age: Duration, report: &mut IngestReport) -> Option<FirstLook> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with('.') {
+        return None;
+    }
+    if is_partial_download(&name) {
+        report
+            .skipped
+            .push((path, "a download in progress (by its name)".into()));
+        return None;
+    }
+    if !(path.is_dir() || name.ends_with(".zip")) {
+        report
+            .skipped
+            .push((path, "neither a .zip archive nor a folder".into()));
+        return None;
+    }
+    let (size, modified) = match footprint(&path) {
+        Ok(found) => found,
+        Err(e) => {
+            report.failed.push((path, format!("cannot read: {e}")));
+            return None;
+        }
+    };
+    let age = SystemTime::now()
+        .duration_since(modified)
+        .unwrap_or_default();
+    if age < min_age {
+        let why = format!(
+            "modified {:.0} s ago: still arriving? (--min-age {} s)",
+            age.as_secs_f64(),
+            min_age.as_secs()
+        );
+        report.skipped.push((path, why));
+        return None;
+    }
+    Some(FirstLook {
+        path,
+        size,
+        modified,
+    })
+}
+
+/// Converts each source whose fingerprint the store does not hold yet. A failure is recorded
+/// and the next source tried; only an interrupt stops the run.
+fn convert_new_sources(
+    opts: &IngestOptions,
+    sources: Vec<PathBuf>,
+    report: &mut IngestReport,
+) -> Result<()> {
     let mut known = catalog::fingerprints(&opts.store);
-    for path in stable {
+    for path in sources {
         let (fingerprint, pipeline) = match Source::open(&path)
             .and_then(|source| Ok((source.fingerprint(), opts.pipeline.resolve(&source)?)))
         {
@@ -227,19 +264,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
                 .push((path, format!("already in the store as {dataset}")));
             continue;
         }
-        let options = ConvertOptions {
-            source: path.clone(),
-            store: opts.store.clone(),
-            name: None,
-            pipeline_text: pipeline.0,
-            pipeline_file: pipeline.1,
-            force: false,
-            threads: opts.threads,
-            max_memory: opts.max_memory,
-            direct_io: opts.direct_io,
-            progress: opts.progress,
-        };
-        match convert(&options) {
+        match convert(&convert_options(opts, &path, pipeline)) {
             Ok(r) if r.up_to_date => report
                 .skipped
                 .push((path, format!("already in the store as {}", r.dataset))),
@@ -252,7 +277,28 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
             Err(e) => report.failed.push((path, first_line(&e))),
         }
     }
-    Ok(report)
+    Ok(())
+}
+
+/// The executor's options for one source: the dataset named after it, never forced (a source
+/// already converted is skipped, not redone).
+fn convert_options(
+    opts: &IngestOptions,
+    source: &Path,
+    (pipeline_text, pipeline_file): (String, String),
+) -> ConvertOptions {
+    ConvertOptions {
+        source: source.to_path_buf(),
+        store: opts.store.clone(),
+        name: None,
+        pipeline_text,
+        pipeline_file,
+        force: false,
+        threads: opts.threads,
+        max_memory: opts.max_memory,
+        direct_io: opts.direct_io,
+        progress: opts.progress,
+    }
 }
 
 fn first_line(e: &Error) -> String {

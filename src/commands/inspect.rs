@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::pipeline::embedded::PipelineChoice;
 use crate::pipeline::plan::{plan, Disposition};
 use crate::pipeline::spec::Pipeline;
 use crate::source::{Source, SourceKind};
@@ -50,6 +51,16 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// `inspect` as the command runs it: with the pipeline chosen for this source (or picked by
+/// `auto`), named in the report.
+pub fn inspect_with(source: &Source, choice: &PipelineChoice) -> Result<Inspection> {
+    let (text, file) = choice.resolve(source)?;
+    let pipeline = Pipeline::parse(&text, &file)?;
+    let mut report = inspect(source, &pipeline)?;
+    report.pipeline_file = file;
+    Ok(report)
+}
+
 pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
     let plan = plan(pipeline, source)?;
     let mut variables = Vec::new();
@@ -70,18 +81,7 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
         .find_map(|p| p.trial_dtype())
         .map(|d| d.to_string());
     let tiers = tier_counts(source, &plan)?;
-    let skipped: Vec<Skipped> = source
-        .entries
-        .iter()
-        .zip(&plan.dispositions)
-        .filter_map(|(e, d)| match d {
-            Disposition::Skipped(reason) => Some(Skipped {
-                path: e.path.clone(),
-                reason: reason.clone(),
-            }),
-            _ => None,
-        })
-        .collect();
+    let skipped = skipped_entries(source, &plan.dispositions);
     let ids = &plan.trial_ids;
     let gaps = match (ids.first(), ids.last()) {
         (Some(&a), Some(&b)) => (b - a + 1) as usize - ids.len(),
@@ -120,11 +120,33 @@ pub fn inspect(source: &Source, pipeline: &Pipeline) -> Result<Inspection> {
     })
 }
 
+/// The entries the pipeline's rules skip, each with the rule's reason.
+fn skipped_entries(source: &Source, dispositions: &[Disposition]) -> Vec<Skipped> {
+    source
+        .entries
+        .iter()
+        .zip(dispositions)
+        .filter_map(|(e, d)| match d {
+            Disposition::Skipped(reason) => Some(Skipped {
+                path: e.path.clone(),
+                reason: reason.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
 impl Inspection {
-    /// A readable report for a terminal.
+    /// A readable report for a terminal: the summary, then one section per list.
     pub fn to_text(&self) -> String {
-        use std::fmt::Write;
         let mut s = String::new();
+        self.write_summary(&mut s);
+        self.write_lists(&mut s);
+        s
+    }
+
+    fn write_summary(&self, s: &mut String) {
+        use std::fmt::Write;
         let opt = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
         let _ = writeln!(s, "dataset    {}", self.name);
         let _ = writeln!(s, "pipeline   {} ({})", self.pipeline, self.pipeline_file);
@@ -151,6 +173,10 @@ impl Inspection {
         };
         let _ = writeln!(s, "frames     {frames}");
         let _ = writeln!(s, "dtype      {}", self.dtype.as_deref().unwrap_or("?"));
+    }
+
+    fn write_lists(&self, s: &mut String) {
+        use std::fmt::Write;
         let _ = writeln!(s, "\ntiers");
         for (tier, n) in &self.tiers {
             let _ = writeln!(s, "  {tier:<20} {n:>6}");
@@ -189,6 +215,5 @@ impl Inspection {
                 let _ = writeln!(s, "  {w}");
             }
         }
-        s
     }
 }

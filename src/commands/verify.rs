@@ -17,7 +17,7 @@ use crate::executor::manifest::{self, Manifest};
 use crate::executor::RUN_RECORD;
 use crate::npy;
 use crate::per_thread::map_with_state;
-use crate::source::Source;
+use crate::source::{Entry, EntryReader, Source};
 use crate::validate;
 use crate::writers::zarr::ZarrPath;
 
@@ -60,84 +60,109 @@ pub fn datasets(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+impl VerifyReport {
+    /// Records a problem with one file of the dataset, named by its full path.
+    fn fail(&mut self, file: &str, problem: impl Into<String>) {
+        let at = self.dataset.join(file);
+        self.failures
+            .push(format!("{}: {}", at.display(), problem.into()));
+    }
+}
+
+/// Every check runs even after one fails, so that a single run names every bad file; only a
+/// manifest that cannot be read stops it, as the later checks have nothing to go on.
 pub fn verify(dir: &Path, against: Option<&Path>) -> Result<VerifyReport> {
     let started = Instant::now();
     let mut report = VerifyReport {
         dataset: dir.to_path_buf(),
         ..Default::default()
     };
-    let fail = |report: &mut VerifyReport, file: &str, problem: String| {
-        report
-            .failures
-            .push(format!("{}: {problem}", dir.join(file).display()))
-    };
-
-    // 1. The lock checks itself; the manifest is checked against the lock.
-    let lock = match Lock::read(&dir.join(lock::FILE_NAME)) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            fail(
-                &mut report,
-                lock::FILE_NAME,
-                format!("{e}")
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-            );
-            None
+    if let Some(manifest) = read_manifest(&mut report) {
+        check_files(&mut report, &manifest)?;
+        decode_arrays(&mut report, &manifest);
+        decode_tables(&mut report, &manifest);
+        if let Some(source_path) = against {
+            compare_with_source(&mut report, &manifest, source_path)?;
         }
-    };
-    let manifest_path = dir.join(manifest::FILE_NAME);
-    let manifest_text = match std::fs::read(&manifest_path) {
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The lock checks itself; the manifest is checked against the lock. `None` when there is no
+/// readable manifest.
+fn read_manifest(report: &mut VerifyReport) -> Option<Manifest> {
+    let lock = read_lock(report);
+    let text = match std::fs::read(report.dataset.join(manifest::FILE_NAME)) {
         Ok(t) => t,
         Err(e) => {
-            fail(
-                &mut report,
-                manifest::FILE_NAME,
-                format!("cannot read: {e}"),
-            );
-            return finish(report, started);
+            report.fail(manifest::FILE_NAME, format!("cannot read: {e}"));
+            return None;
         }
     };
     if let Some(l) = &lock {
-        if blake3::hash(&manifest_text).to_hex().as_str() != l.manifest_blake3 {
-            fail(
-                &mut report,
+        if blake3::hash(&text).to_hex().as_str() != l.manifest_blake3 {
+            report.fail(
                 manifest::FILE_NAME,
-                "content differs from the checksum recorded in lock.json".into(),
+                "content differs from the checksum recorded in lock.json",
             );
         }
     }
-    let manifest: Manifest = match serde_json::from_slice(&manifest_text) {
-        Ok(m) => m,
+    match serde_json::from_slice(&text) {
+        Ok(m) => Some(m),
         Err(e) => {
-            fail(
-                &mut report,
-                manifest::FILE_NAME,
-                format!("not a readable manifest: {e}"),
-            );
-            return finish(report, started);
+            report.fail(manifest::FILE_NAME, format!("not a readable manifest: {e}"));
+            None
         }
-    };
+    }
+}
 
-    // 2. Every file present, listed and unchanged.
+fn read_lock(report: &mut VerifyReport) -> Option<Lock> {
+    match Lock::read(&report.dataset.join(lock::FILE_NAME)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            // One line per failure: the error's first line.
+            let problem = e.to_string().lines().next().unwrap_or_default().to_string();
+            report.fail(lock::FILE_NAME, problem);
+            None
+        }
+    }
+}
+
+/// Every file present, listed in the manifest and unchanged since it was written.
+fn check_files(report: &mut VerifyReport, manifest: &Manifest) -> Result<()> {
     let listed: BTreeMap<&str, &manifest::OutputInfo> = manifest
         .outputs
         .iter()
         .map(|o| (o.path.as_str(), o))
         .collect();
-    let on_disk: BTreeSet<String> = validate::list_files(dir)?
+    let on_disk: BTreeSet<String> = validate::list_files(&report.dataset)?
         .into_iter()
         .filter(|f| ![manifest::FILE_NAME, lock::FILE_NAME, RUN_RECORD].contains(&f.as_str()))
         .collect();
     for f in on_disk.iter().filter(|f| !listed.contains_key(f.as_str())) {
-        fail(&mut report, f, "not listed in the manifest".into());
+        report.fail(f, "not listed in the manifest");
     }
     for f in listed.keys().filter(|f| !on_disk.contains(**f)) {
-        fail(&mut report, f, "missing".into());
+        report.fail(f, "missing");
     }
-    let checks: Vec<(String, Option<String>, u64)> = listed
+    for (f, problem, bytes) in rehash(&report.dataset, &listed, &on_disk) {
+        report.files += 1;
+        report.file_bytes += bytes;
+        if let Some(p) = problem {
+            report.fail(&f, p);
+        }
+    }
+    Ok(())
+}
+
+/// (file, problem, bytes read) for every listed file that is on disk, hashed in parallel.
+fn rehash(
+    dir: &Path,
+    listed: &BTreeMap<&str, &manifest::OutputInfo>,
+    on_disk: &BTreeSet<String>,
+) -> Vec<(String, Option<String>, u64)> {
+    listed
         .par_iter()
         .filter(|(f, _)| on_disk.contains(**f))
         .map(|(f, info)| match validate::hash_file(&dir.join(f)) {
@@ -151,16 +176,12 @@ pub fn verify(dir: &Path, against: Option<&Path>) -> Result<VerifyReport> {
             ),
             Err(e) => (f.to_string(), Some(e.to_string()), 0),
         })
-        .collect();
-    for (f, problem, bytes) in checks {
-        report.files += 1;
-        report.file_bytes += bytes;
-        if let Some(p) = problem {
-            fail(&mut report, &f, p);
-        }
-    }
+        .collect()
+}
 
-    // 3. Decode: every trial of every array and every statistic, against its values hash.
+/// Every trial of every array and every statistic, decoded and compared with its values hash:
+/// a file can match its checksum and still not decode to what the source held.
+fn decode_arrays(report: &mut VerifyReport, manifest: &Manifest) {
     let mut by_array: BTreeMap<&str, Vec<&manifest::EntryInfo>> = BTreeMap::new();
     for e in &manifest.entries {
         if let (Some(output), Some(_)) = (&e.output, &e.values_blake3) {
@@ -171,78 +192,76 @@ pub fn verify(dir: &Path, against: Option<&Path>) -> Result<VerifyReport> {
         let Some(path) = ZarrPath::parse(output) else {
             continue;
         };
-        let opened = FilesystemStore::new(dir.join(&path.store))
-            .map_err(|e| e.to_string())
-            .and_then(|s| Array::open(Arc::new(s), &path.node_path()).map_err(|e| e.to_string()));
-        let array = match opened {
+        let array = match open_array(&report.dataset, &path) {
             Ok(a) => a,
             Err(e) => {
-                fail(&mut report, output, format!("cannot open the array: {e}"));
+                report.fail(output, format!("cannot open the array: {e}"));
                 continue;
             }
         };
-        let shape = array.shape().to_vec();
         let results: Vec<(u64, Option<String>)> = entries
             .par_iter()
-            .map(|e| {
-                let ranges: Vec<std::ops::Range<u64>> = match e.index {
-                    Some(i) => std::iter::once(i..i + 1)
-                        .chain(shape[1..].iter().map(|&d| 0..d))
-                        .collect(),
-                    None => shape.iter().map(|&d| 0..d).collect(),
-                };
-                let decoded: std::result::Result<ArrayBytes<'static>, String> = array
-                    .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
-                    .map_err(|err| err.to_string());
-                match decoded.and_then(|b| {
-                    b.into_fixed()
-                        .map(|raw| raw.into_owned())
-                        .map_err(|err| err.to_string())
-                }) {
-                    Ok(raw) if Some(blake3::hash(&raw).to_hex().to_string()) == e.values_blake3 => {
-                        (raw.len() as u64, None)
-                    }
-                    Ok(raw) => (
-                        raw.len() as u64,
-                        Some(format!(
-                            "decoded values of {} differ from the source's",
-                            e.path
-                        )),
-                    ),
-                    Err(err) => (
-                        0,
-                        Some(format!("cannot decode the values of {}: {err}", e.path)),
-                    ),
-                }
-            })
+            .map(|e| decode_entry(&array, e))
             .collect();
         for (bytes, problem) in results {
             report.decoded_bytes += bytes;
             if let Some(p) = problem {
-                fail(&mut report, output, p);
+                report.fail(output, p);
             }
         }
     }
+}
+
+fn open_array(dir: &Path, path: &ZarrPath) -> std::result::Result<Array<FilesystemStore>, String> {
+    let store = FilesystemStore::new(dir.join(&path.store)).map_err(|e| e.to_string())?;
+    Array::open(Arc::new(store), &path.node_path()).map_err(|e| e.to_string())
+}
+
+/// (bytes decoded, problem) for one entry: its trial of the array (`index`), or the whole
+/// array for a statistic.
+fn decode_entry(array: &Array<FilesystemStore>, e: &manifest::EntryInfo) -> (u64, Option<String>) {
+    let shape = array.shape();
+    let ranges: Vec<std::ops::Range<u64>> = match e.index {
+        Some(i) => std::iter::once(i..i + 1)
+            .chain(shape[1..].iter().map(|&d| 0..d))
+            .collect(),
+        None => shape.iter().map(|&d| 0..d).collect(),
+    };
+    let decoded: std::result::Result<ArrayBytes<'static>, String> = array
+        .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
+        .map_err(|err| err.to_string());
+    match decoded.and_then(|b| {
+        b.into_fixed()
+            .map(|raw| raw.into_owned())
+            .map_err(|err| err.to_string())
+    }) {
+        Ok(raw) if Some(blake3::hash(&raw).to_hex().to_string()) == e.values_blake3 => {
+            (raw.len() as u64, None)
+        }
+        Ok(raw) => (
+            raw.len() as u64,
+            Some(format!(
+                "decoded values of {} differ from the source's",
+                e.path
+            )),
+        ),
+        Err(err) => (
+            0,
+            Some(format!("cannot decode the values of {}: {err}", e.path)),
+        ),
+    }
+}
+
+fn decode_tables(report: &mut VerifyReport, manifest: &Manifest) {
     for o in manifest
         .outputs
         .iter()
         .filter(|o| o.path.ends_with(".parquet"))
     {
-        if let Err(problem) = decode_table(&dir.join(&o.path)) {
-            fail(&mut report, &o.path, problem);
+        if let Err(problem) = decode_table(&report.dataset.join(&o.path)) {
+            report.fail(&o.path, problem);
         }
     }
-
-    // 4. Against the source: the same entries, the same bytes.
-    if let Some(source_path) = against {
-        compare_with_source(&mut report, &manifest, source_path)?;
-    }
-    finish(report, started)
-}
-
-fn finish(mut report: VerifyReport, started: Instant) -> Result<VerifyReport> {
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
 /// Reads every row group of a table, decoding every column.
@@ -261,6 +280,7 @@ fn decode_table(path: &Path) -> std::result::Result<u64, String> {
     Ok(rows)
 }
 
+/// Against the source: the same entries, the same bytes, the same decoded values.
 fn compare_with_source(
     report: &mut VerifyReport,
     manifest: &Manifest,
@@ -293,40 +313,13 @@ fn compare_with_source(
     let problems: Vec<String> = map_with_state(
         source.entries.len(),
         || source.reader(),
-        |i, reader, _| -> Option<String> {
+        |i, reader, _| {
             let entry = &source.entries[i];
             let info = in_manifest.get(entry.path.as_str())?;
-            let reader = match reader {
-                Ok(r) => r,
-                Err(e) => return Some(e.to_string()),
-            };
-            let bytes = match reader.read(entry) {
-                Ok(b) => b,
-                Err(e) => return Some(e.to_string()),
-            };
-            if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
-                return Some(format!(
-                    "{}: differs from the entry that was converted",
-                    located(&entry.path)
-                ));
+            match reader {
+                Ok(r) => compare_entry(r.as_mut(), entry, info, source_path),
+                Err(e) => Some(e.to_string()),
             }
-            if let Some(values) = &info.values_blake3 {
-                let header = npy::parse_header(&bytes)
-                    .and_then(|h| h.check_file_len(bytes.len() as u64).map(|_| h));
-                match header {
-                    Ok(h) => {
-                        let le = npy::to_little_endian_c(&h, &bytes[h.payload_offset..]);
-                        if blake3::hash(&le).to_hex().as_str() != values {
-                            return Some(format!(
-                                "{}: decoded values differ from the output's",
-                                located(&entry.path)
-                            ));
-                        }
-                    }
-                    Err(e) => return Some(format!("{}: {e}", located(&entry.path))),
-                }
-            }
-            None
         },
     )
     .into_iter()
@@ -334,4 +327,36 @@ fn compare_with_source(
     .collect();
     report.failures.extend(problems);
     Ok(())
+}
+
+/// The entry's bytes against its checksum, then, for an array, its values in little-endian
+/// C order against the hash of what the output decodes to.
+fn compare_entry(
+    reader: &mut dyn EntryReader,
+    entry: &Entry,
+    info: &manifest::EntryInfo,
+    source_path: &Path,
+) -> Option<String> {
+    let located = format!("{}: {}", source_path.display(), entry.path);
+    let bytes = match reader.read(entry) {
+        Ok(b) => b,
+        // Read errors name the entry themselves.
+        Err(e) => return Some(e.to_string()),
+    };
+    if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
+        return Some(format!(
+            "{located}: differs from the entry that was converted"
+        ));
+    }
+    let values = info.values_blake3.as_ref()?;
+    let header =
+        npy::parse_header(&bytes).and_then(|h| h.check_file_len(bytes.len() as u64).map(|_| h));
+    match header {
+        Ok(h) => {
+            let le = npy::to_little_endian_c(&h, &bytes[h.payload_offset..]);
+            (blake3::hash(&le).to_hex().as_str() != values)
+                .then(|| format!("{located}: decoded values differ from the output's"))
+        }
+        Err(e) => Some(format!("{located}: {e}")),
+    }
 }

@@ -83,6 +83,21 @@ impl PipelineChoice {
     }
 }
 
+/// The text of the embedded pipeline `name`, for `default-pipeline`.
+pub fn by_name(name: &str) -> Result<&'static str> {
+    match EMBEDDED.iter().find(|(n, _)| *n == name) {
+        Some((_, text)) => Ok(text),
+        None => {
+            let names: Vec<&str> = EMBEDDED.iter().map(|(n, _)| *n).collect();
+            Err(Error::bad_input(
+                name,
+                "no embedded pipeline has this name",
+                format!("embedded pipelines: {}", names.join(", ")),
+            ))
+        }
+    }
+}
+
 fn embedded_text(name: &str) -> &'static str {
     EMBEDDED
         .iter()
