@@ -18,12 +18,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::keys::StageKey;
 use super::lock::{self_checksum, write_replacing, write_synced, StageLock};
 use super::stage_run::{Scope, StageRunner};
 use super::{self as runner, ConvertOptions, Prepared};
 use crate::error::{Error, Result};
 use crate::pipeline::spec::Pipeline;
 use crate::progress::ProgressMode;
+use crate::stages::registry::Stage;
 use crate::stages::MeasureValues;
 
 pub const JOB_FILE: &str = "job.json";
@@ -334,8 +336,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
     let prep = runner::prepare(opts, &pipeline)?;
     let dir = shards_dir(&opts.store, &prep.name);
     let block = trial_block(&pipeline, &prep)?;
-    let n = prep.plan.n_trials();
-    let trials = part(n, block, shard);
+    let trials = part(prep.plan.n_trials(), block, shard);
     let mut report = ShardReport {
         dataset: prep.name.clone(),
         shard,
@@ -350,39 +351,16 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         report.up_to_date = true;
         return Ok(report);
     }
-    let job = Job {
-        format: JOB_FORMAT.into(),
-        dataset: prep.name.clone(),
-        tool_version: crate::VERSION.into(),
-        source_name: prep.source.name.clone(),
-        source_path: std::fs::canonicalize(&opts.source).unwrap_or_else(|_| opts.source.clone()),
-        source_fingerprint: prep.source_fingerprint.clone(),
-        pipeline_hash: prep.pipeline_hash.clone(),
-        pipeline_file: opts.pipeline_file.clone(),
-        pipeline_text: opts.pipeline_text.clone(),
-        force: opts.force,
-        shards: shard.count,
-        trials: n,
-        trial_block: block,
-    };
+    let job = new_job(opts, &prep, shard, block);
     std::fs::create_dir_all(dir.join(RECEIPTS))
         .map_err(|e| Error::io(dir.join(RECEIPTS), "cannot create the shards folder", e))?;
     join_job(&dir, &job)?;
 
     let receipt_file = receipt_path(&dir, shard);
-    if let Ok(r) = Receipt::read(&receipt_file) {
-        if r.job == job.identity_hash() && r.shard == shard && r.trials == trials {
-            match r.damaged_file(&dir) {
-                None => {
-                    report.already_done = true;
-                    report.seconds = started.elapsed().as_secs_f64();
-                    return Ok(report);
-                }
-                Some(file) => {
-                    tracing::warn!(file = %file, "a file of this shard's earlier receipt is damaged; converting the shard again")
-                }
-            }
-        }
+    if earlier_receipt_holds(&dir, &receipt_file, &job, shard, &trials) {
+        report.already_done = true;
+        report.seconds = started.elapsed().as_secs_f64();
+        return Ok(report);
     }
     // The old receipt goes before any file it names is rewritten: a receipt never vouches for a
     // file being written.
@@ -391,18 +369,8 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             .map_err(|e| Error::io(&receipt_file, "cannot remove an old receipt", e))?;
     }
 
-    // A task runs the stages that run in parts only; `finalize` runs the others.
-    let threads = runner::thread_choice(opts, &prep, |i| runs_in_parts(&prep, i))?.threads;
-    let stages = StageRunner::new(&prep, threads, opts.direct_io, opts.progress)?;
-    let scope = Scope::Part {
-        trials: trials.clone(),
-        dir: &dir,
-    };
-    let mut locks = Vec::new();
-    for (lock, stage) in stages.run(&scope, |_| Ok(()))? {
-        report.bytes += stage.bytes;
-        locks.push(lock);
-    }
+    let (locks, bytes) = run_part(opts, &prep, &dir, trials.clone())?;
+    report.bytes = bytes;
     let mut receipt = Receipt {
         format: RECEIPT_FORMAT.into(),
         dataset: prep.name.clone(),
@@ -416,6 +384,69 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
     receipt.write(&receipt_file)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The job this task belongs to, as it would record it in `job.json`.
+fn new_job(opts: &ConvertOptions, prep: &Prepared, shard: Shard, block: usize) -> Job {
+    Job {
+        format: JOB_FORMAT.into(),
+        dataset: prep.name.clone(),
+        tool_version: crate::VERSION.into(),
+        source_name: prep.source.name.clone(),
+        source_path: std::fs::canonicalize(&opts.source).unwrap_or_else(|_| opts.source.clone()),
+        source_fingerprint: prep.source_fingerprint.clone(),
+        pipeline_hash: prep.pipeline_hash.clone(),
+        pipeline_file: opts.pipeline_file.clone(),
+        pipeline_text: opts.pipeline_text.clone(),
+        force: opts.force,
+        shards: shard.count,
+        trials: prep.plan.n_trials(),
+        trial_block: block,
+    }
+}
+
+/// Whether an earlier task already did this part: its receipt is this job's, for these trials,
+/// and every file it names is intact.
+fn earlier_receipt_holds(
+    dir: &Path,
+    receipt_file: &Path,
+    job: &Job,
+    shard: Shard,
+    trials: &Range<usize>,
+) -> bool {
+    let Ok(r) = Receipt::read(receipt_file) else {
+        return false;
+    };
+    if r.job != job.identity_hash() || r.shard != shard || r.trials != *trials {
+        return false;
+    }
+    match r.damaged_file(dir) {
+        None => true,
+        Some(file) => {
+            tracing::warn!(file = %file, "a file of this shard's earlier receipt is damaged; converting the shard again");
+            false
+        }
+    }
+}
+
+/// Runs the trials `trials` of the stages that run in parts (`finalize` runs the others);
+/// returns their locks and the bytes they wrote.
+fn run_part(
+    opts: &ConvertOptions,
+    prep: &Prepared,
+    dir: &Path,
+    trials: Range<usize>,
+) -> Result<(Vec<StageLock>, u64)> {
+    let threads = runner::thread_choice(opts, prep, |i| runs_in_parts(prep, i))?.threads;
+    let stages = StageRunner::new(prep, threads, opts.direct_io, opts.progress)?;
+    let scope = Scope::Part { trials, dir };
+    let mut locks = Vec::new();
+    let mut bytes = 0;
+    for (lock, stage) in stages.run(&scope, |_| Ok(()))? {
+        bytes += stage.bytes;
+        locks.push(lock);
+    }
+    Ok((locks, bytes))
 }
 
 /// Creates `job.json` if this is the first task, or checks that this task belongs to the run
@@ -524,21 +555,7 @@ pub enum Finalized {
 
 /// `finalize STORE/NAME`: checks every receipt and publishes the dataset.
 pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
-    let name = opts
-        .dataset_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            Error::usage(
-                format!("{}: not a dataset path", opts.dataset_dir.display()),
-                "give STORE/NAME, the folder the dataset is published as",
-            )
-        })?
-        .to_string();
-    let store = match opts.dataset_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let (store, name) = store_and_name(&opts.dataset_dir)?;
     let dir = shards_dir(&store, &name);
     if !dir.join(JOB_FILE).is_file() {
         if opts
@@ -584,6 +601,25 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
     Ok(Finalized::Converted(report))
 }
 
+/// `STORE/NAME` split into the store (`.` when not given) and the dataset name.
+fn store_and_name(dataset_dir: &Path) -> Result<(PathBuf, String)> {
+    let name = dataset_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            Error::usage(
+                format!("{}: not a dataset path", dataset_dir.display()),
+                "give STORE/NAME, the folder the dataset is published as",
+            )
+        })?
+        .to_string();
+    let store = match dataset_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((store, name))
+}
+
 /// Checks every receipt of the run against the plan and the files, and merges them into one
 /// lock per `trial_array` stage (by stage index), as a single run would have recorded it.
 fn collect_receipts(
@@ -592,6 +628,27 @@ fn collect_receipts(
     job: &Job,
     dir: &Path,
 ) -> Result<Vec<(usize, StageLock)>> {
+    let block = check_job(pipeline, prep, job, dir)?;
+    let n = prep.plan.n_trials();
+    let receipts = read_receipts(job, dir, n, block)?;
+    let mut merged = Vec::new();
+    for (index, ((stage, plan), key)) in pipeline
+        .stages
+        .iter()
+        .zip(&prep.plan.stages)
+        .zip(&prep.keys)
+        .enumerate()
+    {
+        if plan.runs_in_parts() {
+            merged.push((index, merge_stage(stage, key, &receipts, n)?));
+        }
+    }
+    Ok(merged)
+}
+
+/// The shards were converted from this source, into the trial blocks of this plan; returns the
+/// block.
+fn check_job(pipeline: &Pipeline, prep: &Prepared, job: &Job, dir: &Path) -> Result<usize> {
     if job.source_fingerprint != prep.source_fingerprint {
         return Err(Error::bad_input(
             prep.source.name.clone(),
@@ -607,6 +664,11 @@ fn collect_receipts(
             job.trials, job.trial_block
         )));
     }
+    Ok(block)
+}
+
+/// Every task's receipt, in shard order; what is wrong with any of them is reported together.
+fn read_receipts(job: &Job, dir: &Path, n: usize, block: usize) -> Result<Vec<Receipt>> {
     let mut problems = Vec::new();
     let mut receipts = Vec::with_capacity(job.shards);
     for index in 0..job.shards {
@@ -614,37 +676,10 @@ fn collect_receipts(
             index,
             count: job.shards,
         };
-        let path = receipt_path(dir, shard);
-        let receipt = match Receipt::read(&path) {
-            Ok(r) => r,
-            Err(_) if !path.exists() => {
-                problems.push(format!(
-                    "shard {shard}: no receipt (the task did not finish)"
-                ));
-                continue;
-            }
-            Err(why) => {
-                problems.push(format!("shard {shard}: receipt {}: {why}", path.display()));
-                continue;
-            }
-        };
-        if receipt.job != job.identity_hash()
-            || receipt.shard != shard
-            || receipt.trials != part(n, block, shard)
-        {
-            problems.push(format!(
-                "shard {shard}: receipt {} belongs to another run",
-                path.display()
-            ));
-            continue;
+        match checked_receipt(job, dir, shard, part(n, block, shard)) {
+            Ok(receipt) => receipts.push(receipt),
+            Err(problem) => problems.push(problem),
         }
-        if let Some(file) = receipt.damaged_file(dir) {
-            problems.push(format!(
-                "shard {shard}: {file} is missing or does not match its receipt"
-            ));
-            continue;
-        }
-        receipts.push(receipt);
     }
     if !problems.is_empty() {
         return Err(Error::ShardsIncomplete {
@@ -652,62 +687,94 @@ fn collect_receipts(
             problems,
         });
     }
-    let mut merged = Vec::new();
-    for (index, ((stage, plan), key)) in pipeline
-        .stages
-        .iter()
-        .zip(&prep.plan.stages)
-        .zip(&prep.keys)
-        .enumerate()
-    {
-        if !plan.runs_in_parts() {
-            continue;
+    Ok(receipts)
+}
+
+/// The receipt of `shard`, when it is there, of this run, for `trials`, and every file it names
+/// is intact; else what is wrong.
+fn checked_receipt(
+    job: &Job,
+    dir: &Path,
+    shard: Shard,
+    trials: Range<usize>,
+) -> std::result::Result<Receipt, String> {
+    let path = receipt_path(dir, shard);
+    let receipt = match Receipt::read(&path) {
+        Ok(r) => r,
+        Err(_) if !path.exists() => {
+            return Err(format!(
+                "shard {shard}: no receipt (the task did not finish)"
+            ))
         }
-        let mut outputs = BTreeMap::new();
-        let mut entries = Vec::new();
-        let mut measures: BTreeMap<String, MeasureValues> = BTreeMap::new();
-        for receipt in &receipts {
-            let part = receipt
-                .stages
-                .iter()
-                .find(|s| s.id == stage.id() && s.key == key.key)
-                .ok_or_else(|| {
-                    Error::Internal(format!(
-                        "receipt of shard {} has no record of stage {} with this key",
-                        receipt.shard,
-                        stage.id()
-                    ))
-                })?;
-            outputs.extend(part.outputs.clone());
-            entries.extend(part.entries.iter().cloned());
-            for (m, values) in &part.measures {
-                match (measures.get_mut(m), values) {
-                    (None, v) => {
-                        measures.insert(m.clone(), v.clone());
-                    }
-                    (Some(MeasureValues::Int32(all)), MeasureValues::Int32(more)) => {
-                        all.extend(more)
-                    }
-                    (Some(MeasureValues::Bool(all)), MeasureValues::Bool(more)) => all.extend(more),
-                    _ => {
-                        return Err(Error::Internal(format!(
-                            "measure {m} of stage {} has different types across receipts",
-                            stage.id()
-                        )))
-                    }
-                }
+        Err(why) => return Err(format!("shard {shard}: receipt {}: {why}", path.display())),
+    };
+    if receipt.job != job.identity_hash() || receipt.shard != shard || receipt.trials != trials {
+        return Err(format!(
+            "shard {shard}: receipt {} belongs to another run",
+            path.display()
+        ));
+    }
+    if let Some(file) = receipt.damaged_file(dir) {
+        return Err(format!(
+            "shard {shard}: {file} is missing or does not match its receipt"
+        ));
+    }
+    Ok(receipt)
+}
+
+/// One stage's lock from its record in every receipt, joined in shard (so trial) order; the
+/// records must cover the plan's `n` trials.
+fn merge_stage(stage: &Stage, key: &StageKey, receipts: &[Receipt], n: usize) -> Result<StageLock> {
+    let mut outputs = BTreeMap::new();
+    let mut entries = Vec::new();
+    let mut measures: BTreeMap<String, MeasureValues> = BTreeMap::new();
+    for receipt in receipts {
+        let part = receipt
+            .stages
+            .iter()
+            .find(|s| s.id == stage.id() && s.key == key.key)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "receipt of shard {} has no record of stage {} with this key",
+                    receipt.shard,
+                    stage.id()
+                ))
+            })?;
+        outputs.extend(part.outputs.clone());
+        entries.extend(part.entries.iter().cloned());
+        append_measures(&mut measures, &part.measures, stage.id())?;
+    }
+    if entries.len() != n {
+        return Err(Error::Internal(format!(
+            "the receipts of stage {} cover {} trials, the plan has {n}",
+            stage.id(),
+            entries.len()
+        )));
+    }
+    Ok(key.lock(stage, outputs, entries, measures))
+}
+
+/// Appends one part's values of each measure to those of the parts before it.
+fn append_measures(
+    measures: &mut BTreeMap<String, MeasureValues>,
+    part: &BTreeMap<String, MeasureValues>,
+    stage: &str,
+) -> Result<()> {
+    for (m, values) in part {
+        match (measures.get_mut(m), values) {
+            (None, v) => {
+                measures.insert(m.clone(), v.clone());
+            }
+            (Some(MeasureValues::Int32(all)), MeasureValues::Int32(more)) => all.extend(more),
+            (Some(MeasureValues::Bool(all)), MeasureValues::Bool(more)) => all.extend(more),
+            _ => {
+                return Err(Error::Internal(format!(
+                    "measure {m} of stage {stage} has different types across receipts"
+                )))
             }
         }
-        if entries.len() != n {
-            return Err(Error::Internal(format!(
-                "the receipts of stage {} cover {} trials, the plan has {n}",
-                stage.id(),
-                entries.len()
-            )));
-        }
-        merged.push((index, key.lock(stage, outputs, entries, measures)));
     }
-    Ok(merged)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -88,25 +88,7 @@ pub fn claim_entries(pipeline: &Pipeline, source: &Source) -> Result<Vec<Disposi
             )));
             continue;
         }
-        let mut claim = None;
-        for (i, stage) in pipeline.stages.iter().enumerate() {
-            let Some(rest) = entry
-                .path
-                .strip_prefix(stage.source())
-                .and_then(|r| r.strip_prefix('/'))
-            else {
-                continue;
-            };
-            if stage.claims(rest) {
-                let name = rest.trim_end_matches(".npy");
-                claim = Some(match excludes[i].iter().any(|m| m.is_match(name)) {
-                    true => Disposition::Skipped(format!("excluded by stage {}", stage.id())),
-                    false => Disposition::Stage(i),
-                });
-                break;
-            }
-        }
-        match claim {
+        match claim(pipeline, &excludes, &entry.path) {
             Some(d) => dispositions.push(d),
             None => {
                 unclaimed.push(entry.path.clone());
@@ -115,20 +97,45 @@ pub fn claim_entries(pipeline: &Pipeline, source: &Source) -> Result<Vec<Disposi
         }
     }
     if !unclaimed.is_empty() {
-        let shown: Vec<_> = unclaimed.iter().take(5).map(String::as_str).collect();
-        return Err(Error::bad_input(
-            source.path.display().to_string(),
-            format!(
-                "{} entr{} that no stage of the pipeline reads: {}{}",
-                unclaimed.len(),
-                if unclaimed.len() == 1 { "y" } else { "ies" },
-                shown.join(", "),
-                if unclaimed.len() > 5 { ", ..." } else { "" }
-            ),
-            "nothing is dropped silently: add a `skip` rule (with a reason) or a stage for them to the pipeline file",
-        ));
+        return Err(unclaimed_error(source, &unclaimed));
     }
     Ok(dispositions)
+}
+
+/// The first stage whose source holds `path` and that claims it: the stage, or skipped where
+/// one of the stage's `excludes` matches.
+fn claim(pipeline: &Pipeline, excludes: &[Vec<GlobMatcher>], path: &str) -> Option<Disposition> {
+    for (i, stage) in pipeline.stages.iter().enumerate() {
+        let Some(rest) = path
+            .strip_prefix(stage.source())
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            continue;
+        };
+        if stage.claims(rest) {
+            let name = rest.trim_end_matches(".npy");
+            return Some(match excludes[i].iter().any(|m| m.is_match(name)) {
+                true => Disposition::Skipped(format!("excluded by stage {}", stage.id())),
+                false => Disposition::Stage(i),
+            });
+        }
+    }
+    None
+}
+
+fn unclaimed_error(source: &Source, unclaimed: &[String]) -> Error {
+    let shown: Vec<_> = unclaimed.iter().take(5).map(String::as_str).collect();
+    Error::bad_input(
+        source.path.display().to_string(),
+        format!(
+            "{} entr{} that no stage of the pipeline reads: {}{}",
+            unclaimed.len(),
+            if unclaimed.len() == 1 { "y" } else { "ies" },
+            shown.join(", "),
+            if unclaimed.len() > 5 { ", ..." } else { "" }
+        ),
+        "nothing is dropped silently: add a `skip` rule (with a reason) or a stage for them to the pipeline file",
+    )
 }
 
 fn plan_claimed<'p>(
@@ -240,7 +247,6 @@ where
     C: 'p,
 {
     let source = ctx.source;
-    let trial_ids = &mut *ctx.trial_ids;
     let number = |a: &ArrayEntry| {
         trial_number(
             source.entries[a.entry]
@@ -252,14 +258,27 @@ where
         .unwrap_or(u32::MAX)
     };
     entries.sort_by_key(number);
-    let Some(first) = entries.first() else {
+    if entries.is_empty() {
         return Err(Error::bad_input(
             format!("{}: {folder}", source.path.display()),
             format!("no trial files (`{folder}/<trial>.npy`) for stage {id}"),
             "check that the source is a complete Sensorium mouse, or remove the stage from the pipeline",
         ));
-    };
+    }
     let ids: Vec<u32> = entries.iter().map(number).collect();
+    check_unique_trials(source, folder, &ids)?;
+    same_trials(source, folder, ctx.trial_ids, ids)?;
+    let (dtype, trial_shape) = common_dtype_and_shape(source, &entries)?;
+    Ok(TrialPlan {
+        config,
+        trials: entries,
+        dtype,
+        trial_shape,
+    })
+}
+
+/// Trial numbers (sorted) appear once each.
+fn check_unique_trials(source: &Source, folder: &str, ids: &[u32]) -> Result<()> {
     for pair in ids.windows(2) {
         if pair[0] == pair[1] {
             return Err(Error::bad_input(
@@ -272,22 +291,40 @@ where
             ));
         }
     }
-    // Every per-trial variable must hold the same trials.
-    match trial_ids {
-        None => *trial_ids = Some((ids, folder.to_string())),
-        Some((have, from)) => {
-            if *have != ids {
-                let missing_here = have.iter().find(|t| !ids.contains(t));
-                let extra_here = ids.iter().find(|t| !have.contains(t));
-                let problem = match (missing_here, extra_here) {
-                    (Some(t), _) => format!("trial {t} exists in {from} but not in {folder}"),
-                    (None, Some(t)) => format!("trial {t} exists in {folder} but not in {from}"),
-                    _ => format!("{folder} and {from} hold different trials"),
-                };
-                return Err(Error::bad_input(source.path.display().to_string(), problem, "every data/<variable>/ folder must hold the same trial numbers; re-download the archive"));
-            }
-        }
+    Ok(())
+}
+
+/// Every per-trial variable must hold the same trials: the first one read sets `trial_ids`.
+fn same_trials(
+    source: &Source,
+    folder: &str,
+    trial_ids: &mut Option<(Vec<u32>, String)>,
+    ids: Vec<u32>,
+) -> Result<()> {
+    let Some((have, from)) = trial_ids else {
+        *trial_ids = Some((ids, folder.to_string()));
+        return Ok(());
+    };
+    if *have == ids {
+        return Ok(());
     }
+    let missing_here = have.iter().find(|t| !ids.contains(t));
+    let extra_here = ids.iter().find(|t| !have.contains(t));
+    let problem = match (missing_here, extra_here) {
+        (Some(t), _) => format!("trial {t} exists in {from} but not in {folder}"),
+        (None, Some(t)) => format!("trial {t} exists in {folder} but not in {from}"),
+        _ => format!("{folder} and {from} hold different trials"),
+    };
+    Err(Error::bad_input(
+        source.path.display().to_string(),
+        problem,
+        "every data/<variable>/ folder must hold the same trial numbers; re-download the archive",
+    ))
+}
+
+/// The numeric dtype and the shape that every trial (at least one) has.
+fn common_dtype_and_shape(source: &Source, entries: &[ArrayEntry]) -> Result<(Dtype, Vec<u64>)> {
+    let first = &entries[0];
     let (dtype, shape) = (first.header.dtype, first.header.shape.clone());
     if !dtype.is_numeric() {
         return Err(Error::bad_input(
@@ -296,7 +333,7 @@ where
             "check the source",
         ));
     }
-    for a in &entries {
+    for a in entries {
         if a.header.dtype != dtype || a.header.shape != shape {
             return Err(Error::bad_input(
                 source.locate(&source.entries[a.entry]),
@@ -305,10 +342,5 @@ where
             ));
         }
     }
-    Ok(TrialPlan {
-        config,
-        trials: entries,
-        dtype,
-        trial_shape: shape,
-    })
+    Ok((dtype, shape))
 }

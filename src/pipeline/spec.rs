@@ -114,70 +114,52 @@ impl Pipeline {
     }
 
     fn check(&self, file: &str) -> Result<()> {
-        let bad = |problem: String, hint: &str| Err(Error::bad_pipeline(file, problem, hint));
         if self.version != 1 {
             return bad(
+                file,
                 format!("version {} is not supported", self.version),
                 "this tool reads pipeline files of version 1",
             );
         }
-        self.check_frame_rate().or_else(|(p, h)| bad(p, h))?;
-        if let Some(name) = &self.contract {
-            if crate::validate::contract::load(name).is_none() {
-                let known: Vec<&str> = crate::validate::contract::known().collect();
-                return bad(
-                    format!("unknown contract {name:?}"),
-                    &format!("known contracts: {}; remove `contract` for a pipeline whose outputs differ from them", known.join(", ")),
-                );
-            }
-        }
+        self.check_frame_rate().or_else(|(p, h)| bad(file, p, h))?;
+        self.check_contract(file)?;
         if self.stages.is_empty() {
-            return bad("the pipeline has no stages".into(), HINT);
+            return bad(file, "the pipeline has no stages".into(), HINT);
         }
-        let mut ids = std::collections::BTreeSet::new();
-        let mut outputs = std::collections::BTreeSet::new();
+        let mut seen = SeenStages::default();
         for (i, stage) in self.stages.iter().enumerate() {
             let here = format!("stages[{i}] ({})", stage.id());
-            if !is_plain_name(stage.id()) {
-                return bad(
-                    format!("{here}: id must be letters, digits, `_` or `-`"),
-                    HINT,
-                );
-            }
-            if !ids.insert(stage.id()) {
-                return bad(
-                    format!("{here}: a second stage has the id {:?}", stage.id()),
-                    "give every stage its own id",
-                );
-            }
-            let output = stage.output();
-            check_relative_path(output).or_else(|p| bad(format!("{here}: output {output:?} {p}"), "outputs are paths inside the dataset folder, like `data.zarr/videos` or `trials.parquet`"))?;
-            check_relative_path(stage.source()).or_else(|p| {
-                bad(
-                    format!("{here}: source {:?} {p}", stage.source()),
-                    "sources are folders inside the dataset, like `data/videos`",
-                )
-            })?;
-            if let Some(reserved) = output
-                .split('/')
-                .next()
-                .filter(|first| RESERVED_OUTPUTS.contains(first))
-            {
-                return bad(
-                    format!("{here}: output {output:?} would overwrite {reserved}, which the tool writes itself"),
-                    "choose another output path",
-                );
-            }
-            if !outputs.insert(output.to_string()) {
-                return bad(
-                    format!("{here}: output {output:?} is written by an earlier stage too"),
-                    "give every stage its own output",
-                );
-            }
+            check_stage_common(file, &here, stage, &mut seen)?;
             stage
                 .check(&self.stages[..i])
-                .or_else(|p| bad(format!("{here}: {}", p.problem), &p.hint))?;
+                .or_else(|p| bad(file, format!("{here}: {}", p.problem), &p.hint))?;
         }
+        self.check_nested_outputs(file)?;
+        for rule in &self.skip {
+            if let Err(e) = globset::Glob::new(&rule.pattern) {
+                return bad(file, format!("skip pattern {:?}: {e}", rule.pattern), HINT);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_contract(&self, file: &str) -> Result<()> {
+        let Some(name) = &self.contract else {
+            return Ok(());
+        };
+        if crate::validate::contract::load(name).is_some() {
+            return Ok(());
+        }
+        let known: Vec<&str> = crate::validate::contract::known().collect();
+        bad(
+            file,
+            format!("unknown contract {name:?}"),
+            &format!("known contracts: {}; remove `contract` for a pipeline whose outputs differ from them", known.join(", ")),
+        )
+    }
+
+    /// No stage writes inside another's output.
+    fn check_nested_outputs(&self, file: &str) -> Result<()> {
         for (a, b) in self
             .stages
             .iter()
@@ -185,6 +167,7 @@ impl Pipeline {
         {
             if b.output().starts_with(&format!("{}/", a.output())) {
                 return bad(
+                    file,
                     format!(
                         "output {:?} of stage {} is inside output {:?} of stage {}",
                         b.output(),
@@ -196,13 +179,72 @@ impl Pipeline {
                 );
             }
         }
-        for rule in &self.skip {
-            if let Err(e) = globset::Glob::new(&rule.pattern) {
-                return bad(format!("skip pattern {:?}: {e}", rule.pattern), HINT);
-            }
-        }
         Ok(())
     }
+}
+
+fn bad(file: &str, problem: String, hint: &str) -> Result<()> {
+    Err(Error::bad_pipeline(file, problem, hint))
+}
+
+/// The ids and outputs of the stages checked so far.
+#[derive(Default)]
+struct SeenStages<'a> {
+    ids: std::collections::BTreeSet<&'a str>,
+    outputs: std::collections::BTreeSet<String>,
+}
+
+/// The checks every stage gets, whatever its kind: a plain, unique id; a source and an output
+/// that are paths inside the dataset; an output of its own, not one the tool writes itself.
+/// `here` names the stage in messages.
+fn check_stage_common<'a>(
+    file: &str,
+    here: &str,
+    stage: &'a Stage,
+    seen: &mut SeenStages<'a>,
+) -> Result<()> {
+    if !is_plain_name(stage.id()) {
+        return bad(
+            file,
+            format!("{here}: id must be letters, digits, `_` or `-`"),
+            HINT,
+        );
+    }
+    if !seen.ids.insert(stage.id()) {
+        return bad(
+            file,
+            format!("{here}: a second stage has the id {:?}", stage.id()),
+            "give every stage its own id",
+        );
+    }
+    let output = stage.output();
+    check_relative_path(output).or_else(|p| bad(file, format!("{here}: output {output:?} {p}"), "outputs are paths inside the dataset folder, like `data.zarr/videos` or `trials.parquet`"))?;
+    check_relative_path(stage.source()).or_else(|p| {
+        bad(
+            file,
+            format!("{here}: source {:?} {p}", stage.source()),
+            "sources are folders inside the dataset, like `data/videos`",
+        )
+    })?;
+    if let Some(reserved) = output
+        .split('/')
+        .next()
+        .filter(|first| RESERVED_OUTPUTS.contains(first))
+    {
+        return bad(
+            file,
+            format!("{here}: output {output:?} would overwrite {reserved}, which the tool writes itself"),
+            "choose another output path",
+        );
+    }
+    if !seen.outputs.insert(output.to_string()) {
+        return bad(
+            file,
+            format!("{here}: output {output:?} is written by an earlier stage too"),
+            "give every stage its own output",
+        );
+    }
+    Ok(())
 }
 
 /// Deserializes each stage alone with the type its `kind` names, which reports the key at fault

@@ -15,7 +15,7 @@ use super::kind::{self, ConfigProblem, Description, PlanContext, StageKind, Stag
 use super::registry::Stage;
 use super::{read_planned, EntryRecord, Measure, MeasureValues, StageContext, StageResult};
 use crate::error::{Error, Result};
-use crate::npy::{self, Kind};
+use crate::npy::{self, Header, Kind};
 use crate::pipeline::plan::{ArrayEntry, Disposition, Plan};
 use crate::pipeline::spec::{check_codec, Compression, HINT};
 use crate::source::{read_npy, Source};
@@ -79,89 +79,76 @@ pub struct MetaPlan<'p> {
 }
 
 pub fn run(ctx: &StageContext, plan: &MetaPlan) -> Result<StageResult> {
-    let c = plan.config;
-    let rows = plan.rows as usize;
-    let mut fields: Vec<Field> = Vec::new();
-    let mut columns: Vec<ArrayRef> = Vec::new();
-    let mut push = |fields: &mut Vec<Field>, name: &str, column: ArrayRef| -> Result<()> {
-        if fields.iter().any(|f| f.name() == name) {
+    let mut table = Columns::new(ctx.pipeline_file, &plan.config.id);
+    push_index_columns(ctx, plan, &mut table)?;
+    let result = push_file_columns(ctx, plan, &mut table)?;
+    push_derived_columns(ctx, plan, &mut table)?;
+    write_table(ctx, plan.config, table)?;
+    Ok(result)
+}
+
+/// The table's columns in order, as they are made. Names must be unique: two files can map to
+/// one name through `rename`, `split` or `derived`.
+struct Columns<'a> {
+    pipeline_file: &'a str,
+    stage: &'a str,
+    fields: Vec<Field>,
+    columns: Vec<ArrayRef>,
+}
+
+impl<'a> Columns<'a> {
+    fn new(pipeline_file: &'a str, stage: &'a str) -> Columns<'a> {
+        Columns {
+            pipeline_file,
+            stage,
+            fields: Vec::new(),
+            columns: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, name: &str, column: ArrayRef) -> Result<()> {
+        if self.fields.iter().any(|f| f.name() == name) {
             return Err(Error::bad_pipeline(
-                ctx.pipeline_file,
-                format!("stage {}: two columns are named {name:?}", c.id),
+                self.pipeline_file,
+                format!("stage {}: two columns are named {name:?}", self.stage),
                 "use `rename` to give every column its own name",
             ));
         }
-        fields.push(Field::new(name, column.data_type().clone(), true));
-        columns.push(column);
+        self.fields
+            .push(Field::new(name, column.data_type().clone(), true));
+        self.columns.push(column);
         Ok(())
-    };
-    push(
-        &mut fields,
+    }
+}
+
+/// The position on the axis, and for trial tables the trial number where the config names it.
+fn push_index_columns(ctx: &StageContext, plan: &MetaPlan, table: &mut Columns) -> Result<()> {
+    let c = plan.config;
+    let rows = plan.rows as usize;
+    table.push(
         &c.position_column,
         Arc::new(Int32Array::from((0..rows as i32).collect::<Vec<_>>())),
     )?;
     if let (MetaAxis::Trial, Some(name)) = (c.axis, &c.trial_id_column) {
-        push(
-            &mut fields,
-            name,
-            Arc::new(Int32Array::from(
-                ctx.plan
-                    .trial_ids
-                    .iter()
-                    .map(|&t| t as i32)
-                    .collect::<Vec<_>>(),
-            )),
-        )?;
+        let ids: Vec<i32> = ctx.plan.trial_ids.iter().map(|&t| t as i32).collect();
+        table.push(name, Arc::new(Int32Array::from(ids)))?;
     }
+    Ok(())
+}
+
+/// The meta files' columns, in the plan's order; returns what was read.
+fn push_file_columns(
+    ctx: &StageContext,
+    plan: &MetaPlan,
+    table: &mut Columns,
+) -> Result<StageResult> {
+    let c = plan.config;
     let mut reader = ctx.source.reader()?;
     let mut result = StageResult::default();
     for (stem, planned) in &plan.files {
         let (header, bytes, hash) = read_planned(ctx.source, reader.as_mut(), planned)?;
         let payload = &bytes[header.payload_offset..];
-        let located = || ctx.source.locate(&ctx.source.entries[planned.entry]);
-        arrow_type(header.dtype).ok_or_else(|| {
-            Error::bad_input(
-                located(),
-                format!("dtype {} cannot become a table column", header.dtype),
-                "skip the file in the pipeline",
-            )
-        })?;
-        match c.split.get(stem) {
-            Some(names) => {
-                if !header.dtype.is_numeric() {
-                    return Err(Error::bad_input(
-                        located(),
-                        "only numeric 2-D arrays can be split into columns",
-                        "skip the file in the pipeline",
-                    ));
-                }
-                let le = npy::to_little_endian_c(&header, payload);
-                for (j, name) in names.iter().enumerate() {
-                    push(
-                        &mut fields,
-                        name,
-                        numeric_column(header.dtype, &le, j, names.len())?,
-                    )?;
-                }
-            }
-            None => {
-                let name = c.rename.get(stem).unwrap_or(stem);
-                let column = match header.dtype.kind {
-                    Kind::Unicode | Kind::Bytes => {
-                        string_column(npy::decode_strings(&header, payload).map_err(|p| {
-                            Error::bad_input(located(), p, "re-export the file with numpy")
-                        })?)
-                    }
-                    _ => numeric_column(
-                        header.dtype,
-                        &npy::to_little_endian_c(&header, payload),
-                        0,
-                        1,
-                    )?,
-                };
-                push(&mut fields, name, column)?;
-            }
-        }
+        push_file(ctx, c, (stem, planned), &header, payload, table)?;
         result.bytes += payload.len() as u64;
         result.entries.push(EntryRecord {
             entry: planned.entry,
@@ -171,7 +158,61 @@ pub fn run(ctx: &StageContext, plan: &MetaPlan) -> Result<StageResult> {
             index: None,
         });
     }
-    for d in &c.derived {
+    Ok(result)
+}
+
+/// One file's column, named after the file (or as `rename` says); a file listed under `split`
+/// gives one column per second-axis index.
+fn push_file(
+    ctx: &StageContext,
+    c: &MetaTableConfig,
+    (stem, planned): (&str, &ArrayEntry),
+    header: &Header,
+    payload: &[u8],
+    table: &mut Columns,
+) -> Result<()> {
+    let located = || ctx.source.locate(&ctx.source.entries[planned.entry]);
+    arrow_type(header.dtype).ok_or_else(|| {
+        Error::bad_input(
+            located(),
+            format!("dtype {} cannot become a table column", header.dtype),
+            "skip the file in the pipeline",
+        )
+    })?;
+    if let Some(names) = c.split.get(stem) {
+        if !header.dtype.is_numeric() {
+            return Err(Error::bad_input(
+                located(),
+                "only numeric 2-D arrays can be split into columns",
+                "skip the file in the pipeline",
+            ));
+        }
+        let le = npy::to_little_endian_c(header, payload);
+        for (j, name) in names.iter().enumerate() {
+            table.push(name, numeric_column(header.dtype, &le, j, names.len())?)?;
+        }
+        return Ok(());
+    }
+    let name = c.rename.get(stem).map_or(stem, String::as_str);
+    let column = match header.dtype.kind {
+        Kind::Unicode | Kind::Bytes => string_column(
+            npy::decode_strings(header, payload)
+                .map_err(|p| Error::bad_input(located(), p, "re-export the file with numpy"))?,
+        ),
+        _ => numeric_column(
+            header.dtype,
+            &npy::to_little_endian_c(header, payload),
+            0,
+            1,
+        )?,
+    };
+    table.push(name, column)
+}
+
+/// The columns computed by earlier stages' measures.
+fn push_derived_columns(ctx: &StageContext, plan: &MetaPlan, table: &mut Columns) -> Result<()> {
+    let rows = plan.rows as usize;
+    for d in &plan.config.derived {
         let values = ctx
             .measures
             .get(&(d.stage.clone(), d.measure))
@@ -192,12 +233,21 @@ pub fn run(ctx: &StageContext, plan: &MetaPlan) -> Result<StageResult> {
                 column.len()
             )));
         }
-        push(&mut fields, &d.column, column)?;
+        table.push(&d.column, column)?;
     }
+    Ok(())
+}
+
+/// Writes the columns as one record batch.
+fn write_table(ctx: &StageContext, c: &MetaTableConfig, table: Columns) -> Result<()> {
     // Source arrays have no nulls (NaN is a value), so no column is nullable.
-    let fields: Vec<Field> = fields.into_iter().map(|f| f.with_nullable(false)).collect();
+    let fields: Vec<Field> = table
+        .fields
+        .into_iter()
+        .map(|f| f.with_nullable(false))
+        .collect();
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(schema.clone(), columns)
+    let batch = RecordBatch::try_new(schema.clone(), table.columns)
         .map_err(|e| Error::Internal(e.to_string()))?;
     let mut writer = TableWriter::create(
         &ctx.dataset_dir.join(&c.output),
@@ -206,8 +256,7 @@ pub fn run(ctx: &StageContext, plan: &MetaPlan) -> Result<StageResult> {
         ctx.provenance,
     )?;
     writer.write(&batch)?;
-    writer.finish()?;
-    Ok(result)
+    writer.finish()
 }
 
 /// Trials per tier, from the source's `tiers.npy` read by a stage (empty when there is none).
@@ -291,66 +340,12 @@ impl StageKind for MetaTableConfig {
     ) -> Result<Self::Plan<'p>> {
         let source = ctx.source;
         let n_trials = ctx.trial_ids.as_ref().map(|t| t.0.len() as u64);
-        let stem = |a: &ArrayEntry| {
-            source.entries[a.entry]
-                .path
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .trim_end_matches(".npy")
-                .to_string()
-        };
-        let mut files: Vec<(String, ArrayEntry)> =
-            entries.into_iter().map(|a| (stem(&a), a)).collect();
-        for req in &self.required {
-            if !files.iter().any(|(s, _)| s == req) {
-                return Err(Error::bad_input(
-                format!("{}: {}/{req}.npy", source.path.display(), self.source),
-                "required file is missing".to_string(),
-                format!("stage {} requires it; check that the source is complete, or remove it from `required`", self.id),
-            ));
-            }
-        }
-        let rank = |s: &str| self.order.iter().position(|o| o == s).unwrap_or(usize::MAX);
-        files.sort_by(|a, b| (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0)));
-        let mut rows = match self.axis {
+        let files = self.files_in_order(source, entries)?;
+        let known = match self.axis {
             MetaAxis::Trial => n_trials,
             MetaAxis::Neuron => ctx.dims.get("neuron"),
         };
-        for (name, a) in &files {
-            let located = source.locate(&source.entries[a.entry]);
-            let shape = &a.header.shape;
-            let ok_rank = match self.split.get(name) {
-                Some(cols) => shape.len() == 2 && shape[1] == cols.len() as u64,
-                None => shape.len() == 1,
-            };
-            if !ok_rank {
-                let want = match self.split.get(name) {
-                    Some(cols) => format!("(rows, {})", cols.len()),
-                    None => "(rows,)".to_string(),
-                };
-                return Err(Error::bad_input(
-                located,
-                format!(
-                    "shape {shape:?} does not fit table {}: expected {want}",
-                    self.output
-                ),
-                "list 2-D files under `split` in the pipeline, or skip the file with a `skip` rule",
-            ));
-            }
-            let len = shape[0];
-            match rows {
-                Some(r) if r != len => {
-                    let what = match self.axis {
-                        MetaAxis::Trial => "trials",
-                        MetaAxis::Neuron => "neurons",
-                    };
-                    return Err(Error::bad_input(located, format!("has {len} rows but the dataset has {r} {what}"), "the meta data does not belong to these trials/neurons; re-download the archive"));
-                }
-                _ => rows = Some(len),
-            }
-        }
-        let rows = rows.unwrap_or(0);
+        let rows = self.rows(source, &files, known)?.unwrap_or(0);
         if self.axis == MetaAxis::Neuron {
             ctx.dims.add("neuron", rows, &self.source, source)?;
         }
@@ -417,6 +412,91 @@ impl StageKind for MetaTableConfig {
                 .collect(),
             ..Description::default()
         })
+    }
+}
+
+impl MetaTableConfig {
+    /// The claimed files by stem, in column order (`order` first, the rest by name); every
+    /// `required` stem must be among them.
+    fn files_in_order(
+        &self,
+        source: &Source,
+        entries: Vec<ArrayEntry>,
+    ) -> Result<Vec<(String, ArrayEntry)>> {
+        let stem = |a: &ArrayEntry| {
+            source.entries[a.entry]
+                .path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches(".npy")
+                .to_string()
+        };
+        let mut files: Vec<(String, ArrayEntry)> =
+            entries.into_iter().map(|a| (stem(&a), a)).collect();
+        for req in &self.required {
+            if !files.iter().any(|(s, _)| s == req) {
+                return Err(Error::bad_input(
+                format!("{}: {}/{req}.npy", source.path.display(), self.source),
+                "required file is missing".to_string(),
+                format!("stage {} requires it; check that the source is complete, or remove it from `required`", self.id),
+            ));
+            }
+        }
+        let rank = |s: &str| self.order.iter().position(|o| o == s).unwrap_or(usize::MAX);
+        files.sort_by(|a, b| (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0)));
+        Ok(files)
+    }
+
+    /// The table's rows: every file's first axis, which must agree with the others and with
+    /// `known`, the axis's length where an earlier stage set it.
+    fn rows(
+        &self,
+        source: &Source,
+        files: &[(String, ArrayEntry)],
+        known: Option<u64>,
+    ) -> Result<Option<u64>> {
+        let mut rows = known;
+        for (name, a) in files {
+            self.check_rank(source, name, a)?;
+            let len = a.header.shape[0];
+            match rows {
+                Some(r) if r != len => {
+                    let what = match self.axis {
+                        MetaAxis::Trial => "trials",
+                        MetaAxis::Neuron => "neurons",
+                    };
+                    let located = source.locate(&source.entries[a.entry]);
+                    return Err(Error::bad_input(located, format!("has {len} rows but the dataset has {r} {what}"), "the meta data does not belong to these trials/neurons; re-download the archive"));
+                }
+                _ => rows = Some(len),
+            }
+        }
+        Ok(rows)
+    }
+
+    /// A file is 1-D, or 2-D with one column per name where `split` lists it.
+    fn check_rank(&self, source: &Source, name: &str, a: &ArrayEntry) -> Result<()> {
+        let shape = &a.header.shape;
+        let ok_rank = match self.split.get(name) {
+            Some(cols) => shape.len() == 2 && shape[1] == cols.len() as u64,
+            None => shape.len() == 1,
+        };
+        if ok_rank {
+            return Ok(());
+        }
+        let want = match self.split.get(name) {
+            Some(cols) => format!("(rows, {})", cols.len()),
+            None => "(rows,)".to_string(),
+        };
+        Err(Error::bad_input(
+            source.locate(&source.entries[a.entry]),
+            format!(
+                "shape {shape:?} does not fit table {}: expected {want}",
+                self.output
+            ),
+            "list 2-D files under `split` in the pipeline, or skip the file with a `skip` rule",
+        ))
     }
 }
 

@@ -14,15 +14,17 @@ use super::kind::{self, ConfigProblem, Description, PlanContext, StageKind, Stag
 use super::registry::Stage;
 use super::{read_planned_into, zarr_output, EntryRecord, StageContext, StageResult};
 use crate::error::{Error, Result};
-use crate::npy;
+use crate::npy::{self, Header};
 use crate::per_thread::map_with_state;
 use crate::pipeline::plan::{ArrayEntry, Plan};
 use crate::pipeline::spec::{check_codec, Compression, HINT};
-use crate::source::{EntryReader, Source};
+use crate::source::{Entry, EntryReader, Source};
 use crate::validate::{self, ExpectedArray};
 use crate::writers::output_store::BOUNCE_CAPACITY;
 use crate::writers::write_behind::{self, EncoderSlot, WriteBehind};
-use crate::writers::zarr::{encoder_layout, store_chunk, ArraySpec, ZarrPath, ZarrStore};
+use crate::writers::zarr::{
+    encoder_layout, store_chunk, ArraySpec, ZarrArray, ZarrPath, ZarrStore,
+};
 
 /// Every `<source>/<var>/<subset>/<stat>.npy` copied unchanged to `<output>/<var>/<subset>/<stat>`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -111,37 +113,13 @@ fn write_one(
     buffers: &mut Buffers,
 ) -> Result<(EntryRecord, u64)> {
     let entry = &ctx.source.entries[planned.entry];
-    let size = usize::try_from(entry.size).map_err(|_| {
-        Error::bad_input(
-            ctx.source.locate(entry),
-            format!(
-                "the entry claims {} bytes, more than this machine can address",
-                entry.size
-            ),
-            "check the source; a statistics array is a few MB",
-        )
-    })?;
-    buffers.entry.resize(size, 0);
+    buffers
+        .entry
+        .resize(addressable_size(ctx.source, entry)?, 0);
     let read = read_planned_into(ctx.source, reader, planned, &mut buffers.entry)?;
     let header = &planned.header;
-    let dimension_names = dimension_names(c, name, header.shape.len());
-    let mut attributes = serde_json::Map::new();
-    attributes.insert("source".into(), ctx.provenance.source.clone().into());
-    attributes.insert("source_file".into(), entry.path.clone().into());
-    attributes.insert("source_dtype".into(), header.dtype.to_string().into());
     let path = format!("{}/{name}", base.trim_end_matches('/'));
-    // One chunk: the whole array.
-    let chunk_shape: Vec<u64> = header.shape.iter().map(|&d| d.max(1)).collect();
-    let array = store.create_array(&ArraySpec {
-        path: &path,
-        shape: header.shape.clone(),
-        dtype: header.dtype,
-        shard_shape: None,
-        chunk_shape,
-        dimension_names,
-        attributes,
-        compression: &c.compression,
-    })?;
+    let array = create_array(ctx, c, store, &path, name, header, entry)?;
     let payload = npy::little_endian_c(
         header,
         &buffers.entry[header.payload_offset..],
@@ -155,33 +133,14 @@ fn write_one(
         blake3::hash(payload).to_hex().to_string()
     });
     if !payload.is_empty() || header.shape.is_empty() {
-        let indices = vec![0; header.shape.len()];
-        // Encoded with the thread's zstd context and buffer where writers::shard can, as the
-        // array's metadata says (the same bytes as zarrs'), else by zarrs.
-        match encoder_layout(&array) {
-            Some(layout) => {
-                let key = array.chunk_key(&indices);
-                let slot = &mut buffers.encoder;
-                slot.encoder()
-                    .and_then(|encoder| {
-                        encoder
-                            .encode_chunk(&layout, payload)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    })
-                    .and_then(|()| writer.store(slot, key))
-                    .map_err(|e| {
-                        // `e` names the chunk: a failed write may be this array's or the one
-                        // this thread wrote before it.
-                        Error::io(
-                            &store.root,
-                            "cannot write a Zarr chunk",
-                            std::io::Error::other(e),
-                        )
-                    })?;
-            }
-            None => store_chunk(&array, &indices, payload.to_vec())?,
-        }
+        store_whole(
+            store,
+            writer,
+            &array,
+            header.shape.len(),
+            payload,
+            &mut buffers.encoder,
+        )?;
     }
     let record = EntryRecord {
         entry: planned.entry,
@@ -191,6 +150,83 @@ fn write_one(
         index: None,
     };
     Ok((record, len))
+}
+
+/// The entry's size as the container declares it, as a buffer length.
+fn addressable_size(source: &Source, entry: &Entry) -> Result<usize> {
+    usize::try_from(entry.size).map_err(|_| {
+        Error::bad_input(
+            source.locate(entry),
+            format!(
+                "the entry claims {} bytes, more than this machine can address",
+                entry.size
+            ),
+            "check the source; a statistics array is a few MB",
+        )
+    })
+}
+
+/// Creates statistic `name`'s array at `path`: its shape and dtype, in one chunk.
+fn create_array(
+    ctx: &StageContext,
+    c: &StatisticsConfig,
+    store: &ZarrStore,
+    path: &str,
+    name: &str,
+    header: &Header,
+    entry: &Entry,
+) -> Result<ZarrArray> {
+    let mut attributes = serde_json::Map::new();
+    attributes.insert("source".into(), ctx.provenance.source.clone().into());
+    attributes.insert("source_file".into(), entry.path.clone().into());
+    attributes.insert("source_dtype".into(), header.dtype.to_string().into());
+    // One chunk: the whole array.
+    let chunk_shape: Vec<u64> = header.shape.iter().map(|&d| d.max(1)).collect();
+    store.create_array(&ArraySpec {
+        path,
+        shape: header.shape.clone(),
+        dtype: header.dtype,
+        shard_shape: None,
+        chunk_shape,
+        dimension_names: dimension_names(c, name, header.shape.len()),
+        attributes,
+        compression: &c.compression,
+    })
+}
+
+/// Writes `payload` as the array's one chunk.
+fn store_whole(
+    store: &ZarrStore,
+    writer: &WriteBehind,
+    array: &ZarrArray,
+    rank: usize,
+    payload: &[u8],
+    slot: &mut EncoderSlot,
+) -> Result<()> {
+    let indices = vec![0; rank];
+    // Encoded with the thread's zstd context and buffer where writers::shard can, as the
+    // array's metadata says (the same bytes as zarrs'), else by zarrs.
+    let Some(layout) = encoder_layout(array) else {
+        return store_chunk(array, &indices, payload.to_vec());
+    };
+    let key = array.chunk_key(&indices);
+    slot.encoder()
+        .and_then(|encoder| {
+            encoder
+                .encode_chunk(&layout, payload)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|()| writer.store(slot, key))
+        .map_err(|e| {
+            // `e` names the chunk: a failed write may be this array's or the one
+            // this thread wrote before it.
+            Error::io(
+                &store.root,
+                "cannot write a Zarr chunk",
+                std::io::Error::other(e),
+            )
+        })
 }
 
 /// The dimension names of statistic `name` (`var/subset/stat`): its variable's, where they fit

@@ -97,120 +97,174 @@ fn type_matches(kind: &str, t: &DataType) -> bool {
 /// Checks a written dataset folder against the contract. `dims` are the dataset's dimension sizes.
 pub fn check(contract: &Contract, dir: &Path, dims: &BTreeMap<String, u64>) -> Result<()> {
     for rule in &contract.arrays {
-        let meta = read_json(&dir.join(&rule.path).join("zarr.json"))?;
-        let names: Vec<&str> = meta["dimension_names"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        if names != rule.dimension_names {
-            return Err(broken(
-                dir,
-                &rule.path,
-                format!(
-                    "dimension names {names:?}, expected {:?}",
-                    rule.dimension_names
-                ),
-            ));
-        }
-        let data_type = meta["data_type"].as_str().unwrap_or_default();
-        if !rule.data_type.iter().any(|t| t == data_type) {
-            return Err(broken(
-                dir,
-                &rule.path,
-                format!(
-                    "data type {data_type}, expected one of {:?}",
-                    rule.data_type
-                ),
-            ));
-        }
-        let shape: Vec<u64> = meta["shape"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-            .unwrap_or_default();
-        for (name, len) in rule.dimension_names.iter().zip(&shape) {
-            if dims.get(name).is_some_and(|d| d != len) {
-                return Err(broken(
-                    dir,
-                    &rule.path,
-                    format!("dimension {name} is {len}, the dataset has {}", dims[name]),
-                ));
-            }
-        }
-        check_attributes(dir, &rule.path, &meta, &rule.attributes)?;
+        check_array(dir, rule, dims)?;
     }
     for rule in &contract.groups {
-        let meta = read_json(&dir.join(&rule.path).join("zarr.json"))?;
-        if meta["node_type"] != "group" {
-            return Err(broken(dir, &rule.path, "not a Zarr group".into()));
-        }
-        check_attributes(dir, &rule.path, &meta, &rule.attributes)?;
+        check_group(dir, rule)?;
     }
     for rule in &contract.tables {
-        let (columns, rows) = read_parquet_schema(&dir.join(&rule.path))?;
-        let want_rows: u64 = rule
-            .rows
-            .split('*')
-            .map(|d| dims.get(d).copied().unwrap_or(0))
-            .product();
-        if rows != want_rows {
+        check_table(dir, rule, dims)?;
+    }
+    Ok(())
+}
+
+/// An array's dimension names, data type, dimension sizes and attributes, from its `zarr.json`.
+fn check_array(dir: &Path, rule: &ArrayRule, dims: &BTreeMap<String, u64>) -> Result<()> {
+    let meta = read_json(&dir.join(&rule.path).join("zarr.json"))?;
+    let names: Vec<&str> = meta["dimension_names"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    if names != rule.dimension_names {
+        return Err(broken(
+            dir,
+            &rule.path,
+            format!(
+                "dimension names {names:?}, expected {:?}",
+                rule.dimension_names
+            ),
+        ));
+    }
+    let data_type = meta["data_type"].as_str().unwrap_or_default();
+    if !rule.data_type.iter().any(|t| t == data_type) {
+        return Err(broken(
+            dir,
+            &rule.path,
+            format!(
+                "data type {data_type}, expected one of {:?}",
+                rule.data_type
+            ),
+        ));
+    }
+    let shape: Vec<u64> = meta["shape"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    for (name, len) in rule.dimension_names.iter().zip(&shape) {
+        if dims.get(name).is_some_and(|d| d != len) {
             return Err(broken(
                 dir,
                 &rule.path,
-                format!("{rows} rows, expected {want_rows} ({})", rule.rows),
+                format!("dimension {name} is {len}, the dataset has {}", dims[name]),
             ));
         }
-        let mut at = 0;
-        for col in &rule.first {
-            match columns.get(at) {
-                Some((name, t)) if name == &col.name && type_matches(&col.kind, t) => at += 1,
-                other => {
-                    return Err(broken(
-                        dir,
-                        &rule.path,
-                        format!(
-                            "column {at} is {other:?}, expected {} ({})",
-                            col.name, col.kind
-                        ),
-                    ))
-                }
-            }
-        }
-        for col in &rule.optional {
-            if let Some((name, t)) = columns.get(at) {
-                if name == &col.name {
-                    if !type_matches(&col.kind, t) {
-                        return Err(broken(
-                            dir,
-                            &rule.path,
-                            format!("column {name} has type {t}, expected {}", col.kind),
-                        ));
-                    }
-                    at += 1;
-                }
-            }
-        }
-        let tail = columns
-            .len()
-            .checked_sub(rule.last.len())
-            .filter(|&t| t >= at)
-            .ok_or_else(|| broken(dir, &rule.path, "too few columns".into()))?;
-        for (col, (name, t)) in rule.last.iter().zip(&columns[tail..]) {
-            if name != &col.name || !type_matches(&col.kind, t) {
+    }
+    check_attributes(dir, &rule.path, &meta, &rule.attributes)
+}
+
+fn check_group(dir: &Path, rule: &GroupRule) -> Result<()> {
+    let meta = read_json(&dir.join(&rule.path).join("zarr.json"))?;
+    if meta["node_type"] != "group" {
+        return Err(broken(dir, &rule.path, "not a Zarr group".into()));
+    }
+    check_attributes(dir, &rule.path, &meta, &rule.attributes)
+}
+
+/// A table's rows (the product of the dimensions `rows` names) and its columns.
+fn check_table(dir: &Path, rule: &TableRule, dims: &BTreeMap<String, u64>) -> Result<()> {
+    let (columns, rows) = read_parquet_schema(&dir.join(&rule.path))?;
+    let want_rows: u64 = rule
+        .rows
+        .split('*')
+        .map(|d| dims.get(d).copied().unwrap_or(0))
+        .product();
+    if rows != want_rows {
+        return Err(broken(
+            dir,
+            &rule.path,
+            format!("{rows} rows, expected {want_rows} ({})", rule.rows),
+        ));
+    }
+    check_columns(dir, rule, &columns)
+}
+
+/// `first` in order, then each `optional` one where it comes next, then `last` at the end;
+/// with `exact`, nothing else.
+fn check_columns(dir: &Path, rule: &TableRule, columns: &[(String, DataType)]) -> Result<()> {
+    let at = check_first_columns(dir, rule, columns)?;
+    let at = skip_optional_columns(dir, rule, columns, at)?;
+    check_last_columns(dir, rule, columns, at)?;
+    if rule.exact && columns.len() != at {
+        return Err(broken(
+            dir,
+            &rule.path,
+            format!("{} columns, expected exactly {at}", columns.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The `first` columns, in order from column 0; returns the position after them.
+fn check_first_columns(
+    dir: &Path,
+    rule: &TableRule,
+    columns: &[(String, DataType)],
+) -> Result<usize> {
+    let mut at = 0;
+    for col in &rule.first {
+        match columns.get(at) {
+            Some((name, t)) if name == &col.name && type_matches(&col.kind, t) => at += 1,
+            other => {
                 return Err(broken(
                     dir,
                     &rule.path,
                     format!(
-                        "column {name} ({t}) where {} ({}) was expected",
+                        "column {at} is {other:?}, expected {} ({})",
                         col.name, col.kind
                     ),
-                ));
+                ))
             }
         }
-        if rule.exact && columns.len() != at {
+    }
+    Ok(at)
+}
+
+/// The `optional` columns present from position `at`, each of its type; returns the position
+/// after them.
+fn skip_optional_columns(
+    dir: &Path,
+    rule: &TableRule,
+    columns: &[(String, DataType)],
+    mut at: usize,
+) -> Result<usize> {
+    for col in &rule.optional {
+        if let Some((name, t)) = columns.get(at) {
+            if name == &col.name {
+                if !type_matches(&col.kind, t) {
+                    return Err(broken(
+                        dir,
+                        &rule.path,
+                        format!("column {name} has type {t}, expected {}", col.kind),
+                    ));
+                }
+                at += 1;
+            }
+        }
+    }
+    Ok(at)
+}
+
+/// The `last` columns end the table, after position `at`.
+fn check_last_columns(
+    dir: &Path,
+    rule: &TableRule,
+    columns: &[(String, DataType)],
+    at: usize,
+) -> Result<()> {
+    let tail = columns
+        .len()
+        .checked_sub(rule.last.len())
+        .filter(|&t| t >= at)
+        .ok_or_else(|| broken(dir, &rule.path, "too few columns".into()))?;
+    for (col, (name, t)) in rule.last.iter().zip(&columns[tail..]) {
+        if name != &col.name || !type_matches(&col.kind, t) {
             return Err(broken(
                 dir,
                 &rule.path,
-                format!("{} columns, expected exactly {at}", columns.len()),
+                format!(
+                    "column {name} ({t}) where {} ({}) was expected",
+                    col.name, col.kind
+                ),
             ));
         }
     }
