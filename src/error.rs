@@ -25,7 +25,7 @@ pub enum Error {
     },
 
     /// Reading or writing the file system failed.
-    #[error("{}: {action}: {source}\n  hint: {}", path.display(), io_hint(source))]
+    #[error("{}: {action}: {source}\n  hint: {}", path.display(), io_hint(path, source))]
     Io {
         path: PathBuf,
         action: &'static str,
@@ -37,9 +37,23 @@ pub enum Error {
     #[error("{}: dataset already exists and {why}\n  hint: pass --force to replace it, or --name to write it under another name", path.display())]
     Exists { path: PathBuf, why: String },
 
-    /// Another process holds the store's ingest lock.
-    #[error("{}: another ingest is running ({holder})\n  hint: wait for it to finish; if no such process exists, remove the lock file", path.display())]
-    Busy { path: PathBuf, holder: String },
+    /// Another process holds a lock this command needs: the store's ingest lock, or a
+    /// dataset name.
+    #[error("{}: {what}: {holder}\n  hint: {hint}", path.display())]
+    Busy {
+        path: PathBuf,
+        what: String,
+        holder: String,
+        hint: String,
+    },
+
+    /// The store's file system clearly lacks the space the run needs; checked before starting.
+    #[error("{}: not enough space: the run needs about {}, {} is free\n  hint: free some space or choose an --out folder on a larger disk; --no-space-check starts anyway", path.display(), crate::disk::human(*needed), crate::disk::human(*free))]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
 
     /// SIGINT or SIGTERM stopped the run; nothing was published.
     #[error("interrupted: nothing was published\n  hint: run the same command again to resume where it stopped")]
@@ -75,14 +89,14 @@ pub enum Error {
 }
 
 /// What to do about a failed file-system operation, by its kind.
-fn io_hint(e: &std::io::Error) -> &'static str {
+fn io_hint(path: &std::path::Path, e: &std::io::Error) -> String {
     use std::io::ErrorKind as K;
-    match e.kind() {
+    if matches!(e.kind(), K::StorageFull | K::QuotaExceeded) || says_disk_full(e) {
+        return full_disk_hint(path);
+    }
+    let hint = match e.kind() {
         K::ReadOnlyFilesystem => {
             "the folder is on a read-only file system; choose a writable --out folder"
-        }
-        K::StorageFull | K::QuotaExceeded => {
-            "the disk is full: free some space or choose an --out folder on a larger disk, then run again (nothing was published)"
         }
         K::PermissionDenied => "check the permissions of the file and the folders above it",
         K::NotFound => "check the path",
@@ -91,7 +105,32 @@ fn io_hint(e: &std::io::Error) -> &'static str {
         }
         K::InvalidData => "the file is not UTF-8 text",
         _ => "check the path, the disk and its permissions, then run again",
-    }
+    };
+    hint.to_string()
+}
+
+/// Errors of the writers' libraries (zarrs, parquet) reach here as text inside an
+/// `io::Error` of kind `Other`: the operating system's own words still tell a full disk.
+fn says_disk_full(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    [
+        "os error 28)",
+        "os error 122)",
+        "No space left on device",
+        "Disk quota exceeded",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
+/// What a full disk means for this run: the space it needs against the space left.
+fn full_disk_hint(path: &std::path::Path) -> String {
+    use crate::disk::{free_bytes, human, needed};
+    let free = free_bytes(path).map_or_else(|| "unknown".into(), human);
+    let need = needed().map_or_else(String::new, |n| {
+        format!("; the run needs about {} in all", human(n))
+    });
+    format!("the disk is full ({free} free on the file system of {}{need}): free some space or choose an --out folder on a larger disk, then run the same command again: it resumes where it stopped (nothing was published)", path.display())
 }
 
 impl Error {
@@ -140,7 +179,7 @@ impl Error {
         match self {
             Error::BadInput { .. } => 65,                              // EX_DATAERR
             Error::BadPipeline { .. } => 78,                           // EX_CONFIG
-            Error::Io { .. } => 74,                                    // EX_IOERR
+            Error::Io { .. } | Error::NoSpace { .. } => 74,            // EX_IOERR
             Error::Exists { .. } | Error::ShardConflict { .. } => 73,  // EX_CANTCREAT
             Error::Busy { .. } | Error::ShardsIncomplete { .. } => 75, // EX_TEMPFAIL: try again later
             Error::Usage { .. } => 2,                                  // as clap's own usage errors

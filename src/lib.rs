@@ -4,7 +4,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library, whose layers go from the source
 //! to the commands; no module uses one of a layer above its own (docs/architecture.md; enforced
 //! by `tests/layers.rs`):
-//! - foundations: [`error`], [`interrupt`], [`per_thread`], [`progress`];
+//! - foundations: [`error`], [`disk`], [`interrupt`], [`per_thread`], [`progress`];
 //! - sources: [`source`] (zip archives and folders, entry by entry, checked against the
 //!   container) and [`npy`];
 //! - [`writers`]: Zarr (with the project's own shard encoder) and Parquet, with their own
@@ -29,6 +29,7 @@ compile_error!(
 );
 
 pub mod commands;
+pub mod disk;
 pub mod error;
 pub mod executor;
 #[doc(hidden)]

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sensorium_ingest::commands::convert::{
@@ -11,6 +12,8 @@ use sensorium_ingest::commands::convert::{
 use sensorium_ingest::commands::ingest::{self, IngestReport};
 use sensorium_ingest::commands::inspect;
 use sensorium_ingest::commands::verify::{self, VerifyReport};
+use sensorium_ingest::disk::human;
+use sensorium_ingest::executor::name_lock::Waiting;
 use sensorium_ingest::pipeline::embedded::{self, PipelineChoice};
 use sensorium_ingest::pipeline::spec::Pipeline;
 use sensorium_ingest::progress::ProgressMode;
@@ -77,6 +80,7 @@ impl Target {
         self,
         threads: Option<usize>,
         resources: &ResourceArgs,
+        writing: &WriteArgs,
         progress: ProgressMode,
     ) -> Result<ConvertOptions, Error> {
         Request {
@@ -89,9 +93,60 @@ impl Target {
             max_memory: resources.max_memory,
             direct_io: !resources.no_direct_io,
             progress,
+            wait: writing.waiting(),
+            no_space_check: writing.no_space_check,
         }
         .options()
     }
+}
+
+/// How a writer meets others and the disk.
+#[derive(clap::Args, Default)]
+struct WriteArgs {
+    /// When another writer holds the dataset's name, wait for it (at most DURATION: 90s, 10m,
+    /// 2h) instead of exiting 75 at once.
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
+          default_missing_value = "forever", value_parser = parse_wait)]
+    wait: Option<WaitLimit>,
+    /// Start even when the store's file system seems to lack the space the run needs.
+    #[arg(long)]
+    no_space_check: bool,
+}
+
+impl WriteArgs {
+    fn waiting(&self) -> Waiting {
+        match self.wait {
+            None => Waiting::No,
+            Some(WaitLimit(limit)) => Waiting::Up(limit),
+        }
+    }
+}
+
+/// How long `--wait` waits: `None` for as long as it takes.
+#[derive(Clone, Copy)]
+struct WaitLimit(Option<Duration>);
+
+/// `forever`, or a duration: a number of seconds, or with `s`, `m` or `h`.
+fn parse_wait(text: &str) -> Result<WaitLimit, String> {
+    if text == "forever" {
+        return Ok(WaitLimit(None));
+    }
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let scale = match unit {
+        's' => 1.0,
+        'm' => 60.0,
+        'h' => 3600.0,
+        _ => return Err(format!("unknown unit in {text:?}: use s, m or h")),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0)
+        .map(|n| WaitLimit(Some(Duration::from_secs_f64(n * scale))))
+        .ok_or_else(|| format!("{text:?} is not a duration like 90s, 10m or 2h"))
 }
 
 #[derive(clap::Args)]
@@ -183,6 +238,8 @@ struct ConvertArgs {
     threads: Option<usize>,
     #[command(flatten)]
     resources: ResourceArgs,
+    #[command(flatten)]
+    writing: WriteArgs,
     /// Show what would run and why, write nothing (same as `plan`).
     #[arg(long)]
     dry_run: bool,
@@ -204,6 +261,8 @@ struct FinalizeArgs {
     threads: Option<usize>,
     #[command(flatten)]
     resources: ResourceArgs,
+    #[command(flatten)]
+    writing: WriteArgs,
 }
 
 #[derive(clap::Args)]
@@ -260,8 +319,17 @@ fn print_plan(plan: &RunPlan) {
             }
         ),
     };
+    let disk = match (plan.up_to_date, plan.space_free) {
+        (true, _) => String::new(),
+        (false, Some(free)) => format!(
+            "; disk: needs ~{} of {} free",
+            human(plan.space_needed),
+            human(free)
+        ),
+        (false, None) => format!("; disk: needs ~{}", human(plan.space_needed)),
+    };
     out!(
-        "{} -> {} (pipeline {}: {}){resources}",
+        "{} -> {} (pipeline {}: {}){disk}{resources}",
         plan.dataset,
         plan.dataset_dir.display(),
         plan.pipeline,
@@ -384,7 +452,10 @@ fn run_plan(target: Target, progress: ProgressMode) -> Result<(), Error> {
         max_memory: None,
         no_direct_io: false,
     };
-    print_plan(&convert::plan(&target.options(None, &defaults, progress)?)?);
+    let writing = WriteArgs::default();
+    print_plan(&convert::plan(
+        &target.options(None, &defaults, &writing, progress)?,
+    )?);
     Ok(())
 }
 
@@ -432,7 +503,7 @@ fn print_verify_report(report: &VerifyReport) {
 fn run_convert(args: ConvertArgs, progress: ProgressMode) -> Result<(), Error> {
     let options = args
         .target
-        .options(args.threads, &args.resources, progress)?;
+        .options(args.threads, &args.resources, &args.writing, progress)?;
     let shard = args
         .shard
         .map(|s| s.resolve(|name| std::env::var(name).ok()))
@@ -504,6 +575,8 @@ fn run_finalize(args: FinalizeArgs, progress: ProgressMode) -> Result<(), Error>
         max_memory: args.resources.max_memory,
         direct_io: !args.resources.no_direct_io,
         progress,
+        wait: args.writing.waiting(),
+        no_space_check: args.writing.no_space_check,
     })?;
     match finalized {
         Finalized::AlreadyComplete(dir) => {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, usize)] = &[
     // 0: foundations every layer may use.
     ("", 0),
+    ("disk", 0),
     ("error", 0),
     ("interrupt", 0),
     ("per_thread", 0),

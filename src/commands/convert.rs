@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::error::Result;
 pub use crate::executor::memory::parse_size;
+pub use crate::executor::name_lock::Waiting;
 use crate::executor::parts::convert_shard;
 pub use crate::executor::parts::{
     finalize, plan_part, FinalizeOptions, Finalized, Shard, ShardArg, ShardReport,
@@ -25,6 +26,9 @@ pub struct Request {
     pub max_memory: Option<u64>,
     pub direct_io: bool,
     pub progress: ProgressMode,
+    /// What to do when another writer holds the dataset's name: refuse, or wait.
+    pub wait: Waiting,
+    pub no_space_check: bool,
 }
 
 impl Request {
@@ -45,6 +49,9 @@ impl Request {
             max_memory: self.max_memory,
             direct_io: self.direct_io,
             progress: self.progress,
+            wait: self.wait,
+            writer: "convert",
+            no_space_check: self.no_space_check,
         })
     }
 }

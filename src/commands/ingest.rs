@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::executor::catalog;
+use crate::executor::name_lock::{self, Holder, NameLock, Waiting};
 use crate::executor::{convert, ConvertOptions};
 use crate::pipeline::embedded::PipelineChoice;
 use crate::progress::ProgressMode;
@@ -39,79 +40,18 @@ pub struct IngestReport {
     pub failed: Vec<(PathBuf, String)>,
 }
 
-/// Held while an ingest runs: a file created exclusively (`O_EXCL` works on NFS v3+), removed
-/// on drop. A lock left by a dead process on this host is taken over (Linux: `process_gone`).
-struct IngestLock {
-    path: PathBuf,
-}
-
-impl IngestLock {
-    fn acquire(store: &Path) -> Result<IngestLock> {
-        let path = store.join(LOCK_FILE);
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut file) => {
-                    use std::io::Write;
-                    let since = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    let _ = writeln!(file, "{} {} {since}", std::process::id(), host());
-                    return Ok(IngestLock { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    let mut parts = holder.split_whitespace();
-                    let (pid, holder_host) =
-                        (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let dead = holder_host == host() && !pid.is_empty() && process_gone(pid);
-                    if dead {
-                        tracing::warn!(lock = %path.display(), pid, "removing the lock of an ingest that died");
-                        let _ = std::fs::remove_file(&path);
-                        continue;
-                    }
-                    return Err(Error::Busy {
-                        path: path.clone(),
-                        holder: format!("process {pid} on {holder_host}"),
-                    });
-                }
-                Err(e) => return Err(Error::io(&path, "cannot create the ingest lock", e)),
-            }
-        }
-        Err(Error::Busy {
-            path,
-            holder: "another process".into(),
-        })
-    }
-}
-
-impl Drop for IngestLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Whether no process `pid` runs on this host, from `/proc` (Linux). Elsewhere it cannot be
-/// told reliably (no `/proc`, and no `/etc/hostname` to tell hosts apart), so a lock is never
-/// taken over there: the user removes a stale one by hand, as `Error::Busy`'s hint says.
-#[cfg(target_os = "linux")]
-fn process_gone(pid: &str) -> bool {
-    !Path::new("/proc").join(pid).exists()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn process_gone(_pid: &str) -> bool {
-    false
-}
-
-fn host() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+/// The store's ingest lock: one ingest at a time, by the rules of every lock in a store
+/// (`executor::name_lock`; a lock of an ingest that died is taken over).
+fn lock_store(store: &Path) -> Result<NameLock> {
+    std::fs::create_dir_all(store)
+        .map_err(|e| Error::io(store, "cannot create the store folder", e))?;
+    NameLock::acquire(name_lock::Request {
+        path: &store.join(LOCK_FILE),
+        holder: Holder::this_process("ingest", None),
+        refusal: "another ingest is running",
+        waiting: Waiting::No,
+        take_over_run: None,
+    })
 }
 
 /// Names of downloads in progress, by the usual browsers and tools.
@@ -146,7 +86,7 @@ fn footprint(path: &Path) -> std::io::Result<(u64, SystemTime)> {
 pub fn ingest(opts: &IngestOptions) -> Result<IngestReport> {
     std::fs::create_dir_all(&opts.store)
         .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
-    let _lock = IngestLock::acquire(&opts.store)?;
+    let _lock = lock_store(&opts.store)?;
     let mut report = IngestReport::default();
     let settled = settled_sources(opts, &mut report)?;
     convert_new_sources(opts, settled, &mut report)?;
@@ -274,6 +214,10 @@ fn convert_new_sources(
                 report.added.push((path, r.dataset));
             }
             Err(Error::Interrupted) => return Err(Error::Interrupted),
+            // Another writer has this dataset now: the next ingest looks again.
+            Err(e @ Error::Busy { .. }) => report
+                .skipped
+                .push((path, format!("busy: {}", first_line(&e)))),
             Err(e) => report.failed.push((path, first_line(&e))),
         }
     }
@@ -298,6 +242,9 @@ fn convert_options(
         max_memory: opts.max_memory,
         direct_io: opts.direct_io,
         progress: opts.progress,
+        wait: Waiting::No,
+        writer: "ingest",
+        no_space_check: false,
     }
 }
 

@@ -182,7 +182,25 @@ pub fn fingerprints(store: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// Whether the dataset's catalog row describes this source and pipeline: false when the row is
+/// missing, unreadable or from an earlier version of the dataset (a replacement killed between
+/// its publish and its catalog row).
+pub fn describes(store: &Path, dataset: &str, fingerprint: &str, pipeline_hash: &str) -> bool {
+    let path = fragment_path(store, dataset);
+    read_columns(&path, &["dataset", "source_fingerprint", "pipeline_hash"])
+        .is_ok_and(|v| v == [dataset, fingerprint, pipeline_hash])
+}
+
 fn read_fingerprint(path: &Path) -> std::result::Result<(String, String), String> {
+    let mut values = read_columns(path, &["dataset", "source_fingerprint"])?.into_iter();
+    match (values.next(), values.next()) {
+        (Some(d), Some(f)) => Ok((d, f)),
+        _ => Err("no row".into()),
+    }
+}
+
+/// The first row's values of these string columns.
+fn read_columns(path: &Path, names: &[&str]) -> std::result::Result<Vec<String>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| e.to_string())?
@@ -197,8 +215,8 @@ fn read_fingerprint(path: &Path) -> std::result::Result<(String, String), String
                 .filter(|c| !c.is_empty())
                 .map(|c| c.value(0).to_string())
         };
-        if let (Some(d), Some(f)) = (col("dataset"), col("source_fingerprint")) {
-            return Ok((d, f));
+        if let Some(values) = names.iter().map(|n| col(n)).collect::<Option<Vec<_>>>() {
+            return Ok(values);
         }
     }
     Err("no row".into())

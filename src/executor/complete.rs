@@ -12,6 +12,7 @@ use super::manifest::{
     self, Counts, EntryInfo, Manifest, OutputInfo, PipelineInfo, SourceInfo, Tool,
 };
 use super::memory::ThreadChoice;
+use super::name_lock::NameLock;
 use super::staging::{is_bookkeeping, publish};
 use super::{peak_memory_bytes, to_json_text, ConvertOptions, ConvertReport, Prepared, RUN_RECORD};
 use crate::error::{Error, Result};
@@ -33,6 +34,8 @@ pub(crate) struct Finished<'a> {
     pub(crate) choice: &'a ThreadChoice,
     pub(crate) started: Instant,
     pub(crate) started_unix: u64,
+    /// The dataset's name: checked still held right before publishing.
+    pub(crate) name_lock: &'a NameLock,
 }
 
 /// Finishes the dataset in the staging folder and publishes it.
@@ -67,13 +70,21 @@ pub(crate) fn complete(
     let progress_file = staging.join(lock::PROGRESS_FILE);
     std::fs::remove_file(&progress_file)
         .map_err(|e| Error::io(&progress_file, "cannot remove", e))?;
+    finished.name_lock.check_held()?;
     publish(staging, &prep.dataset_dir, &prep.name)?;
     catalog::write(&opts.store, &catalog_row(prep, &manifest.source.checksum)?)
 }
 
-/// The catalog row of a dataset already complete and current, when the catalog lacks it.
+/// The catalog row of a dataset already complete and current, when the catalog lacks it or
+/// still describes the version it replaced.
 pub(crate) fn catalog_existing(opts: &ConvertOptions, prep: &Prepared) -> Result<()> {
-    if catalog::fragment_path(&opts.store, &prep.name).exists() {
+    let current = catalog::describes(
+        &opts.store,
+        &prep.name,
+        &prep.source_fingerprint,
+        &prep.pipeline_hash,
+    );
+    if current {
         return Ok(());
     }
     let manifest: Manifest = std::fs::read(prep.dataset_dir.join(manifest::FILE_NAME))

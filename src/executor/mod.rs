@@ -15,6 +15,7 @@ pub mod keys;
 pub mod lock;
 pub mod manifest;
 pub mod memory;
+pub mod name_lock;
 pub mod parts;
 mod stage_run;
 mod staging;
@@ -26,10 +27,11 @@ use std::time::Instant;
 use self::keys::{decide, stage_keys, Decision, Origin, StageKey};
 use self::lock::{Lock, Progress, StageLock};
 use self::memory::{MemoryModel, ThreadChoice};
+use self::name_lock::{Holder, NameLock, Waiting};
 use self::stage_run::{Scope, StageRunner};
 pub(crate) use self::staging::damaged_output;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::{plan, Plan};
+use crate::pipeline::plan::{plan, Disposition, Plan};
 use crate::pipeline::spec::Pipeline;
 use crate::progress::ProgressMode;
 use crate::source::Source;
@@ -55,6 +57,13 @@ pub struct ConvertOptions {
     pub direct_io: bool,
     /// How progress is shown.
     pub progress: ProgressMode,
+    /// What to do when another writer holds the dataset's name: refuse, or wait.
+    pub wait: Waiting,
+    /// What this writer is, for the lock file and other writers' messages: `convert`,
+    /// `ingest`, `finalize`.
+    pub writer: &'static str,
+    /// Start even when the store's file system seems to lack the space the run needs.
+    pub no_space_check: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -97,6 +106,9 @@ pub struct RunPlan {
     pub stages: Vec<PlannedStage>,
     /// Threads the run would use and the memory it may need; None when nothing would run.
     pub threads: Option<ThreadChoice>,
+    /// Bytes the run may write at most, and the bytes free on the store's file system.
+    pub space_needed: u64,
+    pub space_free: Option<u64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -128,13 +140,49 @@ pub(crate) struct Prepared<'p> {
     pub(crate) decisions: Vec<Decision>,
 }
 
-pub(crate) fn prepare<'p>(opts: &ConvertOptions, pipeline: &'p Pipeline) -> Result<Prepared<'p>> {
+/// The source, opened (its index only), and the name of its dataset in the store.
+pub(crate) fn open_source(opts: &ConvertOptions) -> Result<(Source, String)> {
     let source = Source::open(&opts.source)?;
     let name = opts.name.clone().unwrap_or_else(|| source.dataset_name());
     check_dataset_name(&name)?;
+    Ok((source, name))
+}
+
+/// Takes the dataset's name in the store for this writer (exit 75 naming the holder when
+/// another writer has it), then repairs a publish that a killed writer left half done: only
+/// the holder of the name may touch its folders.
+pub(crate) fn claim_name(
+    opts: &ConvertOptions,
+    name: &str,
+    holder: Holder,
+    take_over_run: Option<&str>,
+) -> Result<NameLock> {
+    std::fs::create_dir_all(&opts.store)
+        .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
+    let lock = NameLock::acquire(name_lock::Request {
+        path: &name_lock_path(&opts.store, name),
+        holder,
+        refusal: &format!("another writer holds dataset {name}"),
+        waiting: opts.wait,
+        take_over_run,
+    })?;
+    staging::recover_interrupted_publish(&opts.store, name, &opts.store.join(name))?;
+    Ok(lock)
+}
+
+/// `STORE/.<name>.lock`: who writes dataset `name`.
+pub fn name_lock_path(store: &Path, name: &str) -> PathBuf {
+    store.join(format!(".{name}.lock"))
+}
+
+pub(crate) fn prepare<'p>(
+    opts: &ConvertOptions,
+    pipeline: &'p Pipeline,
+    source: Source,
+    name: String,
+) -> Result<Prepared<'p>> {
     let dataset_dir = opts.store.join(&name);
     let staging_dir = opts.store.join(format!(".{name}.partial"));
-    staging::recover_interrupted_publish(&opts.store, &name, &dataset_dir)?;
     let plan = plan(pipeline, &source)?;
     let (source_fingerprint, keys) = stage_keys(pipeline, &source, &plan, &name);
     let existing = read_existing(&dataset_dir, opts.force, &source_fingerprint)?;
@@ -215,7 +263,8 @@ fn read_existing(dataset_dir: &Path, force: bool, fingerprint: &str) -> Result<O
 /// What would run, and why, without writing anything.
 pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
-    let prep = prepare(opts, &pipeline)?;
+    let (source, name) = open_source(opts)?;
+    let prep = prepare(opts, &pipeline, source, name)?;
     let stages = pipeline
         .stages
         .iter()
@@ -238,6 +287,8 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     };
     Ok(RunPlan {
         threads,
+        space_needed: space_needed(&prep),
+        space_free: crate::disk::free_bytes(&opts.store),
         pipeline: pipeline.pipeline.clone(),
         pipeline_file: opts.pipeline_file.clone(),
         up_to_date: prep.up_to_date(),
@@ -278,6 +329,14 @@ fn may_run(prep: &Prepared, index: usize) -> bool {
 pub(crate) type AssembleShards<'a> =
     dyn Fn(&Pipeline, &Prepared) -> Result<Vec<(usize, StageLock)>> + 'a;
 
+/// A finalize's parts: the sharded run's folder, its identity (whose lock finalize takes
+/// over), and how its receipts become stage locks.
+pub(crate) struct Assembly<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) run: &'a str,
+    pub(crate) collect: &'a AssembleShards<'a>,
+}
+
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     convert_with(opts, None)
 }
@@ -286,28 +345,27 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
 /// shards folder (`collect` checks the receipts and returns their locks) instead of being run.
 pub(crate) fn convert_assembled(
     opts: &ConvertOptions,
-    shards_dir: &Path,
-    collect: &AssembleShards,
+    assembly: &Assembly,
 ) -> Result<ConvertReport> {
-    convert_with(opts, Some((shards_dir, collect)))
+    convert_with(opts, Some(assembly))
 }
 
-fn convert_with(
-    opts: &ConvertOptions,
-    shards: Option<(&Path, &AssembleShards)>,
-) -> Result<ConvertReport> {
+fn convert_with(opts: &ConvertOptions, assembly: Option<&Assembly>) -> Result<ConvertReport> {
     let started = Instant::now();
     reset_peak_memory();
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
-    let mut prep = prepare(opts, &pipeline)?;
-    if let Some((dir, collect)) = shards {
-        for (index, lock) in collect(&pipeline, &prep)? {
+    let (source, name) = open_source(opts)?;
+    let holder = Holder::this_process(opts.writer, None);
+    let name_lock = claim_name(opts, &name, holder, assembly.map(|a| a.run))?;
+    let mut prep = prepare(opts, &pipeline, source, name)?;
+    if let Some(assembly) = assembly {
+        for (index, lock) in (assembly.collect)(&pipeline, &prep)? {
             prep.decisions[index] = Decision::Reuse {
                 origin: Origin::Shards,
                 lock,
             };
         }
-        prep.shards_dir = Some(dir.to_path_buf());
+        prep.shards_dir = Some(assembly.dir.to_path_buf());
     }
     let mut report = empty_report(opts, &prep);
     if prep.up_to_date() {
@@ -319,19 +377,54 @@ fn convert_with(
         report.seconds = started.elapsed().as_secs_f64();
         report.peak_memory_bytes = peak_memory_bytes();
         tracing::info!(dataset = %prep.name, "up to date");
+        name_lock.check_held()?;
         complete::catalog_existing(opts, &prep)?;
         return Ok(report);
     }
-    std::fs::create_dir_all(&opts.store)
-        .map_err(|e| Error::io(&opts.store, "cannot create the store folder", e))?;
+    check_space(opts, &prep)?;
     staging::prepare_staging(&prep)?;
-    let result = run_whole(opts, &prep, report, started);
+    let result = run_whole(opts, &prep, report, started, &name_lock);
     // A failed run leaves nothing behind; an interrupted one keeps its staging folder, so the
     // same command resumes it.
     if matches!(result, Err(ref e) if !matches!(e, Error::Interrupted)) {
         let _ = std::fs::remove_dir_all(&prep.staging_dir);
     }
     result
+}
+
+/// An upper bound of the bytes a run writes: every entry a stage runs on, as stored in the
+/// source (the values, uncompressed: compression can only shrink them, by more than its
+/// framing), plus the manifest and lock (a few hundred bytes an entry) and slack for metadata.
+/// Reused stages write nothing new: their files are hard-linked or already in place.
+pub(crate) fn space_needed(prep: &Prepared) -> u64 {
+    let running = |stage: usize| matches!(prep.decisions.get(stage), Some(Decision::Run { .. }));
+    let entries: u64 = prep
+        .source
+        .entries
+        .iter()
+        .zip(&prep.plan.dispositions)
+        .filter(|(_, d)| matches!(d, Disposition::Stage(s) if running(*s)))
+        .map(|(e, _)| e.size)
+        .sum();
+    let records = prep.source.entries.len() as u64 * 1024;
+    let slack = prep.plan.stages.len() as u64 * (1 << 20);
+    entries + entries / 100 + records + slack
+}
+
+/// Refuses to start when the store's file system clearly lacks the space (`--no-space-check`
+/// skips this), and records the need for the message of a disk that fills up anyway.
+fn check_space(opts: &ConvertOptions, prep: &Prepared) -> Result<()> {
+    let needed = space_needed(prep);
+    crate::disk::set_needed(needed);
+    let free = crate::disk::free_bytes(&opts.store);
+    match free {
+        Some(free) if free < needed && !opts.no_space_check => Err(Error::NoSpace {
+            path: opts.store.clone(),
+            needed,
+            free,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A report with what is known before anything runs.
@@ -366,6 +459,7 @@ fn run_whole(
     prep: &Prepared,
     mut report: ConvertReport,
     started: Instant,
+    name_lock: &NameLock,
 ) -> Result<ConvertReport> {
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -392,6 +486,7 @@ fn run_whole(
         choice: &choice,
         started,
         started_unix,
+        name_lock,
     };
     complete::complete(opts, prep, &finished, &mut report)?;
     Ok(report)

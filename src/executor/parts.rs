@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::StageKey;
 use super::lock::{self_checksum, write_replacing, write_synced, StageLock};
+use super::name_lock::{self, Holder, NameLock, Waiting};
 use super::stage_run::{Scope, StageRunner};
 use super::{self as runner, ConvertOptions, Prepared};
 use crate::error::{Error, Result};
@@ -32,6 +33,8 @@ pub const JOB_FILE: &str = "job.json";
 pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
 pub const RECEIPT_FORMAT: &str = "sensorium-ingest-shard-receipt/1";
 const RECEIPTS: &str = "receipts";
+/// Markers of the tasks converting a part right now.
+const RUNNING: &str = "running";
 
 /// Where the tasks of a sharded run of dataset `name` write.
 pub fn shards_dir(store: &Path, name: &str) -> PathBuf {
@@ -309,7 +312,8 @@ pub fn part(trials: usize, block: usize, shard: Shard) -> Range<usize> {
 /// The trials part `shard` would convert, and the block size (for `--dry-run`).
 pub fn plan_part(opts: &ConvertOptions, shard: Shard) -> Result<(Range<usize>, usize)> {
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
-    let prep = runner::prepare(opts, &pipeline)?;
+    let (source, name) = runner::open_source(opts)?;
+    let prep = runner::prepare(opts, &pipeline, source, name)?;
     let block = trial_block(&pipeline, &prep)?;
     Ok((part(prep.plan.n_trials(), block, shard), block))
 }
@@ -333,7 +337,8 @@ pub struct ShardReport {
 pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport> {
     let started = Instant::now();
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
-    let prep = runner::prepare(opts, &pipeline)?;
+    let (source, name) = runner::open_source(opts)?;
+    let prep = runner::prepare(opts, &pipeline, source, name)?;
     let dir = shards_dir(&opts.store, &prep.name);
     let block = trial_block(&pipeline, &prep)?;
     let trials = part(prep.plan.n_trials(), block, shard);
@@ -352,9 +357,16 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         return Ok(report);
     }
     let job = new_job(opts, &prep, shard, block);
+    // The run holds the dataset's name (its tasks share it); this task holds its part.
+    let run = Holder::this_process("shard task", Some(job.identity_hash()));
+    let _name = match runner::claim_name(opts, &prep.name, run, None) {
+        Err(busy @ Error::Busy { .. }) => return Err(another_run_or(&dir, &job, busy)),
+        claimed => claimed?,
+    };
     std::fs::create_dir_all(dir.join(RECEIPTS))
         .map_err(|e| Error::io(dir.join(RECEIPTS), "cannot create the shards folder", e))?;
     join_job(&dir, &job)?;
+    let _part = hold_part(opts, &dir, shard)?;
 
     let receipt_file = receipt_path(&dir, shard);
     if earlier_receipt_holds(&dir, &receipt_file, &job, shard, &trials) {
@@ -384,6 +396,53 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
     receipt.write(&receipt_file)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// A task refused the name because another sharded run holds it gets that run's difference
+/// from this one (exit 73, as any task of another run); otherwise the refusal stands.
+fn another_run_or(dir: &Path, job: &Job, busy: Error) -> Error {
+    if !dir.join(JOB_FILE).is_file() {
+        return busy;
+    }
+    match join_job(dir, job) {
+        Err(conflict) => conflict,
+        Ok(()) => busy,
+    }
+}
+
+/// Marks part `shard` as being converted (`running/K-of-N.lock`): the same part started twice
+/// runs once, and `finalize` waits for no running part.
+fn hold_part(opts: &ConvertOptions, dir: &Path, shard: Shard) -> Result<NameLock> {
+    let running = dir.join(RUNNING);
+    std::fs::create_dir_all(&running)
+        .map_err(|e| Error::io(&running, "cannot create the shards folder", e))?;
+    let what = format!("shard task {shard}");
+    NameLock::acquire(name_lock::Request {
+        path: &running.join(format!("{}-of-{}.lock", shard.index, shard.count)),
+        holder: Holder::this_process(&what, None),
+        refusal: &format!("another process converts {what}"),
+        waiting: opts.wait,
+        take_over_run: None,
+    })
+}
+
+/// Refuses to finalize while a task of the run still runs, naming it; markers of tasks that
+/// died are left to their staleness.
+fn check_no_task_runs(dir: &Path) -> Result<()> {
+    let Ok(markers) = std::fs::read_dir(dir.join(RUNNING)) else {
+        return Ok(());
+    };
+    for marker in markers.flatten() {
+        if let Some(holder) = name_lock::live_holder(&marker.path()) {
+            return Err(Error::Busy {
+                path: marker.path(),
+                what: "a task of this sharded run is still running".into(),
+                holder: holder.describe(),
+                hint: "run finalize once every task of the job array has ended (sbatch --dependency=afterok)".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The job this task belongs to, as it would record it in `job.json`.
@@ -545,6 +604,9 @@ pub struct FinalizeOptions {
     /// (`writers::output_store`); `false`: through the page cache.
     pub direct_io: bool,
     pub progress: ProgressMode,
+    /// What to do when another writer holds the dataset's name: refuse, or wait.
+    pub wait: Waiting,
+    pub no_space_check: bool,
 }
 
 pub enum Finalized {
@@ -572,6 +634,7 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
         ));
     }
     let job = read_job(&dir)?;
+    check_no_task_runs(&dir)?;
     let source = opts
         .source
         .clone()
@@ -587,10 +650,19 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
         max_memory: opts.max_memory,
         direct_io: opts.direct_io,
         progress: opts.progress,
+        wait: opts.wait,
+        writer: "finalize",
+        no_space_check: opts.no_space_check,
     };
-    let report = runner::convert_assembled(&convert_opts, &dir, &|pipeline, prep| {
-        collect_receipts(pipeline, prep, &job, &dir)
-    })?;
+    let collect =
+        |pipeline: &Pipeline, prep: &Prepared| collect_receipts(pipeline, prep, &job, &dir);
+    let run = job.identity_hash();
+    let assembly = runner::Assembly {
+        dir: &dir,
+        run: &run,
+        collect: &collect,
+    };
+    let report = runner::convert_assembled(&convert_opts, &assembly)?;
     std::fs::remove_dir_all(&dir).map_err(|e| {
         Error::io(
             &dir,

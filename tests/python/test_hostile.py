@@ -724,6 +724,13 @@ def test_disk_full_mid_write(tmp_path, template_store, tmpfs):
     # Noise does not compress: about 8 MB of output for a 3 MB file system.
     src = gen_mouse.generate(tmp_path / "big", trials=6, neurons=2000, frames=100, seed=507)
     before = tree_snapshot(store)
+    # Refused before anything is written: the file system clearly lacks the space.
     proc = helpers.run("convert", src, "--out", store, "--name", NAME, timeout=300)
+    refused(proc, "io", "not enough space: the run needs about")
+    store_unharmed(store, before)
+    # Started anyway, the disk fills up mid-write: the same clean failure, with the figures.
+    proc = helpers.run("convert", src, "--out", store, "--name", NAME, "--no-space-check",
+                       timeout=300)
     refused(proc, "io", "No space left")
+    assert "the disk is full" in proc.stderr and "the run needs about" in proc.stderr, proc.stderr
     store_unharmed(store, before)

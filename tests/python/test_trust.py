@@ -194,6 +194,58 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_output(bulky, tmp_path)
     assert outcomes["before publish"] >= KILL_POINTS // 2, outcomes
 
 
+def test_sigkill_while_publishing_a_replacement_leaves_old_or_new_never_half(bulky, tmp_path):
+    """Kills in the last part of a `--force` replacement, where the manifest, lock, publish and
+    catalog row are written: the name shows the old dataset or the new one, complete, or (only
+    between publish's two renames) nothing, with the old one set aside for the rerun to restore;
+    the rerun finishes, and the catalog row describes what is published."""
+    clean = tmp_path / "clean"
+    assert helpers.run("convert", bulky, "--out", clean, "--threads", "1").returncode == 0
+    name = next(p.name for p in clean.iterdir() if p.name not in ("catalog",) and not p.name.startswith("."))
+    text = helpers.run("default-pipeline").stdout
+    harder = tmp_path / "harder.yaml"
+    harder.write_text(text.replace("{codec: zstd, level: 1}", "{codec: zstd, level: 2}"))
+    store = tmp_path / "timing"
+    shutil.copytree(clean, store)
+    started = time.monotonic()
+    timed = helpers.run("convert", bulky, "--out", store, "--threads", "1", "--force",
+                        "--pipeline", harder)
+    assert timed.returncode == 0, helpers.describe_run(timed)
+    duration = time.monotonic() - started
+    old_hash = json.loads((clean / name / "manifest.json").read_text())["pipeline"]["hash"]
+    new_hash = json.loads((store / name / "manifest.json").read_text())["pipeline"]["hash"]
+    seen = set()
+    for k in range(10):
+        store = tmp_path / f"replace{k}"
+        shutil.copytree(clean, store)
+        delay = duration * (0.85 + 0.15 * (k + 0.5) / 10)
+        child = subprocess.Popen([str(helpers.binary()), "convert", str(bulky), "--out", str(store),
+                                  "--threads", "1", "--force", "--pipeline", str(harder)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        ds = store / name
+        if ds.exists():
+            manifest = json.loads((ds / "manifest.json").read_text())
+            assert manifest["pipeline"]["hash"] in (old_hash, new_hash)
+            seen.add("new" if manifest["pipeline"]["hash"] == new_hash else "old")
+            assert helpers.run("verify", ds).returncode == 0, f"kill at {delay:.2f}s"
+        else:
+            assert (store / f".{name}.replaced" / "manifest.json").is_file(), \
+                f"kill at {delay:.2f}s: no dataset and nothing set aside"
+            seen.add("between renames")
+        rerun = helpers.run("convert", bulky, "--out", store, "--threads", "1", "--pipeline", harder)
+        assert rerun.returncode == 0, helpers.describe_run(rerun)
+        manifest = json.loads((ds / "manifest.json").read_text())
+        assert manifest["pipeline"]["hash"] == new_hash
+        assert helpers.run("verify", ds).returncode == 0
+        import pyarrow.parquet as pq
+        row = pq.read_table(store / "catalog" / f"{name}.parquet").to_pylist()[0]
+        assert row["pipeline_hash"] == new_hash, f"kill at {delay:.2f}s: stale catalog row"
+    assert seen, "no kill landed"
+
+
 def test_resume_reuses_finished_stages(bulky, tmp_path):
     """A run killed after its first stages resumes them instead of starting over."""
     store = tmp_path / "store"

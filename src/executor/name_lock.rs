@@ -1,0 +1,530 @@
+//! Who may write a name in a store: one writer per dataset name (`STORE/.<name>.lock`), one
+//! ingest per store (`STORE/.ingest.lock`). The shard tasks of one sharded run hold their
+//! dataset's name together.
+//!
+//! Why these mechanics, for local disks and the shared file systems clusters use (NFS v3/v4,
+//! Lustre, GPFS), where `flock`/`fcntl` locks are either not shared between hosts or vanish
+//! with a client's lease in ways a job cannot see:
+//! - A lock is a small JSON file naming its holder (what, host, pid, since, command, run). It is
+//!   written aside and hard-linked into place: `link` fails when the name exists, atomically,
+//!   on every one of those file systems, and the file is complete the moment it appears.
+//! - The holder refreshes the file's modification time every quarter of the stale time (a
+//!   background thread), and checks on each beat that the file is still its own.
+//! - A lock is stale when its holder is on this host and its process is gone (or is another
+//!   process under a reused pid: the start time differs), or when it has not been refreshed
+//!   for the stale time, whichever host holds it (`SENSORIUM_INGEST_LOCK_STALE_SECONDS`,
+//!   default 600: longer than any pause of a living process, shorter than an operator's
+//!   patience). A stale lock is renamed aside (one taker wins the rename) and checked to be
+//!   the one judged stale before it is removed.
+//! - Shard tasks of one run name the run (the job's identity); a task finding its own run's
+//!   lock joins it instead of being refused. A run's lock stays until `finalize` takes it over
+//!   or, once no task refreshes it any more, it goes stale.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The holder of a lock, as written in the lock file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Holder {
+    /// What holds it: `convert`, `finalize`, `ingest`, `shard task`.
+    pub what: String,
+    pub host: String,
+    pub pid: u32,
+    /// The holder process's start time (Linux: clock ticks after boot), to tell a reused pid.
+    #[serde(default)]
+    pub start_time: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+    pub command: String,
+    /// Set for shard tasks: the sharded run they belong to; its tasks share the lock.
+    #[serde(default)]
+    pub run: Option<String>,
+}
+
+impl Holder {
+    /// This process, doing `what` (as part of sharded run `run`, for shard tasks).
+    pub fn this_process(what: &str, run: Option<String>) -> Holder {
+        Holder {
+            what: what.into(),
+            host: super::hostname(),
+            pid: std::process::id(),
+            start_time: process_start_time(std::process::id()),
+            since: unix_now(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            run,
+        }
+    }
+
+    /// `convert (pid 123 on node7, since 2026-12-03 08:00:00 UTC): sensorium-ingest convert ...`
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (pid {} on {}, since {}): {}",
+            self.what,
+            self.pid,
+            if self.host.is_empty() {
+                "?"
+            } else {
+                &self.host
+            },
+            format_utc(self.since),
+            self.command
+        )
+    }
+}
+
+/// What a caller does about a lock that is held.
+#[derive(Debug, Clone, Copy)]
+pub enum Waiting {
+    /// Refuse at once (exit 75, naming the holder).
+    No,
+    /// Wait for the holder, at most this long (`None`: for as long as it takes).
+    Up(Option<Duration>),
+}
+
+/// A held lock. Dropping it removes the file if it is still this holder's (a joined shard
+/// task leaves it to its run).
+pub struct NameLock {
+    path: PathBuf,
+    holder: Holder,
+    owner: bool,
+    lost: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    beat: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How the lock at a path may be taken.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub path: &'a Path,
+    pub holder: Holder,
+    /// What a refusal says before naming the holder: `another writer holds dataset NAME`.
+    pub refusal: &'a str,
+    pub waiting: Waiting,
+    /// Take over a lock held by this sharded run (`finalize` of the run), when none of its
+    /// tasks still runs.
+    pub take_over_run: Option<&'a str>,
+}
+
+impl NameLock {
+    pub fn acquire(request: Request) -> Result<NameLock> {
+        let deadline = match request.waiting {
+            Waiting::Up(Some(limit)) => Some(SystemTime::now() + limit),
+            _ => None,
+        };
+        let mut announced = false;
+        loop {
+            match try_acquire(&request)? {
+                Attempt::Held(lock) => return Ok(lock),
+                Attempt::Busy(holder) => {
+                    let waits = matches!(request.waiting, Waiting::Up(_))
+                        && deadline.is_none_or(|d| SystemTime::now() < d);
+                    if !waits {
+                        return Err(busy(&request, &holder));
+                    }
+                    if !announced {
+                        tracing::warn!(lock = %request.path.display(), holder = %holder.describe(), "waiting for the holder to finish");
+                        announced = true;
+                    }
+                    std::thread::sleep(poll_interval());
+                }
+            }
+        }
+    }
+
+    /// Whether the lock is still this holder's: false once someone took it over (after this
+    /// process stopped refreshing it for the stale time, or removed it by hand).
+    pub fn still_held(&self) -> bool {
+        !self.lost.load(Ordering::Relaxed)
+            && read_holder(&self.path).is_ok_and(|h| self.matches(&h))
+    }
+
+    /// Whether `other`, read from the file, is this lock: a shard task's is its run's.
+    fn matches(&self, other: &Holder) -> bool {
+        match &self.holder.run {
+            Some(run) if !self.owner => other.run.as_deref() == Some(run),
+            _ => *other == self.holder,
+        }
+    }
+
+    /// An error if the lock is no longer held: nothing may be published then.
+    pub fn check_held(&self) -> Result<()> {
+        if self.still_held() {
+            return Ok(());
+        }
+        let now = read_holder(&self.path)
+            .map(|h| h.describe())
+            .unwrap_or_else(|_| "nobody".into());
+        Err(Error::Busy {
+            path: self.path.clone(),
+            what: "this run lost its lock".into(),
+            holder: now,
+            hint: "another process took the name over (this run stalled for longer than the stale time?); run the command again".into(),
+        })
+    }
+}
+
+impl Drop for NameLock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(beat) = self.beat.take() {
+            let _ = beat.join();
+        }
+        if self.owner && read_holder(&self.path).is_ok_and(|h| h == self.holder) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+enum Attempt {
+    Held(NameLock),
+    Busy(Holder),
+}
+
+fn try_acquire(request: &Request) -> Result<Attempt> {
+    // A sharded run's lock belongs to the run, not to the task that happened to create it:
+    // no task removes it, `finalize` takes it over.
+    let owner = request.holder.run.is_none();
+    if create(request.path, &request.holder)? {
+        return Ok(Attempt::Held(start(request.path, &request.holder, owner)));
+    }
+    let Ok(current) = read_holder(request.path) else {
+        // Gone since the link failed, or being written by hand: look again.
+        return Ok(Attempt::Busy(unknown_holder()));
+    };
+    if is_stale(request.path, &current) {
+        take_over_stale(request.path, &current)?;
+        return try_acquire(request);
+    }
+    let own_run = current.run.is_some() && current.run == request.holder.run;
+    if own_run && request.take_over_run.is_none() {
+        // Another task of the same sharded run holds it: share it.
+        return Ok(Attempt::Held(start(request.path, &request.holder, false)));
+    }
+    if current.run.is_some() && current.run.as_deref() == request.take_over_run {
+        replace(request.path, &request.holder)?;
+        return Ok(Attempt::Held(start(request.path, &request.holder, true)));
+    }
+    Ok(Attempt::Busy(current))
+}
+
+fn busy(request: &Request, holder: &Holder) -> Error {
+    Error::Busy {
+        path: request.path.to_path_buf(),
+        what: request.refusal.to_string(),
+        holder: holder.describe(),
+        hint: "wait for it to finish, or pass --wait to wait for it; a holder that died is taken over on its own host at once, from other hosts once its lock is older than the stale time (docs/operations.md)".into(),
+    }
+}
+
+fn unknown_holder() -> Holder {
+    Holder {
+        what: "another process".into(),
+        host: String::new(),
+        pid: 0,
+        start_time: None,
+        since: unix_now(),
+        command: String::new(),
+        run: None,
+    }
+}
+
+/// Creates the lock file with `holder`'s record, atomically: false when it exists.
+fn create(path: &Path, holder: &Holder) -> Result<bool> {
+    let aside = aside_path(path, "new");
+    write_record(&aside, holder)?;
+    let linked = std::fs::hard_link(&aside, path);
+    let _ = std::fs::remove_file(&aside);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::io(path, "cannot create the lock file", e)),
+    }
+}
+
+/// Puts `holder`'s record in place of the current one (rename replaces atomically).
+fn replace(path: &Path, holder: &Holder) -> Result<()> {
+    let aside = aside_path(path, "new");
+    write_record(&aside, holder)?;
+    std::fs::rename(&aside, path).map_err(|e| Error::io(path, "cannot take over the lock", e))
+}
+
+fn write_record(path: &Path, holder: &Holder) -> Result<()> {
+    let mut text =
+        serde_json::to_string_pretty(holder).map_err(|e| Error::Internal(e.to_string()))?;
+    text.push('\n');
+    super::lock::write_synced(path, text.as_bytes())
+}
+
+fn aside_path(path: &Path, what: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(
+        "{name}.{what}.{}.{}",
+        super::hostname(),
+        std::process::id()
+    ))
+}
+
+/// The holder recorded in a lock file. Locks of older versions (`pid host since`) are read
+/// too, so a lock they left is still honoured or taken over by the same rules.
+pub fn read_holder(path: &Path) -> std::io::Result<Holder> {
+    let text = std::fs::read_to_string(path)?;
+    if let Ok(holder) = serde_json::from_str(&text) {
+        return Ok(holder);
+    }
+    let mut parts = text.split_whitespace();
+    let (pid, host, since) = (parts.next(), parts.next(), parts.next());
+    let pid = pid.and_then(|p| p.parse().ok());
+    match (pid, host) {
+        (Some(pid), Some(host)) => Ok(Holder {
+            what: "ingest".into(),
+            host: host.into(),
+            pid,
+            start_time: None,
+            since: since.and_then(|s| s.parse().ok()).unwrap_or(0),
+            command: String::new(),
+            run: None,
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a lock record",
+        )),
+    }
+}
+
+fn is_stale(path: &Path, holder: &Holder) -> bool {
+    if holder.host == super::hostname() && holder.run.is_none() && !process_alive(holder) {
+        return true;
+    }
+    let refreshed = std::fs::metadata(path).and_then(|m| m.modified());
+    refreshed.is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale_after()))
+}
+
+/// Whether the holder's process still runs, as far as this system tells: without `/proc`
+/// (not Linux) it cannot be told, and the holder counts as alive (its lock goes stale by age).
+fn process_alive(holder: &Holder) -> bool {
+    if !Path::new("/proc/self/stat").exists() {
+        return true;
+    }
+    match process_start_time(holder.pid) {
+        None => false,
+        Some(start) => holder.start_time.is_none_or(|recorded| recorded == start),
+    }
+}
+
+/// The holder of the lock at `path` if it is held and not stale: what `finalize` asks of the
+/// markers of its run's running tasks.
+pub fn live_holder(path: &Path) -> Option<Holder> {
+    let holder = read_holder(path).ok()?;
+    (!is_stale(path, &holder)).then_some(holder)
+}
+
+/// Renames a stale lock aside and removes it, if it is still the one judged stale; one of
+/// several processes taking over wins the rename, the others find a fresh lock.
+fn take_over_stale(path: &Path, judged: &Holder) -> Result<()> {
+    let aside = aside_path(path, "stale");
+    match std::fs::rename(path, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, "cannot take over a stale lock", e)),
+    }
+    let moved = read_holder(&aside).ok();
+    if moved.as_ref() == Some(judged) {
+        tracing::warn!(lock = %path.display(), holder = %judged.describe(), "took over a stale lock");
+    } else {
+        // Someone took it over between the look and the rename: give theirs back.
+        let _ = std::fs::hard_link(&aside, path);
+    }
+    let _ = std::fs::remove_file(&aside);
+    Ok(())
+}
+
+/// Starts refreshing the lock in the background.
+fn start(path: &Path, holder: &Holder, owner: bool) -> NameLock {
+    let lost = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let beat = {
+        let (path, holder, lost, stop) = (
+            path.to_path_buf(),
+            holder.clone(),
+            lost.clone(),
+            stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("lock-heartbeat".into())
+            .spawn(move || heartbeat(&path, &holder, owner, &lost, &stop))
+            .ok()
+    };
+    NameLock {
+        path: path.to_path_buf(),
+        holder: holder.clone(),
+        owner,
+        lost,
+        stop,
+        beat,
+    }
+}
+
+fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop: &AtomicBool) {
+    let interval = (stale_after() / 4).max(Duration::from_millis(200));
+    let step = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(step);
+        waited += step;
+        if waited < interval {
+            continue;
+        }
+        waited = Duration::ZERO;
+        let ours = read_holder(path).is_ok_and(|h| match owner {
+            true => h == *holder,
+            false => h.run == holder.run,
+        });
+        if !ours {
+            lost.store(true, Ordering::Relaxed);
+            return;
+        }
+        let _ = std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+    }
+}
+
+/// How long a lock may go unrefreshed before it is taken for abandoned.
+pub fn stale_after() -> Duration {
+    let seconds = std::env::var("SENSORIUM_INGEST_LOCK_STALE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(600.0);
+    Duration::from_secs_f64(seconds)
+}
+
+fn poll_interval() -> Duration {
+    (stale_after() / 20).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// A process's start time in clock ticks after boot (`/proc/<pid>/stat`, field 22); `None`
+/// where there is no such process or no /proc.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last `)`.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `2026-12-03 08:00:00 UTC` (civil from days, Howard Hinnant's algorithm).
+fn format_utc(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64;
+    let rest = seconds % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(what: &str, run: Option<&str>) -> Holder {
+        Holder {
+            command: format!("test {what}"),
+            ..Holder::this_process(what, run.map(String::from))
+        }
+    }
+
+    fn request<'a>(path: &'a Path, holder: Holder) -> Request<'a> {
+        Request {
+            path,
+            holder,
+            refusal: "another writer holds dataset d",
+            waiting: Waiting::No,
+            take_over_run: None,
+        }
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_and_told_who_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".d.lock");
+        let first = NameLock::acquire(request(&path, holder("convert", None))).unwrap();
+        let refused = NameLock::acquire(request(&path, holder("finalize", None)));
+        match refused {
+            Err(Error::Busy { holder, .. }) => {
+                assert!(holder.contains("convert (pid"), "{holder}");
+                assert!(holder.contains(&std::process::id().to_string()), "{holder}");
+            }
+            Err(other) => panic!("expected Busy, got {other}"),
+            Ok(_) => panic!("a second writer got the lock"),
+        }
+        assert!(first.still_held());
+        drop(first);
+        assert!(!path.exists());
+        NameLock::acquire(request(&path, holder("convert", None))).unwrap();
+    }
+
+    #[test]
+    fn shard_tasks_of_one_run_share_it_and_finalize_takes_it_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".d.lock");
+        let a = NameLock::acquire(request(&path, holder("shard task", Some("run1")))).unwrap();
+        let b = NameLock::acquire(request(&path, holder("shard task", Some("run1")))).unwrap();
+        assert!(NameLock::acquire(request(&path, holder("shard task", Some("run2")))).is_err());
+        assert!(NameLock::acquire(request(&path, holder("convert", None))).is_err());
+        drop((a, b));
+        // A run's lock outlives its tasks, until its finalize takes it over.
+        assert!(path.exists());
+        let finalize = Request {
+            take_over_run: Some("run1"),
+            ..request(&path, holder("finalize", None))
+        };
+        let f = NameLock::acquire(finalize).unwrap();
+        assert_eq!(read_holder(&path).unwrap().what, "finalize");
+        drop(f);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_dead_holder_on_this_host_is_taken_over_and_old_records_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".ingest.lock");
+        // A pid that cannot exist (above the kernel's pid_max).
+        std::fs::write(&path, format!("99999999 {} 0\n", super::super::hostname())).unwrap();
+        let lock = NameLock::acquire(request(&path, holder("ingest", None))).unwrap();
+        assert_eq!(read_holder(&path).unwrap().pid, std::process::id());
+        drop(lock);
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_utc(1_796_286_000), "2026-12-03 08:20:00 UTC");
+    }
+}

@@ -1,0 +1,155 @@
+"""A full disk at any point of a conversion: a size-limited tmpfs (root only) that fills up in
+each stage in turn, then in the tables, the manifest and the catalog. Every time: exit 74 naming
+the file, the space free and the space the run needs; nothing published; the store's other
+dataset untouched; and the same command, once space is freed, resumes and publishes a dataset
+that verifies. `plan` shows the space a run needs, and `convert` refuses to start on a file
+system that clearly lacks it unless given `--no-space-check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import helpers
+
+PAGE = 4096
+
+
+def pages(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a size-limited tmpfs: the full-disk tests did NOT run")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk tests "
+                    "did NOT run")
+
+    def resize(size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    try:
+        yield mount, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def stage_usage(dataset: Path) -> list[tuple[str, int]]:
+    """Bytes (in whole pages, as tmpfs counts them) each stage's files take, in stage order,
+    then the files written at the end."""
+    lock = json.loads((dataset / "lock.json").read_text())
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    size = {o["path"]: o["bytes"] for o in manifest["outputs"]}
+    usage, seen = [], set()
+    for stage in lock["stages"]:
+        usage.append((stage["id"], sum(pages(size[f]) for f in stage["outputs"])))
+        seen.update(stage["outputs"])
+    groups = sum(pages(b) for p, b in size.items() if p not in seen)
+    records = sum(pages((dataset / f).stat().st_size) for f in ("manifest.json", "lock.json",
+                                                                 "run.json"))
+    usage.append(("end", groups + records))
+    return usage
+
+
+def tree_hashes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_disk_that_fills_up_anywhere_publishes_nothing_and_the_rerun_resumes(
+        tmpfs, mouse, tmp_path):
+    mount, resize = tmpfs
+    source = mouse("full-disk", trials=20, neurons=260, frames=200, seed=911)
+    name = helpers.dataset_name(source.name.removesuffix(".zip"))
+    reference = tmp_path / "reference"
+    done = helpers.run("convert", source, "--out", reference)
+    assert done.returncode == 0, helpers.describe_run(done)
+    usage = stage_usage(reference / name)
+    # The store holds another dataset, which nothing may touch.
+    other = helpers.REPO / "fixtures" / \
+        "dynamic90001-1-1-Video-0123456789abcdef0123456789abcdef.zip"
+    store = mount / "store"
+    first = helpers.run("convert", other, "--out", store)
+    assert first.returncode == 0, helpers.describe_run(first)
+    before = tree_hashes(store / "dynamic90001-1-1")
+    taken = int(subprocess.run(["df", "-B1", "--output=used", str(mount)], capture_output=True,
+                               text=True, check=True).stdout.split()[-1])
+    failed_in = []
+    done_so_far = 0
+    for stage, stage_bytes in usage:
+        if stage_bytes == 0:
+            continue
+        limit = taken + done_so_far + max(PAGE, stage_bytes // 2)
+        done_so_far += stage_bytes
+        resize(pages(limit))
+        full = helpers.run("convert", source, "--out", store, "--no-space-check")
+        assert full.returncode == 74, f"{stage}: " + helpers.describe_run(full)
+        assert "disk is full" in full.stderr and "free on the file system of" in full.stderr, \
+            helpers.describe_run(full)
+        assert re.search(r"the run needs about [\d.]+ \w+", full.stderr), full.stderr
+        assert not (store / name / "manifest.json").exists(), f"{stage}: published on a full disk"
+        assert tree_hashes(store / "dynamic90001-1-1") == before, f"{stage}: touched another dataset"
+        failed_in.append((stage, full.stderr.splitlines()[0]))
+        # Freed space: the same command resumes.
+        resize(64 << 20)
+        again = helpers.run("convert", source, "--out", store)
+        assert again.returncode == 0, f"{stage}: " + helpers.describe_run(again)
+        assert helpers.run("verify", store).returncode == 0
+        helpers.assert_same_outputs(store / name, reference / name)
+        shutil.rmtree(store / name)
+        for catalog_row in (store / "catalog").glob(f"{name}*"):
+            catalog_row.unlink()
+    stages = [s for s, _ in failed_in]
+    assert len(stages) >= 5, failed_in
+    # The failures name files of the stage that was running.
+    assert any("videos" in line for s, line in failed_in if s == "videos"), failed_in
+
+
+def test_plan_shows_the_space_and_convert_refuses_a_disk_too_small(tmpfs, mouse):
+    mount, resize = tmpfs
+    source = mouse("full-disk", trials=20, neurons=260, frames=200, seed=911)
+    store = mount / "store"
+    plan = helpers.run("plan", source, "--out", store)
+    assert plan.returncode == 0, helpers.describe_run(plan)
+    shown = re.search(r"disk: needs ~([\d.]+) (\w+) of ([\d.]+) (\w+) free", plan.stdout)
+    assert shown, plan.stdout
+    resize(256 * 1024)
+    refused = helpers.run("convert", source, "--out", store)
+    assert refused.returncode == 74, helpers.describe_run(refused)
+    assert "not enough space: the run needs about" in refused.stderr, refused.stderr
+    assert "--no-space-check" in refused.stderr
+    assert not any(store.glob(".*.partial")), "a refused run left a staging folder"
+
+
+def test_a_read_only_store_is_refused_clearly_and_nothing_changes(tmpfs, mouse):
+    mount, _ = tmpfs
+    store = mount / "store"
+    fixture = helpers.REPO / "fixtures" / \
+        "dynamic90001-1-1-Video-0123456789abcdef0123456789abcdef.zip"
+    first = helpers.run("convert", fixture, "--out", store)
+    assert first.returncode == 0, helpers.describe_run(first)
+    before = tree_hashes(store)
+    source = mouse("full-disk", trials=20, neurons=260, frames=200, seed=911)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    try:
+        proc = helpers.run("convert", source, "--out", store)
+        assert proc.returncode == 74, helpers.describe_run(proc)
+        assert "read-only file system" in proc.stderr, proc.stderr
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True)
+    assert tree_hashes(store) == before
+    again = helpers.run("convert", source, "--out", store)
+    assert again.returncode == 0, helpers.describe_run(again)
+    assert helpers.run("verify", store).returncode == 0
