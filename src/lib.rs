@@ -1,5 +1,6 @@
-//! sensorium-ingest: Sensorium 2023 mouse datasets (per-trial `.npy` files in zip archives)
-//! into analysis-ready Zarr v3 arrays and Parquet tables, through YAML-declared stages.
+//! sensorium-ingest: datasets of the FileTree family (per-trial `.npy` files in zip archives or
+//! folders: Sensorium 2023 and 2022 mice, colour-image mice, labs' own exports) into
+//! analysis-ready Zarr v3 arrays and Parquet tables, through YAML-declared stages.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library, whose layers go from the source
 //! to the commands; no module uses one of a layer above its own (docs/architecture.md; enforced

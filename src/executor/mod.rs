@@ -335,6 +335,8 @@ pub(crate) struct Assembly<'a> {
     pub(crate) dir: &'a Path,
     pub(crate) run: &'a str,
     pub(crate) collect: &'a AssembleShards<'a>,
+    /// Refuses while a task of the run still runs.
+    pub(crate) no_task_runs: &'a dyn Fn() -> Result<()>,
 }
 
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
@@ -356,10 +358,39 @@ fn convert_with(opts: &ConvertOptions, assembly: Option<&Assembly>) -> Result<Co
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
     let (source, name) = open_source(opts)?;
     let holder = Holder::this_process(opts.writer, None);
-    let name_lock = claim_name(opts, &name, holder, assembly.map(|a| a.run))?;
-    let mut prep = prepare(opts, &pipeline, source, name)?;
+    let mut name_lock = claim_name(opts, &name, holder, assembly.map(|a| a.run))?;
     if let Some(assembly) = assembly {
-        for (index, lock) in (assembly.collect)(&pipeline, &prep)? {
+        // Checked with the name held: no task of the run can start after this.
+        (assembly.no_task_runs)()?;
+    }
+    let report = convert_claimed(opts, &pipeline, source, name, assembly, started, &name_lock)?;
+    if let Some(assembly) = assembly {
+        // Removed while the name is still held, so no new run can start in a folder going away.
+        std::fs::remove_dir_all(assembly.dir).map_err(|e| {
+            Error::io(
+                assembly.dir,
+                "the dataset is published, but its shards folder cannot be removed",
+                e,
+            )
+        })?;
+    }
+    name_lock.finish();
+    Ok(report)
+}
+
+/// A conversion whose name this process holds.
+fn convert_claimed(
+    opts: &ConvertOptions,
+    pipeline: &Pipeline,
+    source: Source,
+    name: String,
+    assembly: Option<&Assembly>,
+    started: Instant,
+    name_lock: &NameLock,
+) -> Result<ConvertReport> {
+    let mut prep = prepare(opts, pipeline, source, name)?;
+    if let Some(assembly) = assembly {
+        for (index, lock) in (assembly.collect)(pipeline, &prep)? {
             prep.decisions[index] = Decision::Reuse {
                 origin: Origin::Shards,
                 lock,
@@ -383,10 +414,11 @@ fn convert_with(opts: &ConvertOptions, assembly: Option<&Assembly>) -> Result<Co
     }
     check_space(opts, &prep)?;
     staging::prepare_staging(&prep)?;
-    let result = run_whole(opts, &prep, report, started, &name_lock);
+    let result = run_whole(opts, &prep, report, started, name_lock);
     // A failed run leaves nothing behind; an interrupted one keeps its staging folder, so the
-    // same command resumes it.
-    if matches!(result, Err(ref e) if !matches!(e, Error::Interrupted)) {
+    // same command resumes it. A run that lost its name leaves the folder to the new holder.
+    let failed = matches!(result, Err(ref e) if !matches!(e, Error::Interrupted));
+    if failed && name_lock.still_held() {
         let _ = std::fs::remove_dir_all(&prep.staging_dir);
     }
     result
@@ -473,6 +505,8 @@ fn run_whole(
         stages: Vec::new(),
     };
     let done = runner.run(&Scope::Whole, |lock| {
+        // A run that stalled past the stale time stops writing into the new holder's folder.
+        name_lock.check_held()?;
         progress.stages.push(lock.clone());
         progress.write(&prep.staging_dir)
     })?;
@@ -520,6 +554,14 @@ fn check_dataset_name(name: &str) -> Result<()> {
             "use letters, digits, `-` and `_`",
         ));
     }
+    // The store's own files: the catalog folder, and `.ingest.lock` beside the names' locks.
+    if ["catalog", "ingest"].contains(&name) {
+        return Err(Error::bad_input(
+            format!("--name {name:?}"),
+            "this name is the store's own (its catalog folder or its ingest lock)",
+            "choose another name with --name",
+        ));
+    }
     Ok(())
 }
 
@@ -540,11 +582,25 @@ fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// This host's name, for run.json and file names; empty where neither `/etc/hostname` nor
-/// `HOSTNAME` gives one (macOS, for one).
+/// This host's name (gethostname(2), else `/etc/hostname` or `HOSTNAME`), for locks, run.json
+/// and file names; empty where none gives one.
 pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length, which is passed; gethostname
+    // writes at most that many bytes.
+    let named = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let from_kernel = named
+        .then(|| {
+            let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+            String::from_utf8_lossy(&buffer[..end]).trim().to_string()
+        })
+        .filter(|h| !h.is_empty());
+    from_kernel
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default()
 }

@@ -93,6 +93,11 @@ pub struct NameLock {
     path: PathBuf,
     holder: Holder,
     owner: bool,
+    /// The sharded run's record this lock took over (`finalize`): put back if the work fails,
+    /// so the run keeps its name for the next finalize.
+    taken_from: Option<Holder>,
+    /// The work is done: the lock is removed, not given back.
+    done: bool,
     lost: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     beat: Option<std::thread::JoinHandle<()>>,
@@ -121,6 +126,7 @@ impl NameLock {
         loop {
             match try_acquire(&request)? {
                 Attempt::Held(lock) => return Ok(lock),
+                Attempt::Again => std::thread::sleep(poll_interval()),
                 Attempt::Busy(holder) => {
                     let waits = matches!(request.waiting, Waiting::Up(_))
                         && deadline.is_none_or(|d| SystemTime::now() < d);
@@ -169,14 +175,29 @@ impl NameLock {
     }
 }
 
+impl NameLock {
+    /// The work the lock was for is complete: dropping it removes it.
+    pub fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
 impl Drop for NameLock {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(beat) = self.beat.take() {
             let _ = beat.join();
         }
-        if self.owner && read_holder(&self.path).is_ok_and(|h| h == self.holder) {
-            let _ = std::fs::remove_file(&self.path);
+        if !self.owner || !read_holder(&self.path).is_ok_and(|h| h == self.holder) {
+            return;
+        }
+        match (&self.taken_from, self.done) {
+            (Some(run), false) => {
+                let _ = replace(&self.path, run);
+            }
+            _ => {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
     }
 }
@@ -184,33 +205,82 @@ impl Drop for NameLock {
 enum Attempt {
     Held(NameLock),
     Busy(Holder),
+    /// The lock changed under this look: look again.
+    Again,
 }
 
+/// How often a lock that keeps changing under the look is looked at before giving up.
+const LOOKS: usize = 100;
+
 fn try_acquire(request: &Request) -> Result<Attempt> {
+    for _ in 0..LOOKS {
+        match look(request)? {
+            Attempt::Again => continue,
+            settled => return Ok(settled),
+        }
+    }
+    Ok(read_holder(request.path).map_or(Attempt::Again, Attempt::Busy))
+}
+
+fn look(request: &Request) -> Result<Attempt> {
     // A sharded run's lock belongs to the run, not to the task that happened to create it:
     // no task removes it, `finalize` takes it over.
     let owner = request.holder.run.is_none();
     if create(request.path, &request.holder)? {
-        return Ok(Attempt::Held(start(request.path, &request.holder, owner)));
+        let lock = start(request.path, &request.holder, owner, None)?;
+        return Ok(Attempt::Held(lock));
     }
-    let Ok(current) = read_holder(request.path) else {
-        // Gone since the link failed, or being written by hand: look again.
-        return Ok(Attempt::Busy(unknown_holder()));
+    let current = match read_holder(request.path) {
+        Ok(current) => current,
+        // Gone since the link failed: look again.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Attempt::Again),
+        // Not a lock record (written by hand, or damaged): judged by its age alone.
+        Err(_) => {
+            if is_stale(request.path, &unknown_holder()) {
+                let _ = std::fs::remove_file(request.path);
+                return Ok(Attempt::Again);
+            }
+            return Ok(Attempt::Busy(unknown_holder()));
+        }
     };
     if is_stale(request.path, &current) {
         take_over_stale(request.path, &current)?;
-        return try_acquire(request);
+        return Ok(Attempt::Again);
     }
     let own_run = current.run.is_some() && current.run == request.holder.run;
     if own_run && request.take_over_run.is_none() {
         // Another task of the same sharded run holds it: share it.
-        return Ok(Attempt::Held(start(request.path, &request.holder, false)));
+        let lock = start(request.path, &request.holder, false, None)?;
+        return Ok(Attempt::Held(lock));
     }
     if current.run.is_some() && current.run.as_deref() == request.take_over_run {
-        replace(request.path, &request.holder)?;
-        return Ok(Attempt::Held(start(request.path, &request.holder, true)));
+        return take_over_run(request, &current);
     }
     Ok(Attempt::Busy(current))
+}
+
+/// `finalize` takes its run's lock over, exclusively: the run's record is renamed aside (one
+/// taker wins), checked, and this holder's created in its place; a task of the run that
+/// re-creates the lock meanwhile wins instead.
+fn take_over_run(request: &Request, run: &Holder) -> Result<Attempt> {
+    let aside = aside_path(request.path, "run");
+    match std::fs::rename(request.path, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Attempt::Again),
+        Err(e) => return Err(Error::io(request.path, "cannot take over the lock", e)),
+    }
+    let moved = read_holder(&aside).ok();
+    if moved.as_ref() != Some(run) {
+        let _ = std::fs::hard_link(&aside, request.path);
+        let _ = std::fs::remove_file(&aside);
+        return Ok(Attempt::Again);
+    }
+    let _ = std::fs::remove_file(&aside);
+    if !create(request.path, &request.holder)? {
+        return Ok(Attempt::Again);
+    }
+    let lock = start(request.path, &request.holder, true, Some(run.clone()))?;
+    Ok(Attempt::Held(lock))
 }
 
 fn busy(request: &Request, holder: &Holder) -> Error {
@@ -300,7 +370,9 @@ pub fn read_holder(path: &Path) -> std::io::Result<Holder> {
 }
 
 fn is_stale(path: &Path, holder: &Holder) -> bool {
-    if holder.host == super::hostname() && holder.run.is_none() && !process_alive(holder) {
+    // An unknown host name cannot tell two hosts apart: such holders are judged by age alone.
+    let this_host = !holder.host.is_empty() && holder.host == super::hostname();
+    if this_host && holder.run.is_none() && !process_alive(holder) {
         return true;
     }
     let refreshed = std::fs::metadata(path).and_then(|m| m.modified());
@@ -347,29 +419,32 @@ fn take_over_stale(path: &Path, judged: &Holder) -> Result<()> {
 }
 
 /// Starts refreshing the lock in the background.
-fn start(path: &Path, holder: &Holder, owner: bool) -> NameLock {
+fn start(
+    path: &Path,
+    holder: &Holder,
+    owner: bool,
+    taken_from: Option<Holder>,
+) -> Result<NameLock> {
     let lost = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let beat = {
-        let (path, holder, lost, stop) = (
-            path.to_path_buf(),
-            holder.clone(),
-            lost.clone(),
-            stop.clone(),
-        );
-        std::thread::Builder::new()
-            .name("lock-heartbeat".into())
-            .spawn(move || heartbeat(&path, &holder, owner, &lost, &stop))
-            .ok()
-    };
-    NameLock {
+    let mut lock = NameLock {
         path: path.to_path_buf(),
         holder: holder.clone(),
         owner,
-        lost,
-        stop,
-        beat,
-    }
+        taken_from,
+        done: false,
+        lost: lost.clone(),
+        stop: stop.clone(),
+        beat: None,
+    };
+    let (beat_path, beat_holder) = (path.to_path_buf(), holder.clone());
+    let beat = std::thread::Builder::new()
+        .name("lock-heartbeat".into())
+        .spawn(move || heartbeat(&beat_path, &beat_holder, owner, &lost, &stop))
+        // Without a heartbeat the lock would go stale under a living run: refuse to start.
+        .map_err(|e| Error::io(path, "cannot start the lock's heartbeat thread", e))?;
+    lock.beat = Some(beat);
+    Ok(lock)
 }
 
 fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop: &AtomicBool) {
@@ -501,13 +576,20 @@ mod tests {
         drop((a, b));
         // A run's lock outlives its tasks, until its finalize takes it over.
         assert!(path.exists());
-        let finalize = Request {
+        let finalize = || Request {
             take_over_run: Some("run1"),
             ..request(&path, holder("finalize", None))
         };
-        let f = NameLock::acquire(finalize).unwrap();
+        // A finalize that fails gives the name back to the run.
+        let failed = NameLock::acquire(finalize()).unwrap();
         assert_eq!(read_holder(&path).unwrap().what, "finalize");
-        drop(f);
+        assert!(NameLock::acquire(finalize()).is_err(), "two finalizes took it over");
+        drop(failed);
+        assert_eq!(read_holder(&path).unwrap().run.as_deref(), Some("run1"));
+        // One that publishes removes it.
+        let mut done = NameLock::acquire(finalize()).unwrap();
+        done.finish();
+        drop(done);
         assert!(!path.exists());
     }
 

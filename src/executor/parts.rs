@@ -359,7 +359,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
     let job = new_job(opts, &prep, shard, block);
     // The run holds the dataset's name (its tasks share it); this task holds its part.
     let run = Holder::this_process("shard task", Some(job.identity_hash()));
-    let _name = match runner::claim_name(opts, &prep.name, run, None) {
+    let name_lock = match runner::claim_name(opts, &prep.name, run, None) {
         Err(busy @ Error::Busy { .. }) => return Err(another_run_or(&dir, &job, busy)),
         claimed => claimed?,
     };
@@ -367,6 +367,8 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         .map_err(|e| Error::io(dir.join(RECEIPTS), "cannot create the shards folder", e))?;
     join_job(&dir, &job)?;
     let _part = hold_part(opts, &dir, shard)?;
+    // The run may have been finalized between the name and the part: then this task is late.
+    name_lock.check_held()?;
 
     let receipt_file = receipt_path(&dir, shard);
     if earlier_receipt_holds(&dir, &receipt_file, &job, shard, &trials) {
@@ -393,6 +395,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
         stages: locks,
         checksum: String::new(),
     };
+    name_lock.check_held()?;
     receipt.write(&receipt_file)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -634,7 +637,6 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
         ));
     }
     let job = read_job(&dir)?;
-    check_no_task_runs(&dir)?;
     let source = opts
         .source
         .clone()
@@ -657,19 +659,14 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
     let collect =
         |pipeline: &Pipeline, prep: &Prepared| collect_receipts(pipeline, prep, &job, &dir);
     let run = job.identity_hash();
+    let no_task_runs = || check_no_task_runs(&dir);
     let assembly = runner::Assembly {
         dir: &dir,
         run: &run,
         collect: &collect,
+        no_task_runs: &no_task_runs,
     };
     let report = runner::convert_assembled(&convert_opts, &assembly)?;
-    std::fs::remove_dir_all(&dir).map_err(|e| {
-        Error::io(
-            &dir,
-            "the dataset is published, but its shards folder cannot be removed",
-            e,
-        )
-    })?;
     Ok(Finalized::Converted(report))
 }
 

@@ -22,8 +22,9 @@ pub(crate) fn recover_interrupted_publish(
     let aside = store.join(format!(".{name}.replaced"));
     if aside.exists() {
         if dataset_dir.exists() {
-            std::fs::remove_dir_all(&aside)
-                .map_err(|e| Error::io(&aside, "cannot remove a replaced dataset", e))?;
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                tracing::warn!(folder = %aside.display(), error = %e, "cannot remove a replaced dataset yet");
+            }
         } else {
             std::fs::rename(&aside, dataset_dir).map_err(|e| {
                 Error::io(
@@ -144,11 +145,23 @@ pub(crate) fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<
         std::fs::rename(dataset_dir, &aside)
             .map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
     }
-    std::fs::rename(staging, dataset_dir)
-        .map_err(|e| Error::io(dataset_dir, "cannot move the new dataset into place", e))?;
+    if let Err(e) = std::fs::rename(staging, dataset_dir) {
+        // The old dataset goes back where it was: the name is never left empty by a failure.
+        if had_old {
+            let _ = std::fs::rename(&aside, dataset_dir);
+        }
+        return Err(Error::io(
+            dataset_dir,
+            "cannot move the new dataset into place",
+            e,
+        ));
+    }
+    // The new dataset is published: an old copy that will not go (an NFS client keeping a
+    // reader's files as .nfsXXXX) is left for the next run to remove, not an error.
     if had_old {
-        std::fs::remove_dir_all(&aside)
-            .map_err(|e| Error::io(&aside, "cannot remove the replaced dataset", e))?;
+        if let Err(e) = std::fs::remove_dir_all(&aside) {
+            tracing::warn!(folder = %aside.display(), error = %e, "cannot remove the replaced dataset yet");
+        }
     }
     if let Ok(dir) = std::fs::File::open(parent) {
         let _ = dir.sync_all();

@@ -128,3 +128,23 @@ stage_kinds! {
     Statistics => statistics::StatisticsConfig, statistics::StatisticsPlan<'p>;
     MetaTable => meta_table::MetaTableConfig, meta_table::MetaPlan<'p>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `kind:` tag serde reads is the variant's name in snake case; it must be the kind's
+    /// `KIND`, which errors and the registry's list use.
+    #[test]
+    fn every_kind_is_read_under_its_own_name() {
+        for kind in KINDS {
+            let text = format!("kind: {kind}\nid: x\n");
+            let error = yaml_serde::from_str::<Stage>(&text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(!error.contains("unknown variant"), "{kind}: {error}");
+            assert!(config_error(kind, "id: x\n").is_some(), "{kind}");
+        }
+    }
+}

@@ -22,14 +22,14 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
-use crate::per_thread::{lock, map_with_state_helping};
+use crate::per_thread::{lock, map_with_state_helping, Queue};
 use crate::pipeline::plan::{trial_number, trial_plan, ArrayEntry, Plan, TrialPlan};
 use crate::pipeline::spec::{check_codec, Compression, FRAME_DIMENSION, HINT};
 use crate::source::{read_npy, EntryReader, Source};
 use crate::validate::{self, ExpectedArray};
 use crate::writers::output_store::BOUNCE_CAPACITY;
 use crate::writers::shard::{Compressor, EncodedRun, ShardLayout};
-use crate::writers::write_behind::{self, EncoderSlot};
+use crate::writers::write_behind::{self, EncoderSlot, WriteBehind};
 use crate::writers::zarr::{
     array_metadata, encoder_layout, fill_bytes, ArraySpec, ZarrArray, ZarrPath, ZarrStore,
 };
@@ -327,169 +327,245 @@ fn write_trials(
     open: &OpenArray,
     part: std::ops::Range<usize>,
 ) -> Result<StageResult> {
-    let (array, shard) = (&open.array, open.shard.as_slice());
-    let c = plan.config;
-    let trials_per_shard = shard[0] as usize;
-    let reading = TrialReading::new(ctx, plan, &shard[1..]);
-    // Shards writers::shard can encode, as the array's metadata says, else zarrs encodes them.
-    let encodable = encoder_layout(array);
-    let unit_trials = unit_trials(encodable.as_ref(), &open.chunk, shard);
-    let groups: Vec<usize> =
-        (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect();
-    let shard_write_failed = |e: String| {
-        Error::io(
-            ctx.dataset_dir.join(&c.output),
-            "cannot write a shard",
-            std::io::Error::other(e),
-        )
-    };
+    let writing = ShardWriting::new(ctx, plan, open, part);
+    let groups = writing.groups.len();
     // Shards go to disk on I/O threads while their worker reads its next shard's trials
     // (writers::write_behind).
-    let io_threads = rayon::current_num_threads().min(groups.len());
-    let units_per_shard = trials_per_shard / unit_trials;
-    let shard_trials = |group: usize| {
-        let first = group * trials_per_shard;
-        (
-            first,
-            &plan.trials[first..(first + trials_per_shard).min(part.end)],
-        )
-    };
-    // The shards being encoded, whose last units a thread that has run out of shards takes.
-    let tails: Mutex<Vec<Arc<ShardTail>>> = Mutex::new(Vec::new());
+    let io_threads = rayon::current_num_threads().min(groups);
     let (done, last_writes) = write_behind::run(open.store.output(), io_threads, |writer| {
         map_with_state_helping(
-            groups.len(),
-            || UnitState {
-                reader: ctx.source.reader(),
-                buffer: Vec::new(),
-                scratch: Vec::new(),
-                slot: EncoderSlot::default(),
-                compressor: Compressor::default(),
-                run: EncodedRun::default(),
-            },
-            |i, state, queue| -> Result<Vec<TrialRead>> {
-                let group = groups[i];
-                let (first, trials) = shard_trials(group);
-                let mut indices = vec![0u64; shard.len()];
-                indices[0] = group as u64;
-                let Some(layout) = &encodable else {
-                    // zarrs encodes the shard: one unit, the whole shard. Once threads run out
-                    // of shards, the last ones spread their chunks over the idle threads.
-                    let read = reading.read_unit(state, trials, first, 0..trials_per_shard)?;
-                    let concurrency = 1 + queue.idle_workers();
-                    array
-                        .store_chunk_opt(
-                            &indices,
-                            ArrayBytes::from(&state.buffer[reading.lead..]),
-                            &CodecOptions::default().with_concurrent_target(concurrency),
-                        )
-                        .map_err(|e| shard_write_failed(e.to_string()))?;
-                    return Ok(read);
-                };
-                let tail = Arc::new(ShardTail::new(group, units_per_shard));
-                lock(&tails).push(tail.clone());
-                let mut read = Vec::with_capacity(trials.len());
-                let mut own_units = || -> Result<()> {
-                    let mut next = Some(0);
-                    while let Some(unit) = next {
-                        let units = unit * unit_trials..(unit + 1) * unit_trials;
-                        // The next unit's bytes are fetched while this one is worked on: this
-                        // shard's, or after its last unit the first of the shard taken next.
-                        if unit + 1 < units_per_shard {
-                            reading.prefetch(state, trials, units.end..units.end + unit_trials);
-                        } else if let Some(i) = queue.next_item() {
-                            let (_, trials) = shard_trials(groups[i]);
-                            reading.prefetch(state, trials, 0..unit_trials);
-                        }
-                        read.extend(reading.read_unit(state, trials, first, units)?);
-                        // Asked for after the first unit is read: meanwhile, the last shard's
-                        // write has had time to finish and give its buffer back.
-                        let encoder = state.slot.encoder().map_err(shard_write_failed)?;
-                        if unit == 0 {
-                            encoder.begin(layout);
-                        }
-                        encoder
-                            .add_chunks(layout, &state.buffer[reading.lead..])
-                            .map_err(|e| shard_write_failed(e.to_string()))?;
-                        next = tail.take_front();
-                    }
-                    Ok(())
-                };
-                let owned = own_units();
-                // Failed or not, no thread is to help with this shard any more.
-                lock(&tails).retain(|t| !Arc::ptr_eq(t, &tail));
-                owned?;
-                // The units other threads took, in order after this thread's.
-                for (_, run, trials_read) in tail.wait_for_helpers() {
-                    read.extend(trials_read?);
-                    state
-                        .slot
-                        .encoder()
-                        .map_err(shard_write_failed)?
-                        .append_run(layout, &run)
-                        .map_err(|e| shard_write_failed(e.to_string()))?;
-                }
-                state
-                    .slot
-                    .encoder()
-                    .map_err(shard_write_failed)?
-                    .finish(layout)
-                    .map_err(|e| shard_write_failed(e.to_string()))?;
-                writer
-                    .store(&mut state.slot, array.chunk_key(&indices))
-                    .map_err(shard_write_failed)?;
-                Ok(read)
-            },
-            |state| {
-                let Some(layout) = &encodable else {
-                    return false;
-                };
-                let Some((tail, unit)) = ShardTail::claim_last(&tails) else {
-                    return false;
-                };
-                // Handed over when dropped, even if this thread panics: the owner waits for it.
-                let mut helping = Helping {
-                    tail,
-                    unit,
-                    done: None,
-                };
-                let (first, trials) = shard_trials(helping.tail.group);
-                let units = unit * unit_trials..(unit + 1) * unit_trials;
-                let trials_read = reading
-                    .read_unit(state, trials, first, units)
-                    .and_then(|r| {
-                        state
-                            .compressor
-                            .encode_run(layout, &state.buffer[reading.lead..], &mut state.run)
-                            .map_err(|e| shard_write_failed(e.to_string()))?;
-                        Ok(r)
-                    });
-                helping.done = Some((std::mem::take(&mut state.run), trials_read));
-                true
-            },
+            groups,
+            UnitState::new(ctx),
+            |i, state, queue| writing.write_shard(i, state, queue, writer),
+            |state| writing.help(state),
         )
     });
     let done: Vec<Vec<TrialRead>> = done.into_iter().collect::<Result<_>>()?;
-    last_writes.map_err(shard_write_failed)?;
-    let mut result = StageResult::default();
-    let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); c.measures.len()];
-    for (record, values) in done.into_iter().flatten() {
-        result.entries.push(record);
-        for (all, value) in measures.iter_mut().zip(values) {
-            all.push(value);
+    last_writes.map_err(|e| writing.write_failed(e))?;
+    Ok(writing.result(done))
+}
+
+/// One stage's shards being written: what every shard task and helping thread shares.
+struct ShardWriting<'a> {
+    ctx: &'a StageContext<'a>,
+    plan: &'a TrialPlan<'a, TrialArrayConfig>,
+    array: &'a ZarrArray,
+    shard: &'a [u64],
+    reading: TrialReading<'a>,
+    /// Shards writers::shard can encode, as the array's metadata says; `None`: zarrs does.
+    encodable: Option<ShardLayout>,
+    part: std::ops::Range<usize>,
+    /// The shards (by index on the trial axis) of this part.
+    groups: Vec<usize>,
+    trials_per_shard: usize,
+    unit_trials: usize,
+    units_per_shard: usize,
+    /// The shards being encoded, whose last units a thread that has run out of shards takes.
+    tails: Mutex<Vec<Arc<ShardTail>>>,
+}
+
+impl<'a> ShardWriting<'a> {
+    fn new(
+        ctx: &'a StageContext<'a>,
+        plan: &'a TrialPlan<'a, TrialArrayConfig>,
+        open: &'a OpenArray,
+        part: std::ops::Range<usize>,
+    ) -> Self {
+        let shard = open.shard.as_slice();
+        let trials_per_shard = shard[0] as usize;
+        let encodable = encoder_layout(&open.array);
+        let unit_trials = unit_trials(encodable.as_ref(), &open.chunk, shard);
+        ShardWriting {
+            ctx,
+            plan,
+            array: &open.array,
+            shard,
+            reading: TrialReading::new(ctx, plan, &shard[1..]),
+            encodable,
+            groups: (part.start / trials_per_shard..part.end.div_ceil(trials_per_shard)).collect(),
+            part,
+            trials_per_shard,
+            unit_trials,
+            units_per_shard: trials_per_shard / unit_trials,
+            tails: Mutex::new(Vec::new()),
         }
     }
-    result.bytes = part.len() as u64 * reading.trial_bytes as u64;
-    for (m, values) in c.measures.iter().zip(measures) {
-        let values = match m {
-            Measure::ValidFrames => {
-                MeasureValues::Int32(values.iter().map(|v| v.as_i32()).collect())
-            }
-            Measure::AllZero => MeasureValues::Bool(values.iter().map(|v| v.as_bool()).collect()),
-        };
-        result.measures.push((*m, values));
+
+    fn write_failed(&self, e: String) -> Error {
+        Error::io(
+            self.ctx.dataset_dir.join(&self.plan.config.output),
+            "cannot write a shard",
+            std::io::Error::other(e),
+        )
     }
-    Ok(result)
+
+    /// The first trial of shard `group` and its trials (within this part).
+    fn shard_trials(&self, group: usize) -> (usize, &'a [ArrayEntry]) {
+        let first = group * self.trials_per_shard;
+        let end = (first + self.trials_per_shard).min(self.part.end);
+        (first, &self.plan.trials[first..end])
+    }
+
+    /// The task of shard `i` of this part: its trials read and encoded, the shard handed to the
+    /// I/O threads.
+    fn write_shard(
+        &self,
+        i: usize,
+        state: &mut UnitState,
+        queue: &Queue,
+        writer: &WriteBehind,
+    ) -> Result<Vec<TrialRead>> {
+        let group = self.groups[i];
+        let mut indices = vec![0u64; self.shard.len()];
+        indices[0] = group as u64;
+        let Some(layout) = &self.encodable else {
+            return self.write_by_zarrs(group, &indices, state, queue);
+        };
+        let tail = Arc::new(ShardTail::new(group, self.units_per_shard));
+        lock(&self.tails).push(tail.clone());
+        let mut read = Vec::with_capacity(self.shard_trials(group).1.len());
+        let owned = self.encode_own_units(layout, &tail, state, queue, &mut read);
+        // Failed or not, no thread is to help with this shard any more.
+        lock(&self.tails).retain(|t| !Arc::ptr_eq(t, &tail));
+        owned?;
+        // The units other threads took, in order after this thread's.
+        for (_, run, trials_read) in tail.wait_for_helpers() {
+            read.extend(trials_read?);
+            state
+                .slot
+                .encoder()
+                .map_err(|e| self.write_failed(e))?
+                .append_run(layout, &run)
+                .map_err(|e| self.write_failed(e.to_string()))?;
+        }
+        state
+            .slot
+            .encoder()
+            .map_err(|e| self.write_failed(e))?
+            .finish(layout)
+            .map_err(|e| self.write_failed(e.to_string()))?;
+        writer
+            .store(&mut state.slot, self.array.chunk_key(&indices))
+            .map_err(|e| self.write_failed(e))?;
+        Ok(read)
+    }
+
+    /// zarrs encodes the shard: one unit, the whole shard. Once threads run out of shards, the
+    /// last ones spread their chunks over the idle threads.
+    fn write_by_zarrs(
+        &self,
+        group: usize,
+        indices: &[u64],
+        state: &mut UnitState,
+        queue: &Queue,
+    ) -> Result<Vec<TrialRead>> {
+        let (first, trials) = self.shard_trials(group);
+        let reading = &self.reading;
+        let read = reading.read_unit(state, trials, first, 0..self.trials_per_shard)?;
+        let concurrency = 1 + queue.idle_workers();
+        self.array
+            .store_chunk_opt(
+                indices,
+                ArrayBytes::from(&state.buffer[reading.lead..]),
+                &CodecOptions::default().with_concurrent_target(concurrency),
+            )
+            .map_err(|e| self.write_failed(e.to_string()))?;
+        Ok(read)
+    }
+
+    /// This thread's units of its shard, front first, until helpers have taken the rest.
+    fn encode_own_units(
+        &self,
+        layout: &ShardLayout,
+        tail: &ShardTail,
+        state: &mut UnitState,
+        queue: &Queue,
+        read: &mut Vec<TrialRead>,
+    ) -> Result<()> {
+        let (first, trials) = self.shard_trials(tail.group);
+        let (reading, unit_trials) = (&self.reading, self.unit_trials);
+        let mut next = Some(0);
+        while let Some(unit) = next {
+            let units = unit * unit_trials..(unit + 1) * unit_trials;
+            // The next unit's bytes are fetched while this one is worked on: this shard's, or
+            // after its last unit the first of the shard taken next.
+            if unit + 1 < self.units_per_shard {
+                reading.prefetch(state, trials, units.end..units.end + unit_trials);
+            } else if let Some(i) = queue.next_item() {
+                let (_, trials) = self.shard_trials(self.groups[i]);
+                reading.prefetch(state, trials, 0..unit_trials);
+            }
+            read.extend(reading.read_unit(state, trials, first, units)?);
+            // Asked for after the first unit is read: meanwhile, the last shard's write has had
+            // time to finish and give its buffer back.
+            let encoder = state.slot.encoder().map_err(|e| self.write_failed(e))?;
+            if unit == 0 {
+                encoder.begin(layout);
+            }
+            encoder
+                .add_chunks(layout, &state.buffer[reading.lead..])
+                .map_err(|e| self.write_failed(e.to_string()))?;
+            next = tail.take_front();
+        }
+        Ok(())
+    }
+
+    /// A thread out of shards takes the last unit of a shard still being encoded; false when
+    /// there is none.
+    fn help(&self, state: &mut UnitState) -> bool {
+        let Some(layout) = &self.encodable else {
+            return false;
+        };
+        let Some((tail, unit)) = ShardTail::claim_last(&self.tails) else {
+            return false;
+        };
+        // Handed over when dropped, even if this thread panics: the owner waits for it.
+        let mut helping = Helping {
+            tail,
+            unit,
+            done: None,
+        };
+        let (first, trials) = self.shard_trials(helping.tail.group);
+        let units = unit * self.unit_trials..(unit + 1) * self.unit_trials;
+        let trials_read = self
+            .reading
+            .read_unit(state, trials, first, units)
+            .and_then(|r| {
+                state
+                    .compressor
+                    .encode_run(layout, &state.buffer[self.reading.lead..], &mut state.run)
+                    .map_err(|e| self.write_failed(e.to_string()))?;
+                Ok(r)
+            });
+        helping.done = Some((std::mem::take(&mut state.run), trials_read));
+        true
+    }
+
+    /// The stage's records and measures, in trial order.
+    fn result(&self, done: Vec<Vec<TrialRead>>) -> StageResult {
+        let measures_wanted = &self.plan.config.measures;
+        let mut result = StageResult::default();
+        let mut measures: Vec<Vec<MeasureValue>> = vec![Vec::new(); measures_wanted.len()];
+        for (record, values) in done.into_iter().flatten() {
+            result.entries.push(record);
+            for (all, value) in measures.iter_mut().zip(values) {
+                all.push(value);
+            }
+        }
+        result.bytes = self.part.len() as u64 * self.reading.trial_bytes as u64;
+        for (m, values) in measures_wanted.iter().zip(measures) {
+            let values = match m {
+                Measure::ValidFrames => {
+                    MeasureValues::Int32(values.iter().map(|v| v.as_i32()).collect())
+                }
+                Measure::AllZero => {
+                    MeasureValues::Bool(values.iter().map(|v| v.as_bool()).collect())
+                }
+            };
+            result.measures.push((*m, values));
+        }
+        result
+    }
 }
 
 /// One trial as read: its entry record and its measures (in the stage's order).
@@ -507,6 +583,20 @@ struct UnitState {
     /// For the units it encodes for another thread's shard.
     compressor: Compressor,
     run: EncodedRun,
+}
+
+impl UnitState {
+    /// A maker of each thread's state, on its first shard.
+    fn new<'c>(ctx: &'c StageContext<'c>) -> impl Fn() -> UnitState + Sync + 'c {
+        move || UnitState {
+            reader: ctx.source.reader(),
+            buffer: Vec::new(),
+            scratch: Vec::new(),
+            slot: EncoderSlot::default(),
+            compressor: Compressor::default(),
+            run: EncodedRun::default(),
+        }
+    }
 }
 
 /// A shard being encoded by its thread, front to back, whose last units a thread that has run

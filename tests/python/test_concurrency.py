@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_a_second_writer_can_wait_for_the_first(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     holder = subprocess.Popen(["sleep", "30"])
-    host = Path("/etc/hostname").read_text().strip() if Path("/etc/hostname").exists() else ""
+    host = socket.gethostname()
     lock = store / f".{NAME}.lock"
     record = {"what": "convert", "host": host, "pid": holder.pid, "since": int(time.time()),
               "command": "sensorium-ingest convert elsewhere.zip --out store"}
@@ -176,7 +177,7 @@ def test_finalize_waits_for_no_task_but_refuses_while_one_runs(tmp_path):
     running = store / f".{NAME}.shards" / "running"
     running.mkdir(parents=True, exist_ok=True)
     sleeper = subprocess.Popen(["sleep", "30"])
-    host = Path("/etc/hostname").read_text().strip() if Path("/etc/hostname").exists() else ""
+    host = socket.gethostname()
     try:
         (running / "1-of-2.lock").write_text(json.dumps({
             "what": "shard task 1/2", "host": host, "pid": sleeper.pid,

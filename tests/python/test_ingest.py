@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_overlapping_ingest_exits_clearly(tmp_path):
     store.mkdir()
     holder = subprocess.Popen(["sleep", "30"])
     try:
-        host = Path("/etc/hostname").read_text().strip() if Path("/etc/hostname").exists() else "localhost"
+        host = socket.gethostname()
         (store / ".ingest.lock").write_text(f"{holder.pid} {host} 0\n")
         proc = ingest(inbox, store)
         assert proc.returncode == 75, helpers.describe_run(proc)

@@ -55,7 +55,13 @@ def single(mouse, tmp_path_factory):
 
 
 def published(store: Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir())
+    """What the store holds, a sharded run's own lock aside: until `finalize` publishes, the run
+    holds its dataset's name (`.<name>.lock`, checked to be the run's)."""
+    names = sorted(p.name for p in store.iterdir())
+    for lock in (store / n for n in names if n.endswith(".lock")):
+        record = json.loads(lock.read_text())
+        assert record.get("run"), f"{lock} is held by {record}, not by the sharded run"
+    return [n for n in names if not n.endswith(".lock")]
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
