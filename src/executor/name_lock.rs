@@ -583,7 +583,10 @@ mod tests {
         // A finalize that fails gives the name back to the run.
         let failed = NameLock::acquire(finalize()).unwrap();
         assert_eq!(read_holder(&path).unwrap().what, "finalize");
-        assert!(NameLock::acquire(finalize()).is_err(), "two finalizes took it over");
+        assert!(
+            NameLock::acquire(finalize()).is_err(),
+            "two finalizes took it over"
+        );
         drop(failed);
         assert_eq!(read_holder(&path).unwrap().run.as_deref(), Some("run1"));
         // One that publishes removes it.

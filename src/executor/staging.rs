@@ -134,31 +134,43 @@ pub(crate) fn link_outputs(from: &Path, to: &Path, lock: &StageLock) -> Result<(
     Ok(())
 }
 
-/// Moves the finished staging folder into place. An existing dataset is renamed aside first
-/// and removed once the new one is in place; an interruption in between is repaired by the
-/// next run (`recover_interrupted_publish`).
+/// Moves the finished staging folder into place. An existing dataset is swapped with it in one
+/// atomic exchange where the system can (Linux `renameat2(RENAME_EXCHANGE)` on local file
+/// systems), so the name always shows a complete dataset; elsewhere (NFS) the old one is renamed
+/// aside first, and an interruption between the two renames is repaired by the next run
+/// (`recover_interrupted_publish`). The old one is removed once the new one is in place.
 pub(crate) fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
     let parent = dataset_dir.parent().unwrap_or(Path::new("."));
     let aside = parent.join(format!(".{name}.replaced"));
     let had_old = dataset_dir.exists();
-    if had_old {
-        std::fs::rename(dataset_dir, &aside)
-            .map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
-    }
-    if let Err(e) = std::fs::rename(staging, dataset_dir) {
-        // The old dataset goes back where it was: the name is never left empty by a failure.
-        if had_old {
-            let _ = std::fs::rename(&aside, dataset_dir);
+    let swapped = had_old
+        && exchange(staging, dataset_dir)
+            .map_err(|e| Error::io(dataset_dir, "cannot swap the new dataset into place", e))?;
+    if swapped {
+        // The staging path now holds the old dataset.
+        if let Err(e) = std::fs::rename(staging, &aside) {
+            tracing::warn!(folder = %staging.display(), error = %e, "cannot set the replaced dataset aside");
         }
-        return Err(Error::io(
-            dataset_dir,
-            "cannot move the new dataset into place",
-            e,
-        ));
+    } else {
+        if had_old {
+            std::fs::rename(dataset_dir, &aside)
+                .map_err(|e| Error::io(dataset_dir, "cannot move the old dataset aside", e))?;
+        }
+        if let Err(e) = std::fs::rename(staging, dataset_dir) {
+            // The old dataset goes back where it was: the name is never left empty by a failure.
+            if had_old {
+                let _ = std::fs::rename(&aside, dataset_dir);
+            }
+            return Err(Error::io(
+                dataset_dir,
+                "cannot move the new dataset into place",
+                e,
+            ));
+        }
     }
     // The new dataset is published: an old copy that will not go (an NFS client keeping a
     // reader's files as .nfsXXXX) is left for the next run to remove, not an error.
-    if had_old {
+    if had_old && aside.exists() {
         if let Err(e) = std::fs::remove_dir_all(&aside) {
             tracing::warn!(folder = %aside.display(), error = %e, "cannot remove the replaced dataset yet");
         }
@@ -167,4 +179,37 @@ pub(crate) fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// Swaps two paths atomically; `Ok(false)` where the kernel or the file system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are valid NUL-terminated strings that live across the call; the
+    // syscall only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
 }
