@@ -82,15 +82,75 @@ pub fn fragment_path(store: &Path, dataset: &str) -> PathBuf {
 
 /// Writes (or replaces) a dataset's catalog fragment atomically.
 pub fn write(store: &Path, row: &CatalogRow) -> Result<()> {
+    write_aside(store, row)?.put_in_place()
+}
+
+/// A catalog fragment written and flushed beside its place, put there once its dataset is
+/// published: a disk that fills up on the catalog then stops the run before it publishes.
+pub struct StagedRow {
+    tmp: PathBuf,
+    path: PathBuf,
+    placed: bool,
+}
+
+impl StagedRow {
+    pub fn put_in_place(mut self) -> Result<()> {
+        self.placed = true;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| Error::io(&self.path, "cannot publish the catalog fragment", e))
+    }
+}
+
+impl Drop for StagedRow {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes the dataset's fragment aside (`catalog/.<name>.parquet.<pid>.tmp`, which listings
+/// skip).
+pub fn write_aside(store: &Path, row: &CatalogRow) -> Result<StagedRow> {
     let dir = store.join(FOLDER);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(&dir, "cannot create the catalog folder", e))?;
-    let path = fragment_path(store, &row.dataset);
-    let tmp = dir.join(format!(
-        ".{}.parquet.{}.tmp",
-        row.dataset,
-        std::process::id()
-    ));
+    let staged = StagedRow {
+        tmp: dir.join(format!(
+            ".{}.parquet.{}.tmp",
+            row.dataset,
+            std::process::id()
+        )),
+        path: fragment_path(store, &row.dataset),
+        placed: false,
+    };
+    let batch = row_batch(row)?;
+    let failed = |e: String| {
+        Error::io(
+            &staged.tmp,
+            "cannot write the catalog",
+            std::io::Error::other(e),
+        )
+    };
+    let file = File::create(&staged.tmp)
+        .map_err(|e| Error::io(&staged.tmp, "cannot write the catalog", e))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).map_err(|e| Error::Internal(e.to_string()))?,
+        ))
+        .set_created_by(format!("sensorium-ingest {}", crate::VERSION))
+        .build();
+    let mut writer = ArrowWriter::try_new(file, schema(), Some(props))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    writer.write(&batch).map_err(|e| failed(e.to_string()))?;
+    let file = writer.into_inner().map_err(|e| failed(e.to_string()))?;
+    file.sync_all()
+        .map_err(|e| Error::io(&staged.tmp, "cannot flush the catalog", e))?;
+    Ok(staged)
+}
+
+/// The row as a one-row record batch.
+fn row_batch(row: &CatalogRow) -> Result<RecordBatch> {
     let text = |v: &str| Arc::new(StringArray::from(vec![v.to_string()])) as ArrayRef;
     let mut tiers = ListBuilder::new(StructBuilder::new(
         tier_fields(),
@@ -125,35 +185,7 @@ pub fn write(store: &Path, row: &CatalogRow) -> Result<()> {
         text(&row.pipeline_hash),
         text(&row.status),
     ];
-    let batch =
-        RecordBatch::try_new(schema(), columns).map_err(|e| Error::Internal(e.to_string()))?;
-    let file = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot write the catalog", e))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).map_err(|e| Error::Internal(e.to_string()))?,
-        ))
-        .set_created_by(format!("sensorium-ingest {}", crate::VERSION))
-        .build();
-    let mut writer = ArrowWriter::try_new(file, schema(), Some(props))
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    writer.write(&batch).map_err(|e| {
-        Error::io(
-            &tmp,
-            "cannot write the catalog",
-            std::io::Error::other(e.to_string()),
-        )
-    })?;
-    let file = writer.into_inner().map_err(|e| {
-        Error::io(
-            &tmp,
-            "cannot write the catalog",
-            std::io::Error::other(e.to_string()),
-        )
-    })?;
-    file.sync_all()
-        .map_err(|e| Error::io(&tmp, "cannot flush the catalog", e))?;
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| Error::io(&path, "cannot publish the catalog fragment", e))
+    RecordBatch::try_new(schema(), columns).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// `(dataset, source_fingerprint)` of every fragment in the store; unreadable fragments are

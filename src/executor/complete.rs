@@ -70,9 +70,12 @@ pub(crate) fn complete(
     let progress_file = staging.join(lock::PROGRESS_FILE);
     std::fs::remove_file(&progress_file)
         .map_err(|e| Error::io(&progress_file, "cannot remove", e))?;
+    // The catalog row is written before publishing and put in place after: a full disk or a
+    // failure there publishes nothing.
+    let row = catalog::write_aside(&opts.store, &catalog_row(prep, &manifest.source.checksum)?)?;
     finished.name_lock.check_held()?;
     publish(staging, &prep.dataset_dir, &prep.name)?;
-    catalog::write(&opts.store, &catalog_row(prep, &manifest.source.checksum)?)
+    row.put_in_place()
 }
 
 /// The catalog row of a dataset already complete and current, when the catalog lacks it or
