@@ -414,7 +414,10 @@ fn init_logging(cli: &Cli) {
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Its own report of a failed write goes to stderr too, and panics when stderr is a
+        // closed pipe (`... 2>&1 | head`): a log line lost there must not stop a conversion.
+        .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Json => builder.json().with_current_span(false).init(),
         LogFormat::Text => builder.with_ansi(stderr_is_terminal()).init(),
@@ -705,7 +708,8 @@ fn main() -> ExitCode {
             if json {
                 tracing::error!(exit_code = e.exit_code(), "{e}");
             } else {
-                eprintln!("error: {e}");
+                let _ =
+                    std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("error: {e}\n"));
             }
             ExitCode::from(e.exit_code() as u8)
         }

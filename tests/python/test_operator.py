@@ -4,6 +4,7 @@ mode, shell completions, help with examples, the peak memory they size jobs by."
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -81,3 +82,16 @@ def test_peak_memory_is_reported_and_agrees_with_the_kernel(tmp_path):
     assert 0.5 * kernel_peak <= recorded <= kernel_peak, (recorded, kernel_peak)
     shown = re.search(r", peak memory (\d+) MB$", stdout.splitlines()[1])
     assert shown and int(shown.group(1)) == round(recorded / 1e6), stdout
+
+
+def test_a_reader_that_stops_reading_the_logs_does_not_stop_the_conversion(tmp_path):
+    """`convert ... 2>&1 | head -1`: the log lines after the first go to a closed pipe; the
+    conversion still finishes and publishes (no panic on a failed write to stderr)."""
+    store = tmp_path / "store"
+    child = subprocess.Popen([str(helpers.binary()), "convert", str(FIXTURE), "--out", str(store)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+    assert child.stdout.readline()
+    child.stdout.close()
+    assert child.wait(timeout=300) == 0
+    assert (store / "dynamic90001-1-1" / "manifest.json").is_file()
