@@ -16,7 +16,9 @@ use super::{Measure, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy::{Dtype, Header};
 use crate::pipeline::plan::{ArrayEntry, Dims, Plan};
+use crate::pipeline::spec::HINT;
 use crate::source::Source;
+use crate::writers::codec::{Codec, Compression};
 
 /// A setting the pipeline file cannot have: what is wrong, and what to do.
 pub struct ConfigProblem {
@@ -198,4 +200,58 @@ pub(crate) fn largest_entry<'a>(
         .map(|e| source.entries.get(e.entry).map_or(0, |e| e.size))
         .max()
         .unwrap_or(0)
+}
+
+/// A table stage's output is a Parquet file.
+pub(crate) fn check_table_output(output: &str) -> std::result::Result<(), ConfigProblem> {
+    match output.ends_with(".parquet") {
+        true => Ok(()),
+        false => Err(ConfigProblem::new(
+            format!("output {output:?} must end in .parquet"),
+            HINT,
+        )),
+    }
+}
+
+/// Column names of a table: none empty, none twice.
+pub(crate) fn check_column_names(names: &[&String]) -> std::result::Result<(), ConfigProblem> {
+    let mut seen = std::collections::BTreeSet::new();
+    for n in names {
+        if n.is_empty() {
+            return Err(ConfigProblem::new("column names must not be empty", HINT));
+        }
+        if !seen.insert(n.as_str()) {
+            return Err(ConfigProblem::new(
+                format!("column {n:?} appears twice"),
+                HINT,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a stage's compression; `table` for Parquet outputs, which have no blosc.
+pub(crate) fn check_codec(c: &Compression, table: bool) -> std::result::Result<(), ConfigProblem> {
+    let problem = |p: String| Err(ConfigProblem::new(p, HINT));
+    if c.codec.is_blosc() && table {
+        return problem(
+            "blosc codecs are for Zarr arrays; Parquet tables take `zstd`, `gzip` or `none`".into(),
+        );
+    }
+    if c.shuffle.is_some() && !c.codec.is_blosc() {
+        return problem("`shuffle` applies to the blosc codecs only".into());
+    }
+    match (c.codec, c.level) {
+        (Codec::Zstd, Some(l)) if !(-7..=22).contains(&l) => {
+            problem(format!("zstd level {l} is outside -7..=22"))
+        }
+        (Codec::Gzip, Some(l)) if !(0..=9).contains(&l) => {
+            problem(format!("gzip level {l} is outside 0..=9"))
+        }
+        (Codec::BloscLz4 | Codec::BloscZstd, Some(l)) if !(0..=9).contains(&l) => {
+            problem(format!("blosc level {l} is outside 0..=9"))
+        }
+        (Codec::None, Some(_)) => problem("codec `none` takes no level".into()),
+        _ => Ok(()),
+    }
 }

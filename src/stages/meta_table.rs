@@ -17,7 +17,7 @@ use super::{read_planned, EntryRecord, Measure, MeasureValues, StageContext, Sta
 use crate::error::{Error, Result};
 use crate::npy::{self, Header, Kind};
 use crate::pipeline::plan::{ArrayEntry, Disposition, Plan};
-use crate::pipeline::spec::{check_codec, Compression, HINT};
+use crate::pipeline::spec::{Compression, HINT};
 use crate::source::{read_npy, Source};
 use crate::validate;
 use crate::writers::parquet::{arrow_type, numeric_column, string_column, TableWriter};
@@ -302,12 +302,7 @@ impl StageKind for MetaTableConfig {
     }
 
     fn check(&self, earlier: &[Stage]) -> std::result::Result<(), ConfigProblem> {
-        if !self.output.ends_with(".parquet") {
-            return Err(ConfigProblem::new(
-                format!("output {:?} must end in .parquet", self.output),
-                HINT,
-            ));
-        }
+        kind::check_table_output(&self.output)?;
         if self.axis == MetaAxis::Neuron
             && (self.trial_id_column.is_some() || !self.derived.is_empty())
         {
@@ -319,7 +314,7 @@ impl StageKind for MetaTableConfig {
         for d in &self.derived {
             check_derived(d, earlier)?;
         }
-        check_codec(&self.compression, true).map_err(|p| ConfigProblem::new(p, HINT))
+        kind::check_codec(&self.compression, true)
     }
 
     fn reads(&self) -> Vec<(String, Measure)> {

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::npy::{self, Header};
 use crate::per_thread::map_with_state;
 use crate::pipeline::plan::{ArrayEntry, Plan};
-use crate::pipeline::spec::{check_codec, Compression, HINT};
+use crate::pipeline::spec::Compression;
 use crate::source::{Entry, EntryReader, Source};
 use crate::validate::{self, ExpectedArray};
 use crate::writers::output_store::BOUNCE_CAPACITY;
@@ -260,7 +260,7 @@ impl StageKind for StatisticsConfig {
                 "write statistics to e.g. `data.zarr/statistics`",
             ));
         }
-        check_codec(&self.compression, false).map_err(|p| ConfigProblem::new(p, HINT))
+        kind::check_codec(&self.compression, false)
     }
 
     fn claims(&self, rest: &str) -> bool {

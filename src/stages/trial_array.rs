@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::npy::{self, Dtype, Kind};
 use crate::per_thread::{lock, map_with_state_helping, Queue};
 use crate::pipeline::plan::{trial_number, trial_plan, ArrayEntry, Plan, TrialPlan};
-use crate::pipeline::spec::{check_codec, Compression, FRAME_DIMENSION, HINT};
+use crate::pipeline::spec::{Compression, FRAME_DIMENSION, HINT};
 use crate::source::{read_npy, EntryReader, Source};
 use crate::validate::{self, ExpectedArray};
 use crate::writers::output_store::BOUNCE_CAPACITY;
@@ -1196,7 +1196,7 @@ impl StageKind for TrialArrayConfig {
                 "remove them for arrays without a frame axis, or name the last axis `frame`",
             ));
         }
-        check_codec(&self.compression, false).map_err(|p| ConfigProblem::new(p, HINT))
+        kind::check_codec(&self.compression, false)
     }
 
     fn has_frame_axis(&self) -> bool {

@@ -21,7 +21,7 @@ use super::{read_planned, window_len, EntryRecord, StageContext, StageResult};
 use crate::error::{Error, Result};
 use crate::npy;
 use crate::pipeline::plan::{trial_number, trial_plan, ArrayEntry, Plan, TrialPlan};
-use crate::pipeline::spec::{check_codec, check_column_names, Compression, HINT};
+use crate::pipeline::spec::Compression;
 use crate::source::{EntryReader, Source};
 use crate::validate;
 use crate::writers::parquet::{arrow_type, numeric_column, TableWriter};
@@ -174,17 +174,12 @@ impl StageKind for TrialTableConfig {
     }
 
     fn check(&self, _earlier: &[Stage]) -> std::result::Result<(), ConfigProblem> {
-        if !self.output.ends_with(".parquet") {
-            return Err(ConfigProblem::new(
-                format!("output {:?} must end in .parquet", self.output),
-                HINT,
-            ));
-        }
+        kind::check_table_output(&self.output)?;
         let mut names = vec![&self.trial_column];
         names.extend(self.frame_column.iter());
         names.extend(self.columns.iter());
-        check_column_names(&names).map_err(|p| ConfigProblem::new(p, HINT))?;
-        check_codec(&self.compression, true).map_err(|p| ConfigProblem::new(p, HINT))
+        kind::check_column_names(&names)?;
+        kind::check_codec(&self.compression, true)
     }
 
     fn has_frame_axis(&self) -> bool {
