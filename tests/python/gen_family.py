@@ -38,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen_mouse  # noqa: E402
-from gen_mouse import _npy_bytes, _smooth, _time_stats, _to_dtype, _trial_numbers  # noqa: E402
+from gen_mouse import (_neuron_positions, _npy_bytes, _smooth, _time_stats,  # noqa: E402
+                      _to_dtype, _trial_numbers)
 
 KINDS = ("static2022", "color", "lab_export")
 STIMULUS = {"static2022": "GrayImageNet", "color": "ColorImageNet"}
@@ -278,10 +279,8 @@ def _static_entries(kind: str, opts: dict) -> tuple[str, dict[str, bytes], dict]
             put(f"meta/trials/{stem_}.npy", arr)
 
     # meta/neurons
-    coords = np.stack([rng.integers(-700, 701, size=N), rng.integers(-700, 701, size=N),
-                       rng.integers(50, 451, size=N)], axis=1).astype(np.int64)
+    coords, unit_ids = _neuron_positions(rng, N)
     put("meta/neurons/cell_motor_coordinates.npy", coords)
-    unit_ids = (int(rng.integers(1, 40)) + np.cumsum(rng.integers(1, 6, size=N))).astype(np.int64)
     put("meta/neurons/unit_ids.npy", unit_ids)
     extra_neurons = {}
     if opts["extra_meta"]:

@@ -181,6 +181,14 @@ def _valid_length(rng: np.random.Generator, position: int, T: int) -> int:
     return int(rng.integers(low, T)) if low < T else T
 
 
+def _neuron_positions(rng: np.random.Generator, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """`cell_motor_coordinates` (N, 3) int64 in microns and sorted, gapped `unit_ids`."""
+    coords = np.stack([rng.integers(-700, 701, size=N), rng.integers(-700, 701, size=N),
+                       rng.integers(50, 451, size=N)], axis=1).astype(np.int64)
+    unit_ids = (int(rng.integers(1, 40)) + np.cumsum(rng.integers(1, 6, size=N))).astype(np.int64)
+    return coords, unit_ids
+
+
 def _trial_numbers(rng: np.random.Generator, n: int, gaps: bool) -> list[int]:
     if not gaps:
         return list(range(n))
@@ -316,10 +324,8 @@ def build_entries(**options) -> tuple[str, dict[str, bytes], dict]:
             put(f"data/{var}/{i}.npy", _to_dtype(data[var][p], dtype))
 
     # meta/neurons
-    coords = np.stack([rng.integers(-700, 701, size=N), rng.integers(-700, 701, size=N),
-                       rng.integers(50, 451, size=N)], axis=1).astype(np.int64)
+    coords, unit_ids = _neuron_positions(rng, N)
     put("meta/neurons/cell_motor_coordinates.npy", coords)
-    unit_ids = (int(rng.integers(1, 40)) + np.cumsum(rng.integers(1, 6, size=N))).astype(np.int64)
     put("meta/neurons/unit_ids.npy", unit_ids)
     info_extra_neurons = {}
     if opts["extra_meta"]:

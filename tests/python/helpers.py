@@ -222,10 +222,13 @@ class Source:
     def withheld(self) -> list[bool]:
         return [bool((self.trial("responses", i) == 0).all()) for i in self.trial_ids]
 
+    # The meta files the contract names, by folder; every other 1-D file is an extra column.
+    NAMED_META = {"trials": {"tiers", "trial_idx"},
+                  "neurons": {"unit_ids", "cell_motor_coordinates"}}
+
     def extra_meta(self, kind: str) -> list[str]:
         """1-D meta/<kind>/*.npy stems other than the named columns, sorted by name."""
-        named = {"trials": {"tiers", "trial_idx"},
-                 "neurons": {"unit_ids", "cell_motor_coordinates"}}[kind]
+        named = self.NAMED_META[kind]
         out = []
         for p in self.files_under(f"meta/{kind}"):
             stem = p.rsplit("/", 1)[-1][:-4]
@@ -304,6 +307,17 @@ def type_matches(actual, expected) -> bool:
     return actual == expected
 
 
+def polars_table(path: Path, expected: dict, what: str):
+    """The Parquet table at `path` read with polars, checked to hold exactly the `expected`
+    columns, in order, with their values; returned for further checks."""
+    import polars as pl
+    df = pl.read_parquet(path)
+    assert df.columns == list(expected), what
+    for name, values in expected.items():
+        assert df[name].to_list() == list(values), f"{what}.{name}"
+    return df
+
+
 def tree_files(root: Path) -> dict[str, bytes]:
     """relative path -> bytes for every file under root."""
     return {p.relative_to(root).as_posix(): p.read_bytes()
@@ -366,6 +380,9 @@ class StaticSource(Source):
     """A Sensorium 2022-style source (one image per trial, no frame axis), read with
     zipfile/pathlib + numpy only."""
 
+    NAMED_META = {"trials": {"tiers", "frame_image_id"},
+                  "neurons": {"unit_ids", "cell_motor_coordinates"}}
+
     def __init__(self, path):
         super().__init__(path)
         self.dataset = family_dataset_name(self.name)
@@ -406,19 +423,6 @@ class StaticSource(Source):
     @cached_property
     def frame_image_id(self) -> list:
         return self.load("meta/trials/frame_image_id.npy").tolist()
-
-    def extra_meta(self, kind: str) -> list[str]:
-        """1-D meta/<kind>/*.npy stems other than the named columns, sorted by name."""
-        named = {"trials": {"tiers", "frame_image_id"},
-                 "neurons": {"unit_ids", "cell_motor_coordinates"}}[kind]
-        out = []
-        for p in self.files_under(f"meta/{kind}"):
-            stem = p.rsplit("/", 1)[-1][:-4]
-            if stem in named or not p.endswith(".npy"):
-                continue
-            if self.load(p).ndim == 1:
-                out.append(stem)
-        return sorted(out)
 
     def expected_trials(self) -> dict[str, list]:
         cols: dict[str, list] = {

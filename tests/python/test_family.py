@@ -618,19 +618,11 @@ def test_polars(converted, variant):
     c = converted(variant)
     src = c.source
     d = c.dataset_dir
-    trials = pl.read_parquet(d / "trials.parquet")
-    exp = src.expected_trials()
-    assert trials.columns == list(exp)
-    for name, values in exp.items():
-        assert trials[name].to_list() == list(values), f"trials.{name}"
+    trials = helpers.polars_table(d / "trials.parquet", src.expected_trials(), "trials")
     assert trials.schema["trial"] == pl.Int32 and trials.schema["trial_id"] == pl.Int32
     assert trials.schema["tier"] in (pl.String, pl.Categorical)
     assert trials.schema["responses_withheld"] == pl.Boolean
-    neurons = pl.read_parquet(d / "neurons.parquet")
-    exp = src.expected_neurons()
-    assert neurons.columns == list(exp)
-    for name, values in exp.items():
-        assert neurons[name].to_list() == list(values), f"neurons.{name}"
+    helpers.polars_table(d / "neurons.parquet", src.expected_neurons(), "neurons")
     float_pl = pl.Float32 if src.float_dtype.itemsize == 4 else pl.Float64
     for table in STATIC_TABLES:
         df = pl.read_parquet(d / f"{table}.parquet")

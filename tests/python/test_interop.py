@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import VARIANTS
-from helpers import (DATASET_FILES, KV_KEYS, LONG_TABLES, assert_bits_equal, stat_dims,
-                     is_string_type, npy_arrow_type, npy_descr, read_json, strip_algo,
-                     to_le, type_matches)
+from helpers import (DATASET_FILES, KV_KEYS, LONG_TABLES, assert_bits_equal, polars_table,
+                     stat_dims, is_string_type, npy_arrow_type, npy_descr, read_json,
+                     strip_algo, to_le, type_matches)
 
 pytestmark = pytest.mark.parametrize("variant", list(VARIANTS))
 
@@ -312,20 +312,12 @@ def test_polars(convert, variant):
     c = convert(variant)
     src = c.source
     d = c.dataset_dir
-    trials = pl.read_parquet(d / "trials.parquet")
-    exp = src.expected_trials()
-    assert trials.columns == list(exp)
-    for name, values in exp.items():
-        assert trials[name].to_list() == list(values), f"trials.{name}"
+    trials = polars_table(d / "trials.parquet", src.expected_trials(), "trials")
     assert trials.schema["trial"] == pl.Int32 and trials.schema["valid_frames"] == pl.Int32
     assert trials.schema["tier"] in (pl.String, pl.Categorical)
     assert trials.schema["responses_withheld"] == pl.Boolean
 
-    neurons = pl.read_parquet(d / "neurons.parquet")
-    exp = src.expected_neurons()
-    assert neurons.columns == list(exp)
-    for name, values in exp.items():
-        assert neurons[name].to_list() == list(values), f"neurons.{name}"
+    polars_table(d / "neurons.parquet", src.expected_neurons(), "neurons")
 
     float_pl = pl.Float32 if src.float_dtype.itemsize == 4 else pl.Float64
     for var in LONG_TABLES:
