@@ -121,3 +121,70 @@ def test_cold_cache_benchmark_runs_and_restores_the_machine(tmp_path):
     assert not (work / "cold-out").exists()
     for group in ("/sys/fs/cgroup/blkio/sensorium-cold", "/sys/fs/cgroup/sensorium-cold"):
         assert not os.path.exists(group), f"{group} left behind"
+
+
+def _tiny_mouse(tmp_path) -> str:
+    """A 6-trial mouse from benches/gen_big.py, small enough for a test (64 neurons, 120 frames:
+    every valid length is at least 90 frames, so 50-80 frame windows fit)."""
+    proc = subprocess.run(
+        [sys.executable, str(helpers.REPO / "benches" / "gen_big.py"), str(tmp_path / "src"),
+         "--trials", "6", "--neurons", "64", "--frames", "120"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_read_benchmark_readers_all_return_np_loads_values(tmp_path):
+    """benches/reads.py, both parts, one repetition, two layouts: the analyst reads run, and every
+    training-sample reader (np.load, mmap, zarr-python, zarrs, tensorstore) runs on every layout
+    and returns np.load's values (the benchmark checks that itself and stops otherwise). Speed is
+    the benchmark's business: no timing is asserted."""
+    layouts = ["r512-s4-z1", "r512f64-s4-z1"]
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(helpers.REPO / "benches" / "reads.py"), _tiny_mouse(tmp_path),
+         "--work", str(work), "--bin", str(helpers.binary()), "--reps", "1",
+         "--sample-reps", "1", "--samples", "8", "--layouts", ",".join(layouts)],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = "|".join(re.escape(n) for n in ["source tree (numpy)", *layouts])
+    analyst = {m.group(1): m.group(2).split()
+               for m in re.finditer(rf"^({names})\s+(\S.*)$", proc.stdout, re.M)}
+    assert sorted(analyst) == sorted(["source tree (numpy)", *layouts]), proc.stdout
+    assert all(float(x) > 0 for x in analyst[layouts[0]]), proc.stdout
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^(npy|npy-mmap|(?:zarr|zarrs|tensorstore) r\S+)\s+(\d+\.\d+)\s+\d+\.\d+\s+\(", proc.stdout,
+        re.M)}
+    readers = ["npy", "npy-mmap"] + [f"{r} {l}" for r in ("zarr", "zarrs", "tensorstore")
+                                     for l in layouts]
+    assert sorted(rows) == sorted(readers), proc.stdout
+    assert all(rate > 0 for rate in rows.values()), proc.stdout
+    assert re.search(r"^npy\s+\d+\.\d+\s+1\.00\s", proc.stdout, re.M), proc.stdout
+    assert "all 8 readers returned np.load's values for all 8 samples" in proc.stdout, proc.stdout
+    assert not list(work.glob("out-*")), "the layouts' outputs are removed at the end"
+
+
+def test_read_benchmark_stops_when_a_reader_returns_other_values():
+    import importlib.util
+
+    import numpy as np
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_reads",
+                                                  helpers.REPO / "benches" / "reads.py")
+    reads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reads)
+
+    def right(p, a, b):
+        return {"responses": np.arange(a, b, dtype=np.float32)}
+
+    def wrong(p, a, b):  # one value off in the last sample
+        x = right(p, a, b)
+        if p == 2:
+            x["responses"][-1] += 1
+        return x
+
+    samples = [(0, 0, 4), (1, 2, 6), (2, 1, 5)]
+    assert set(reads.training({"npy": right, "same": right}, samples, 1)) == {"npy", "same"}
+    with pytest.raises(SystemExit, match=r"reader wrong, sample \(2, 1, 5\).*responses differs"):
+        reads.training({"npy": right, "wrong": wrong}, samples, 1)
