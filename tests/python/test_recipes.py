@@ -16,6 +16,7 @@ import importlib.util
 import os
 import re
 import struct
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -60,8 +61,8 @@ def recipes() -> dict[str, dict]:
     return parse_page(PAGE.read_text())
 
 
-def run_recipe(name: str, dataset: Path, **env) -> dict:
-    """Execute recipe `name` (after its `after:` recipes) in one fresh namespace."""
+def recipe_order(name: str) -> list[str]:
+    """The recipes `name` runs after (depth first), then `name`."""
     page = recipes()
     order: list[str] = []
 
@@ -72,6 +73,28 @@ def run_recipe(name: str, dataset: Path, **env) -> dict:
             order.append(n)
 
     visit(name)
+    return order
+
+
+def recipe_script(name: str) -> str:
+    """Recipe `name` and those it runs after, as one script a user would save and run."""
+    page = recipes()
+    return "\n".join(page[n]["code"] for n in recipe_order(name))
+
+
+def run_script(code: str, dataset: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `code` as `python script.py` (its own process, `__name__ == "__main__"`)."""
+    script = tmp_path / "recipe_script.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "SENSORIUM_DATASET": str(dataset)})
+
+
+def run_recipe(name: str, dataset: Path, **env) -> dict:
+    """Execute recipe `name` (after its `after:` recipes) in one fresh namespace."""
+    page = recipes()
+    order = recipe_order(name)
     saved = {k: os.environ.get(k) for k in ["SENSORIUM_DATASET", *env]}
     os.environ["SENSORIUM_DATASET"] = str(dataset)
     os.environ.update({k: str(v) for k, v in env.items()})
@@ -368,13 +391,66 @@ def test_recipe_windows_standardized(dataset, src):
                                        err_msg=f"item {i} {var}")
 
 
-def test_recipe_torch(dataset):
+def _items_equal(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for k, w in want.items():
+        if isinstance(w, np.ndarray):
+            assert_bits_equal(got[k], w, f"{what} {k}")
+        else:
+            assert got[k] == w, f"{what} {k}"
+
+
+def test_windows_read_with_tensorstore_or_else_zarr_python(dataset, monkeypatch):
+    """open_array takes tensorstore when it is installed (tests/python/requirements.txt installs
+    it) and falls back to zarr-python without it; both give the same items."""
+    import zarr
+
+    fast = run_recipe("windows", dataset)["train"]
+    assert type(fast.videos).__name__ == type(fast.responses).__name__ == "TensorStore"
+    monkeypatch.setitem(sys.modules, "tensorstore", None)  # `import tensorstore` now fails
+    plain = run_recipe("windows", dataset)["train"]
+    assert isinstance(plain.videos, zarr.Array) and isinstance(plain.responses, zarr.Array)
+    assert len(plain) == len(fast)
+    for i in range(len(fast)):
+        _items_equal(fast[i], plain[i], f"item {i}")
+
+
+SPAWNED_WORKERS = """
+import multiprocessing
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        got = pool.map(train_z.__getitem__, range(len(train_z)))
+    for i, item in enumerate(got):
+        want = train_z[i]
+        assert item.keys() == want.keys(), i
+        for k, w in want.items():
+            same = w.tobytes() == item[k].tobytes() if isinstance(w, np.ndarray) else w == item[k]
+            assert same, (i, k)
+    print(f"{len(got)} items, the same from 2 spawned workers")
+"""
+
+
+def test_windows_dataset_reads_in_spawned_workers(dataset, tmp_path):
+    """What the torch block relies on, without torch: the standardised dataset (tensorstore's
+    arrays and the transform) pickles into spawned worker processes, which read the items the
+    parent reads."""
+    proc = run_script(recipe_script("windows-standardized") + SPAWNED_WORKERS, dataset, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\d+ items, the same from 2 spawned workers$", proc.stdout, re.M), \
+        proc.stdout
+
+
+def test_recipe_torch(dataset, tmp_path):
     r = recipes()["torch"]
     compile(r["code"], str(PAGE), "exec")
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed: the DataLoader block was only compiled")
-    ns = run_recipe("torch", dataset)
-    assert ns["batch"]["videos"].shape[1:] == (30, 36, 64)
+    # as a script: spawned workers import the script's own module again
+    proc = run_script(recipe_script("torch"), dataset, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shapes = re.findall(r"torch\.Size\(\[(\d+), 30, 36, 64\]\)", proc.stdout)
+    assert shapes and int(shapes[0]) == 4, proc.stdout
 
 
 # ----------------------------------------------------------------------------- 5. polars
