@@ -83,6 +83,16 @@ pub enum Error {
         problems: Vec<String>,
     },
 
+    /// A request to an object store failed: unreachable, refused credentials, missing bucket.
+    #[error("{url}: {problem}\n  hint: {hint}")]
+    Remote {
+        url: String,
+        problem: String,
+        hint: String,
+        /// The credentials were refused (exit 77, EX_NOPERM).
+        denied: bool,
+    },
+
     /// A check of our own output failed: a bug in this tool, not in the input.
     #[error("internal error: {0}\n  hint: this is a bug in sensorium-ingest; please report it with the command line")]
     Internal(String),
@@ -185,6 +195,8 @@ impl Error {
             Error::Usage { .. } => 2,                                  // as clap's own usage errors
             Error::Interrupted => 130, // the shell's convention for death by SIGINT
             Error::Verify { .. } | Error::SourcesFailed { .. } => 1, // like cmp/diff: the check ran and found differences
+            Error::Remote { denied: true, .. } => 77,                // EX_NOPERM
+            Error::Remote { .. } => 74,                              // EX_IOERR
             Error::Internal(_) => 70,                                // EX_SOFTWARE
         }
     }

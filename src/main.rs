@@ -18,6 +18,7 @@ use sensorium_ingest::pipeline::embedded::{self, PipelineChoice};
 use sensorium_ingest::pipeline::spec::Pipeline;
 use sensorium_ingest::progress::ProgressMode;
 use sensorium_ingest::source::Source;
+use sensorium_ingest::writers::bucket::StoreLocation;
 use sensorium_ingest::Error;
 
 /// mimalloc keeps freed pages for reuse: with glibc malloc, the shards' and zstd's multi-MB
@@ -60,9 +61,10 @@ enum LogFormat {
 struct Target {
     /// The mouse's zip archive or extracted folder.
     source: PathBuf,
-    /// The store folder; the dataset is written to STORE/<name>/.
-    #[arg(long = "out", value_name = "STORE")]
-    out: PathBuf,
+    /// The store: a folder, or a bucket URL (s3://bucket/prefix, gs://, az://); the dataset
+    /// is written to STORE/<name>/.
+    #[arg(long = "out", value_name = "STORE", value_parser = parse_store)]
+    out: StoreLocation,
     /// Pipeline: `auto` (the embedded pipeline that fits the source, named in `plan` and
     /// `inspect`), the name of an embedded pipeline (sensorium2023, sensorium2022), or a file.
     #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
@@ -120,6 +122,10 @@ impl WriteArgs {
             Some(WaitLimit(limit)) => Waiting::Up(limit),
         }
     }
+}
+
+fn parse_store(text: &str) -> Result<StoreLocation, String> {
+    StoreLocation::parse(text).map_err(|e| e.to_string().replace("\n  hint:", "; hint:"))
 }
 
 /// How long `--wait` waits: `None` for as long as it takes.
@@ -192,8 +198,8 @@ enum Command {
         after_help = "Examples:\n  sensorium-ingest verify store/dynamic29515-10-12\n  sensorium-ingest verify store/            # every dataset in the store\n  sensorium-ingest verify store/dynamic29515-10-12 --against dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20.zip\n\nExit status: 0 when everything matches, 1 when something does not (each bad file is named)."
     )]
     Verify {
-        /// STORE/NAME, or STORE for every dataset in it.
-        path: PathBuf,
+        /// STORE/NAME, or STORE for every dataset in it (a folder or a bucket URL).
+        path: String,
         /// Also compare with the source archive or folder (one dataset only).
         #[arg(long, value_name = "SOURCE")]
         against: Option<PathBuf>,
@@ -269,8 +275,9 @@ struct FinalizeArgs {
 struct IngestArgs {
     /// Folder of mouse archives (*.zip) or extracted folders.
     inbox: PathBuf,
-    #[arg(long = "out", value_name = "STORE")]
-    out: PathBuf,
+    /// The store: a folder, or a bucket URL (s3://bucket/prefix).
+    #[arg(long = "out", value_name = "STORE", value_parser = parse_store)]
+    out: StoreLocation,
     /// `auto` picks the embedded pipeline for each source by its content.
     #[arg(long, value_name = "auto|NAME|FILE", default_value = "auto")]
     pipeline: String,
@@ -429,7 +436,10 @@ fn run(cli: Cli) -> Result<(), Error> {
     let progress = progress_mode(&cli);
     match cli.command {
         Command::Plan { target } => run_plan(target, progress),
-        Command::Verify { path, against } => run_verify(&path, against.as_deref()),
+        Command::Verify { path, against } => match StoreLocation::parse(&path)? {
+            StoreLocation::Local(path) => run_verify(&path, against.as_deref()),
+            StoreLocation::Bucket(url) => run_verify_bucket(&url, against.as_deref()),
+        },
         Command::Convert(args) => run_convert(args, progress),
         Command::Finalize(args) => run_finalize(args, progress),
         Command::Inspect {
@@ -475,6 +485,19 @@ fn run_verify(path: &Path, against: Option<&Path>) -> Result<(), Error> {
     let mut failures = Vec::new();
     for dataset in datasets {
         let report = verify::verify(&dataset, against)?;
+        print_verify_report(&report);
+        failures.extend(report.failures);
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Verify { failures })
+    }
+}
+
+fn run_verify_bucket(url: &str, against: Option<&Path>) -> Result<(), Error> {
+    let mut failures = Vec::new();
+    for report in verify::verify_bucket(url, against)? {
         print_verify_report(&report);
         failures.extend(report.failures);
     }
@@ -571,6 +594,9 @@ fn print_shard_report(r: &ShardReport) {
 }
 
 fn run_finalize(args: FinalizeArgs, progress: ProgressMode) -> Result<(), Error> {
+    if let StoreLocation::Bucket(url) = StoreLocation::parse(&args.dataset.to_string_lossy())? {
+        return Err(convert::not_sharded_in_buckets(&url));
+    }
     let finalized = convert::finalize(&FinalizeOptions {
         dataset_dir: args.dataset,
         source: args.source,
@@ -608,9 +634,11 @@ fn run_inspect(source: &Path, json: bool, pipeline: &str) -> Result<(), Error> {
 
 /// Every source is reported; the exit status says whether any failed.
 fn run_ingest(args: IngestArgs, progress: ProgressMode) -> Result<(), Error> {
+    let (store, bucket) = convert::local_and_bucket(args.out);
     let report = ingest::ingest(&ingest::IngestOptions {
         inbox: args.inbox,
-        store: args.out,
+        store,
+        bucket,
         pipeline: PipelineChoice::from_argument(&args.pipeline)?,
         threads: args.threads,
         max_memory: args.resources.max_memory,

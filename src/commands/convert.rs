@@ -2,23 +2,26 @@
 //! (`--pipeline auto` looks at its entries), then the executor runs it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 pub use crate::executor::memory::parse_size;
 pub use crate::executor::name_lock::Waiting;
 use crate::executor::parts::convert_shard;
 pub use crate::executor::parts::{
     finalize, plan_part, FinalizeOptions, Finalized, Shard, ShardArg, ShardReport,
 };
+use crate::executor::remote::{convert_to_bucket, work_folder};
 pub use crate::executor::{ConvertOptions, ConvertReport, RunPlan};
 use crate::pipeline::embedded::PipelineChoice;
 use crate::progress::ProgressMode;
 use crate::source::Source;
+use crate::writers::bucket::{Bucket, StoreLocation};
 
 /// What the user asked to convert, before the pipeline is chosen.
 pub struct Request {
     pub source: PathBuf,
-    pub store: PathBuf,
+    pub store: StoreLocation,
     pub name: Option<String>,
     pub pipeline: PipelineChoice,
     pub force: bool,
@@ -38,9 +41,11 @@ impl Request {
             Some(fixed) => fixed,
             None => self.pipeline.resolve(&Source::open(&self.source)?)?,
         };
+        let (store, bucket) = local_and_bucket(self.store);
         Ok(ConvertOptions {
             source: self.source,
-            store: self.store,
+            store,
+            bucket,
             name: self.name,
             pipeline_text,
             pipeline_file,
@@ -56,16 +61,43 @@ impl Request {
     }
 }
 
-pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
-    crate::executor::convert(options)
+/// The folder the executor writes to, and the bucket it commits to: a bucket store is built in
+/// a local work folder first (`executor::remote`).
+pub fn local_and_bucket(store: StoreLocation) -> (PathBuf, Option<String>) {
+    match store {
+        StoreLocation::Local(path) => (path, None),
+        StoreLocation::Bucket(url) => (work_folder(&url), Some(url)),
+    }
 }
 
-/// What would run, and why, without writing anything.
+pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
+    match &options.bucket {
+        None => crate::executor::convert(options),
+        Some(url) => convert_to_bucket(options, Arc::new(Bucket::open(url)?)),
+    }
+}
+
+/// What would run, and why, without writing anything. For a bucket store, the plan of the
+/// local work folder, after checking that the bucket can be reached.
 pub fn plan(options: &ConvertOptions) -> Result<RunPlan> {
+    if let Some(url) = &options.bucket {
+        Bucket::open(url)?;
+    }
     crate::executor::plan_run(options)
 }
 
 /// One task of a sharded run: its part of the trials, into the run's shared folder.
 pub fn shard_task(options: &ConvertOptions, shard: Shard) -> Result<ShardReport> {
+    if let Some(url) = &options.bucket {
+        return Err(not_sharded_in_buckets(url));
+    }
     convert_shard(options, shard)
+}
+
+/// Sharded runs keep their parts in a shared folder; in a bucket they are not supported yet.
+pub fn not_sharded_in_buckets(url: &str) -> Error {
+    Error::usage(
+        format!("{url}: sharded runs (--shard, finalize) write to a shared file system, not to object storage yet"),
+        "convert each mouse whole into the bucket (one task per mouse), or run the sharded run into a shared folder and convert from it",
+    )
 }

@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use super::convert::convert;
 use crate::error::{Error, Result};
 use crate::executor::catalog;
 use crate::executor::name_lock::{self, Holder, NameLock, Waiting};
-use crate::executor::{convert, ConvertOptions};
+use crate::executor::ConvertOptions;
 use crate::pipeline::embedded::PipelineChoice;
 use crate::progress::ProgressMode;
 use crate::source::Source;
@@ -18,7 +19,10 @@ pub const LOCK_FILE: &str = ".ingest.lock";
 
 pub struct IngestOptions {
     pub inbox: PathBuf,
+    /// The store folder; for a bucket store, the local work folder.
     pub store: PathBuf,
+    /// The bucket URL datasets are committed to; `None` for a local store.
+    pub bucket: Option<String>,
     /// `Auto` picks the pipeline for each source by its content.
     pub pipeline: PipelineChoice,
     pub threads: Option<usize>,
@@ -187,7 +191,10 @@ fn convert_new_sources(
     sources: Vec<PathBuf>,
     report: &mut IngestReport,
 ) -> Result<()> {
-    let mut known = catalog::fingerprints(&opts.store);
+    let mut known = match &opts.bucket {
+        None => catalog::fingerprints(&opts.store),
+        Some(url) => bucket_fingerprints(url, &opts.store)?,
+    };
     for path in sources {
         let (fingerprint, pipeline) = match Source::open(&path)
             .and_then(|source| Ok((source.fingerprint(), opts.pipeline.resolve(&source)?)))
@@ -234,6 +241,7 @@ fn convert_options(
     ConvertOptions {
         source: source.to_path_buf(),
         store: opts.store.clone(),
+        bucket: opts.bucket.clone(),
         name: None,
         pipeline_text,
         pipeline_file,
@@ -246,6 +254,25 @@ fn convert_options(
         writer: "ingest",
         no_space_check: false,
     }
+}
+
+/// The bucket's catalog fragments, copied into the work folder and read there.
+fn bucket_fingerprints(url: &str, work: &Path) -> Result<Vec<(String, String)>> {
+    let bucket = crate::writers::bucket::Bucket::open(url)?;
+    let copy = work.join(".bucket-catalog");
+    if copy.exists() {
+        std::fs::remove_dir_all(&copy).map_err(|e| Error::io(&copy, "cannot clean", e))?;
+    }
+    let keys: Vec<String> = bucket
+        .list(catalog::FOLDER)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.ends_with(".parquet"))
+        .collect();
+    bucket.download(&keys, &copy)?;
+    let known = catalog::fingerprints(&copy);
+    let _ = std::fs::remove_dir_all(&copy);
+    Ok(known)
 }
 
 fn first_line(e: &Error) -> String {

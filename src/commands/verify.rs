@@ -360,3 +360,75 @@ fn compare_entry(
         Err(e) => Some(format!("{located}: {e}")),
     }
 }
+
+/// Verifies datasets in a bucket: `url` names one dataset (its prefix holds `manifest.json`) or
+/// a store of them. Each is downloaded into the local work folder and verified there like a
+/// local one, so what is checked is exactly what a reader gets from the bucket; failures name
+/// the objects by URL. The copy is removed afterwards.
+pub fn verify_bucket(url: &str, against: Option<&Path>) -> Result<Vec<VerifyReport>> {
+    use crate::writers::bucket::Bucket;
+    let (store_url, names) = bucket_datasets(url)?;
+    if against.is_some() && names.len() != 1 {
+        return Err(Error::bad_input(
+            url,
+            "--against compares one dataset with its source, but this is a store of several",
+            "name the dataset: STORE/NAME",
+        ));
+    }
+    let bucket = Bucket::open(&store_url)?;
+    let work = crate::executor::remote::work_folder(&store_url).join(".verify");
+    let mut reports = Vec::new();
+    for name in names {
+        let keys: Vec<String> = bucket.list(&name)?.into_iter().map(|(k, _)| k).collect();
+        let copy = work.join(&name);
+        if copy.exists() {
+            std::fs::remove_dir_all(&copy).map_err(|e| Error::io(&copy, "cannot clean", e))?;
+        }
+        bucket.download(&keys, &work)?;
+        let mut report = verify(&copy, against)?;
+        let local = copy.display().to_string();
+        let remote = bucket.url_of(&name);
+        for failure in &mut report.failures {
+            *failure = failure.replace(&local, &remote);
+        }
+        report.dataset = PathBuf::from(remote);
+        let _ = std::fs::remove_dir_all(&copy);
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// The store's URL and the names of the datasets to verify: the one `url` names, or every
+/// committed dataset in the store `url` is.
+fn bucket_datasets(url: &str) -> Result<(String, Vec<String>)> {
+    use crate::writers::bucket::Bucket;
+    let url = url.trim_end_matches('/');
+    if let Some((parent, name)) = url.rsplit_once('/') {
+        if parent.contains("://") && !parent.ends_with(':') && !parent.ends_with('/') {
+            let bucket = Bucket::open(parent)?;
+            if bucket
+                .head(&format!("{name}/{}", manifest::FILE_NAME))?
+                .is_some()
+            {
+                return Ok((parent.to_string(), vec![name.to_string()]));
+            }
+        }
+    }
+    let bucket = Bucket::open(url)?;
+    let names: Vec<String> = bucket
+        .list("")?
+        .into_iter()
+        .filter_map(|(key, _)| {
+            let (name, file) = key.split_once('/')?;
+            (file == manifest::FILE_NAME && !name.starts_with('.')).then(|| name.to_string())
+        })
+        .collect();
+    if names.is_empty() {
+        return Err(Error::bad_input(
+            url,
+            "no dataset here (no manifest.json in it or under it)",
+            "point verify at STORE/NAME or at a store; a dataset whose run did not commit has no manifest.json",
+        ));
+    }
+    Ok((url.to_string(), names))
+}

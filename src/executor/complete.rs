@@ -261,7 +261,7 @@ fn run_record(
 }
 
 /// The dataset's line in the store's catalog.
-fn catalog_row(prep: &Prepared, source_checksum: &str) -> Result<CatalogRow> {
+pub(crate) fn catalog_row(prep: &Prepared, source_checksum: &str) -> Result<CatalogRow> {
     let dtype = prep
         .plan
         .stages

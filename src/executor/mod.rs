@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod memory;
 pub mod name_lock;
 pub mod parts;
+pub mod remote;
 mod stage_run;
 mod staging;
 
@@ -41,7 +42,10 @@ pub const RUN_RECORD: &str = "run.json";
 
 pub struct ConvertOptions {
     pub source: PathBuf,
+    /// The store folder; for a bucket store, the local work folder the run is built in.
     pub store: PathBuf,
+    /// The bucket URL the dataset is committed to (`remote`); `None` for a local store.
+    pub bucket: Option<String>,
     pub name: Option<String>,
     pub pipeline_text: String,
     /// How to name the pipeline file in messages.

@@ -644,6 +644,7 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<Finalized> {
     let convert_opts = ConvertOptions {
         source,
         store: store.clone(),
+        bucket: None,
         name: Some(name),
         pipeline_text: job.pipeline_text.clone(),
         pipeline_file: job.pipeline_file.clone(),

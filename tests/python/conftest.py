@@ -137,3 +137,42 @@ def family(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def _pids(name: str) -> set[int]:
+    proc = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
+    return {int(p) for p in proc.stdout.split()}
+
+
+@pytest.fixture(scope="session")
+def daemons_started_here():
+    """For tests that start system daemons (SLURM's munged, slurmctld, slurmd): call the
+    returned function around the start, and every daemon process that was not running before
+    is stopped when the session ends, pass or fail. Daemons someone else runs are left alone."""
+    import os
+    import signal
+    import time
+    started: set[int] = set()
+
+    def around(start, names=("munged", "slurmctld", "slurmd")):
+        before = {n: _pids(n) for n in names}
+        try:
+            return start()
+        finally:
+            for n in names:
+                started.update(_pids(n) - before[n])
+
+    yield around
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{p}").exists() for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

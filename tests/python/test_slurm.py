@@ -2,7 +2,8 @@
 
 NEEDS ROOT. This test installs the Debian packages slurm-wlm and munge with apt-get (once;
 about ten seconds to a minute) and starts munged, slurmctld and slurmd on this machine, using
-tests/slurm/start-slurm.sh; the daemons are left running for later runs. Without root (and
+tests/slurm/start-slurm.sh; the daemons this session started are stopped when it ends
+(conftest.py, `daemons_started_here`). Without root (and
 without passwordless sudo) that script exits 77 and the test is SKIPPED, with a loud reason;
 any other failure of the script FAILS the test.
 
@@ -124,8 +125,8 @@ def store_files(store: Path) -> dict[str, bytes]:
             if not k.startswith(".") and not k.endswith("/run.json")}
 
 
-def test_slurm_array_then_finalize_equals_single_process(tmp_path):
-    start_slurm()
+def test_slurm_array_then_finalize_equals_single_process(tmp_path, daemons_started_here):
+    daemons_started_here(start_slurm)
 
     binary = helpers.binary()
     assert binary.is_file(), f"sensorium-ingest binary not found at {binary}"

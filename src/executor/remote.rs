@@ -1,0 +1,479 @@
+//! Stores in object storage. A bucket cannot rename, so the run is built and checked in a
+//! local work folder exactly as for a local store (staging, resume, validation, manifest),
+//! then committed to the bucket:
+//!
+//! 1. the dataset's name is taken by a lock object written only if absent (`.<name>.lock`,
+//!    conditional write; kept fresh by a heartbeat, taken over once stale);
+//! 2. a replaced version's `manifest.json` is deleted first: from then on the prefix is not a
+//!    dataset, so no reader that checks for the manifest opens a mix of two versions;
+//! 3. every other file is uploaded (objects already there with the same BLAKE3 are kept, so a
+//!    rerun after a kill resumes), and objects of an older version that the new one lacks are
+//!    deleted;
+//! 4. `manifest.json` is written last, only if absent: its presence commits the dataset;
+//! 5. the catalog fragment is written, then the local copy is removed.
+//!
+//! docs/operations.md describes the protocol for operators.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use object_store::UpdateVersion;
+use serde::{Deserialize, Serialize};
+
+use super::catalog;
+use super::keys::stage_keys;
+use super::lock::{self, Lock};
+use super::manifest::{self, Manifest};
+use super::name_lock::{stale_after, Holder, Waiting};
+use super::{open_source, ConvertOptions, ConvertReport};
+use crate::error::{Error, Result};
+use crate::pipeline::plan::plan;
+use crate::pipeline::spec::Pipeline;
+use crate::source::Source;
+use crate::validate;
+use crate::writers::bucket::{Bucket, Transferred, Upload};
+
+/// The local work folder for a bucket store: `SENSORIUM_INGEST_WORK`, else a folder in the
+/// system's temporary directory named after the URL. A killed run resumes from it.
+pub fn work_folder(url: &str) -> PathBuf {
+    let base = std::env::var_os("SENSORIUM_INGEST_WORK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("sensorium-ingest-work"));
+    let tag = blake3::hash(url.as_bytes()).to_hex();
+    base.join(&tag.as_str()[..16])
+}
+
+/// Converts into the local work folder (`opts.store`), then commits the dataset to the bucket.
+pub fn convert_to_bucket(opts: &ConvertOptions, bucket: Arc<Bucket>) -> Result<ConvertReport> {
+    let started = Instant::now();
+    let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
+    let (source, name) = open_source(opts)?;
+    let held = BucketLock::acquire(bucket.clone(), &name, opts.writer, opts.wait)?;
+    let (fingerprint, current) = match committed_lock(&bucket, &opts.store, &name)? {
+        Some(remote) => {
+            let (fingerprint, current) = compare(opts, &pipeline, &source, &name, &remote)?;
+            if !opts.force && remote.source.fingerprint != fingerprint {
+                return Err(Error::Exists {
+                    path: PathBuf::from(bucket.url_of(&name)),
+                    why:
+                        "it was converted from a different source (or the source has changed since)"
+                            .into(),
+                });
+            }
+            (fingerprint, current && !opts.force)
+        }
+        None => (String::new(), false),
+    };
+    let local = opts.store.join(&name);
+    if current {
+        remove_local(&local)?;
+        ensure_catalog_row(opts, &bucket, &pipeline, source, &name)?;
+        return Ok(up_to_date_report(&bucket, &name, &fingerprint, started));
+    }
+    drop(source);
+    discard_other_version(opts, &pipeline, &name, &local)?;
+    let mut report = super::convert(opts)?;
+    held.check_held()?;
+    let sent = commit(&bucket, &opts.store, &name)?;
+    held.check_held()?;
+    upload_catalog_row(&bucket, &opts.store, &name)?;
+    remove_local(&local)?;
+    tracing::info!(dataset = %name, objects = sent.objects, bytes = sent.bytes, kept = sent.kept, "committed to {}", bucket.url());
+    report.dataset_dir = PathBuf::from(bucket.url_of(&name));
+    report.up_to_date = false;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The committed dataset's lock (checked against its own checksum), if the bucket has one.
+fn committed_lock(bucket: &Bucket, work: &Path, name: &str) -> Result<Option<Lock>> {
+    if bucket
+        .head(&format!("{name}/{}", manifest::FILE_NAME))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let key = format!("{name}/{}", lock::FILE_NAME);
+    let Some((bytes, _)) = bucket.read(&key)? else {
+        return Ok(None);
+    };
+    let copy = work.join(format!(".{name}.committed-lock.json"));
+    std::fs::create_dir_all(work)
+        .map_err(|e| Error::io(work, "cannot create the work folder", e))?;
+    std::fs::write(&copy, bytes).map_err(|e| Error::io(&copy, "cannot write", e))?;
+    let read = Lock::read(&copy);
+    let _ = std::fs::remove_file(&copy);
+    Ok(read.ok())
+}
+
+/// The source's fingerprint, and whether `lock` records exactly what this source and
+/// pipeline give now (every stage's key, the pipeline's hash).
+fn compare(
+    opts: &ConvertOptions,
+    pipeline: &Pipeline,
+    source: &Source,
+    name: &str,
+    lock: &Lock,
+) -> Result<(String, bool)> {
+    let plan = plan(pipeline, source)?;
+    let (fingerprint, keys) = stage_keys(pipeline, source, &plan, name);
+    let same_stages = lock.stages.len() == keys.len()
+        && lock
+            .stages
+            .iter()
+            .zip(pipeline.stages.iter().zip(&keys))
+            .all(|(l, (s, k))| l.id == s.id() && l.key == k.key);
+    let current = same_stages
+        && lock.source.fingerprint == fingerprint
+        && lock.pipeline_hash == Pipeline::hash(&opts.pipeline_text);
+    Ok((fingerprint, current))
+}
+
+/// A finished local copy of another version (an older source or pipeline) would make the local
+/// run refuse or reuse the wrong files: the work folder is a cache, so it goes.
+fn discard_other_version(
+    opts: &ConvertOptions,
+    pipeline: &Pipeline,
+    name: &str,
+    local: &Path,
+) -> Result<()> {
+    let Ok(existing) = Lock::read(&local.join(lock::FILE_NAME)) else {
+        return remove_local(local);
+    };
+    let source = Source::open(&opts.source)?;
+    let (_, current) = compare(opts, pipeline, &source, name, &existing)?;
+    if current && !opts.force {
+        return Ok(());
+    }
+    remove_local(local)
+}
+
+fn remove_local(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| Error::io(dir, "cannot clean the work folder", e))?;
+    }
+    Ok(())
+}
+
+/// Uploads the finished dataset `work/name` and commits it (see the module's steps 2-4).
+pub(crate) fn commit(bucket: &Bucket, work: &Path, name: &str) -> Result<Transferred> {
+    let dir = work.join(name);
+    let manifest_key = format!("{name}/{}", manifest::FILE_NAME);
+    let manifest_path = dir.join(manifest::FILE_NAME);
+    let manifest_text = std::fs::read(&manifest_path).map_err(|e| {
+        Error::io(
+            &manifest_path,
+            "cannot read the finished dataset's manifest",
+            e,
+        )
+    })?;
+    match bucket.read(&manifest_key)? {
+        Some((there, _)) if there == manifest_text => return Ok(Transferred::default()),
+        Some(_) => bucket.delete(&manifest_key)?,
+        None => {}
+    }
+    let files = uploads(&dir, name)?;
+    let sent = bucket.upload(files.clone())?;
+    let wanted: std::collections::BTreeSet<&str> = files.iter().map(|f| f.key.as_str()).collect();
+    for (key, _) in bucket.list(name)? {
+        if !wanted.contains(key.as_str()) && key != manifest_key {
+            bucket.delete(&key)?;
+        }
+    }
+    if bucket.create(&manifest_key, manifest_text)?.is_none() {
+        return Err(Error::Busy {
+            path: PathBuf::from(bucket.url_of(&manifest_key)),
+            what: "another writer committed this dataset meanwhile".into(),
+            holder: "unknown (the bucket's lock was not respected)".into(),
+            hint: "verify the dataset, then run the same command again".into(),
+        });
+    }
+    Ok(sent)
+}
+
+/// Every file of the finished dataset but its manifest, hashed as it is on disk now.
+fn uploads(dir: &Path, name: &str) -> Result<Vec<Upload>> {
+    use rayon::prelude::*;
+    validate::list_files(dir)?
+        .into_par_iter()
+        .filter(|f| f != manifest::FILE_NAME)
+        .map(|file| {
+            let local = dir.join(&file);
+            let (size, blake3) = validate::hash_file(&local)?;
+            Ok(Upload {
+                local,
+                key: format!("{name}/{file}"),
+                size,
+                blake3,
+            })
+        })
+        .collect()
+}
+
+fn upload_catalog_row(bucket: &Bucket, work: &Path, name: &str) -> Result<()> {
+    let path = catalog::fragment_path(work, name);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, "cannot read", e))?;
+    bucket.put(&format!("{}/{name}.parquet", catalog::FOLDER), bytes)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// A run killed between its commit and its catalog row left the row missing or old: it is
+/// written again from the source, the pipeline and the committed manifest.
+fn ensure_catalog_row(
+    opts: &ConvertOptions,
+    bucket: &Bucket,
+    pipeline: &Pipeline,
+    source: Source,
+    name: &str,
+) -> Result<()> {
+    let key = format!("{}/{name}.parquet", catalog::FOLDER);
+    let path = catalog::fragment_path(&opts.store, name);
+    let manifest: Manifest = bucket
+        .read(&format!("{name}/{}", manifest::FILE_NAME))?
+        .and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| Error::Internal("a committed dataset has no readable manifest".into()))?;
+    let prep = super::prepare(opts, pipeline, source, name.to_string())?;
+    if let Some((bytes, _)) = bucket.read(&key)? {
+        std::fs::create_dir_all(path.parent().unwrap_or(&opts.store))
+            .map_err(|e| Error::io(&path, "cannot create the catalog folder", e))?;
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, "cannot write", e))?;
+        if catalog::describes(
+            &opts.store,
+            name,
+            &prep.source_fingerprint,
+            &prep.pipeline_hash,
+        ) {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+    }
+    catalog::write(
+        &opts.store,
+        &super::complete::catalog_row(&prep, &manifest.source.checksum)?,
+    )?;
+    upload_catalog_row(bucket, &opts.store, name)
+}
+
+fn up_to_date_report(
+    bucket: &Bucket,
+    name: &str,
+    _fingerprint: &str,
+    started: Instant,
+) -> ConvertReport {
+    tracing::info!(dataset = %name, "up to date in {}", bucket.url());
+    ConvertReport {
+        dataset: name.to_string(),
+        dataset_dir: PathBuf::from(bucket.url_of(name)),
+        up_to_date: true,
+        trials: 0,
+        dimensions: Default::default(),
+        source_bytes: 0,
+        output_bytes: 0,
+        seconds: started.elapsed().as_secs_f64(),
+        threads: 0,
+        peak_memory_bytes: super::peak_memory_bytes(),
+        stages: Vec::new(),
+    }
+}
+
+/// What the lock object holds: who, and when it last proved alive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LockRecord {
+    holder: Holder,
+    /// Seconds since the Unix epoch, rewritten by the heartbeat.
+    refreshed: u64,
+}
+
+/// A dataset's name held in a bucket: `.<name>.lock`, created only if absent, refreshed by a
+/// heartbeat with a conditional replace (a holder that lost it notices), removed when done.
+/// Stale (not refreshed for `SENSORIUM_INGEST_LOCK_STALE_SECONDS`), it is taken over by a
+/// conditional replace, so two takers cannot both win. Staleness compares the holder's clock
+/// with the taker's: hosts must keep their clocks in sync (NTP), as for a shared file system.
+pub struct BucketLock {
+    state: Arc<LockState>,
+    beat: Option<std::thread::JoinHandle<()>>,
+}
+
+struct LockState {
+    bucket: Arc<Bucket>,
+    key: String,
+    holder: Holder,
+    version: Mutex<UpdateVersion>,
+    lost: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl BucketLock {
+    pub fn acquire(
+        bucket: Arc<Bucket>,
+        name: &str,
+        what: &str,
+        waiting: Waiting,
+    ) -> Result<BucketLock> {
+        let key = format!(".{name}.lock");
+        let holder = Holder::this_process(what, None);
+        let started = Instant::now();
+        loop {
+            if let Some(version) = try_take(&bucket, &key, &holder)? {
+                check_conditional_writes(&bucket, &key, &holder)?;
+                return Ok(BucketLock::start(bucket, key, holder, version));
+            }
+            let Some((record, _)) = read_record(&bucket, &key)? else {
+                continue;
+            };
+            let limit = match waiting {
+                Waiting::No => Some(Duration::ZERO),
+                Waiting::Up(limit) => limit,
+            };
+            if limit.is_some_and(|l| started.elapsed() >= l) {
+                return Err(Error::Busy {
+                    path: PathBuf::from(bucket.url_of(&key)),
+                    what: format!("another writer holds dataset {name}"),
+                    holder: record.holder.describe(),
+                    hint: "wait for it to finish, or pass --wait to wait for it; a holder that died is taken over once its lock is older than the stale time (docs/operations.md)".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn start(bucket: Arc<Bucket>, key: String, holder: Holder, version: UpdateVersion) -> Self {
+        let state = Arc::new(LockState {
+            bucket,
+            key,
+            holder,
+            version: Mutex::new(version),
+            lost: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let beating = state.clone();
+        let beat = std::thread::spawn(move || beating.heartbeat());
+        BucketLock {
+            state,
+            beat: Some(beat),
+        }
+    }
+
+    pub fn check_held(&self) -> Result<()> {
+        if !self.state.lost.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let now = read_record(&self.state.bucket, &self.state.key)
+            .ok()
+            .flatten()
+            .map_or_else(|| "nobody".into(), |(r, _)| r.holder.describe());
+        Err(Error::Busy {
+            path: PathBuf::from(self.state.bucket.url_of(&self.state.key)),
+            what: "this run lost its lock".into(),
+            holder: now,
+            hint: "another process took the name over (this run stalled for longer than the stale time?); run the command again".into(),
+        })
+    }
+}
+
+impl LockState {
+    fn heartbeat(&self) {
+        let every = (stale_after() / 4).min(Duration::from_secs(30));
+        let mut last = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            if last.elapsed() < every {
+                continue;
+            }
+            last = Instant::now();
+            let version = crate::per_thread::lock(&self.version).clone();
+            match self
+                .bucket
+                .replace(&self.key, record_bytes(&self.holder), &version)
+            {
+                Ok(Some(v)) => *crate::per_thread::lock(&self.version) = v,
+                Ok(None) => {
+                    self.lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the dataset's lock; retrying"),
+            }
+        }
+    }
+}
+
+impl Drop for BucketLock {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(beat) = self.beat.take() {
+            let _ = beat.join();
+        }
+        if !self.state.lost.load(Ordering::SeqCst) {
+            if let Err(e) = self.state.bucket.delete(&self.state.key) {
+                tracing::warn!(error = %e, "cannot remove the dataset's lock; it goes stale");
+            }
+        }
+    }
+}
+
+fn record_bytes(holder: &Holder) -> Vec<u8> {
+    let record = LockRecord {
+        holder: holder.clone(),
+        refreshed: unix_now(),
+    };
+    serde_json::to_vec_pretty(&record).unwrap_or_default()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Creates the lock, or takes over a stale one; `None` while someone else holds it.
+fn try_take(bucket: &Bucket, key: &str, holder: &Holder) -> Result<Option<UpdateVersion>> {
+    if let Some(version) = bucket.create(key, record_bytes(holder))? {
+        return Ok(Some(version));
+    }
+    let Some((record, version)) = read_record(bucket, key)? else {
+        return Ok(None);
+    };
+    let age = unix_now().saturating_sub(record.refreshed);
+    if Duration::from_secs(age) < stale_after() {
+        return Ok(None);
+    }
+    tracing::warn!(holder = %record.holder.describe(), "taking over a stale lock");
+    bucket.replace(key, record_bytes(holder), &version)
+}
+
+/// A server that ignores conditional writes would let two writers both commit: refused loudly.
+fn check_conditional_writes(bucket: &Bucket, key: &str, holder: &Holder) -> Result<()> {
+    if bucket.create(key, record_bytes(holder))?.is_none() {
+        return Ok(());
+    }
+    let _ = bucket.delete(key);
+    Err(Error::usage(
+        format!("{}: the object store ignores conditional writes (If-None-Match)", bucket.url()),
+        "two writers of one dataset could both commit; use a store that supports conditional writes (AWS S3, recent MinIO, Ceph RGW, GCS, Azure)",
+    ))
+}
+
+/// A lock record that cannot be parsed (damaged, or some other tool's) names no holder and no
+/// refresh time: it is taken over as stale.
+fn read_record(bucket: &Bucket, key: &str) -> Result<Option<(LockRecord, UpdateVersion)>> {
+    let Some((bytes, version)) = bucket.read(key)? else {
+        return Ok(None);
+    };
+    let record = serde_json::from_slice(&bytes).unwrap_or_else(|_| LockRecord {
+        holder: Holder {
+            what: "an unknown writer".into(),
+            host: String::new(),
+            pid: 0,
+            start_time: None,
+            since: 0,
+            command: String::new(),
+            run: None,
+        },
+        refreshed: 0,
+    });
+    Ok(Some((record, version)))
+}

@@ -1,0 +1,578 @@
+//! Stores in object storage (`s3://`, `gs://`, `az://`), through the `object_store` crate that
+//! arrow and parquet use. A [`StoreLocation`] tells a local folder from a bucket; a [`Bucket`]
+//! is a blocking client of one bucket prefix: reads, conditional writes (the commit and the
+//! name lock rely on them), listings, and uploads of finished files with bounded memory.
+//!
+//! Credentials and endpoints come from the standard environment (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, ...; `GOOGLE_*`; `AZURE_*`), as
+//! the crate's builders read it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    Attribute, Attributes, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig, UpdateVersion,
+};
+
+use crate::error::{Error, Result};
+
+/// Object-storage schemes this build writes to.
+const SCHEMES: [&str; 6] = ["s3", "s3a", "gs", "az", "abfs", "abfss"];
+
+/// Objects up to this size are uploaded in one request; larger ones in parts of this size
+/// (S3 needs parts of 5 MiB at least). One part per upload is in memory at a time.
+pub const PART_BYTES: usize = 8 << 20;
+
+/// Uploads and downloads running at once. With [`PART_BYTES`] this bounds their memory.
+pub const CONCURRENT_TRANSFERS: usize = 8;
+
+/// The user metadata key carrying an object's BLAKE3, so a rerun keeps what is already there.
+const BLAKE3_KEY: &str = "blake3";
+
+/// Where a store is: a local (or network file system) folder, or a bucket prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Local(PathBuf),
+    Bucket(String),
+}
+
+impl StoreLocation {
+    /// `s3://bucket/prefix` (and the other object-storage schemes), `file:///path`, or a plain
+    /// path. Any other `scheme://` is refused: it must never become a local folder named after
+    /// the scheme.
+    pub fn parse(text: &str) -> Result<StoreLocation> {
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Ok(StoreLocation::Local(PathBuf::from(text)));
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme == "file" {
+            return Ok(StoreLocation::Local(PathBuf::from(rest)));
+        }
+        if !SCHEMES.contains(&scheme.as_str()) {
+            return Err(Error::usage(
+                format!("{text}: stores of scheme `{scheme}://` are not supported"),
+                "give a local folder, file:///path, or an object-storage URL: s3://bucket/prefix (also gs://, az://)",
+            ));
+        }
+        let bucket = rest.split('/').next().unwrap_or_default();
+        if bucket.is_empty() {
+            return Err(Error::usage(
+                format!("{text}: the URL names no bucket"),
+                "write it as s3://bucket/prefix",
+            ));
+        }
+        Ok(StoreLocation::Bucket(
+            text.trim_end_matches('/').to_string(),
+        ))
+    }
+
+    /// How messages name the store.
+    pub fn display(&self) -> String {
+        match self {
+            StoreLocation::Local(p) => p.display().to_string(),
+            StoreLocation::Bucket(url) => url.clone(),
+        }
+    }
+}
+
+/// An object's size, version (for conditional updates) and recorded BLAKE3.
+#[derive(Debug, Clone)]
+pub struct RemoteObject {
+    pub size: u64,
+    pub version: UpdateVersion,
+    pub blake3: Option<String>,
+}
+
+/// A finished local file to upload, with the checksum it was written with.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub local: PathBuf,
+    pub key: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Transferred {
+    pub objects: u64,
+    pub bytes: u64,
+    /// Objects already in the bucket with the same size and checksum, left as they were.
+    pub kept: u64,
+}
+
+/// A blocking client of one bucket prefix.
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    root: ObjectPath,
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bucket({})", self.url)
+    }
+}
+
+impl Bucket {
+    /// Connects to the bucket of `url` and checks that it exists and the credentials work.
+    pub fn open(url: &str) -> Result<Bucket> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            Error::usage(
+                format!("{url}: not a valid URL: {e}"),
+                "write it as s3://bucket/prefix",
+            )
+        })?;
+        let store =
+            build_store(&parsed).map_err(|e| remote_error(url, "cannot use the store", e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io(PathBuf::from(url), "cannot start the network runtime", e))?;
+        let bucket = Bucket {
+            store,
+            root: ObjectPath::from(parsed.path().trim_matches('/')),
+            url: url.to_string(),
+            runtime,
+        };
+        bucket.check_reachable()?;
+        Ok(bucket)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The full URL of `key` (relative to the prefix), for messages.
+    pub fn url_of(&self, key: &str) -> String {
+        format!("{}/{key}", self.url)
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        self.root
+            .parts()
+            .chain(ObjectPath::from(key).parts())
+            .collect()
+    }
+
+    /// A listing of the prefix: fails on a missing bucket or refused credentials, which a
+    /// read of a missing object would not tell apart.
+    fn check_reachable(&self) -> Result<()> {
+        let store = self.store.clone();
+        let root = self.root.clone();
+        self.runtime
+            .block_on(async move { store.list_with_delimiter(Some(&root)).await })
+            .map(|_| ())
+            .map_err(|e| remote_error(&self.url, "cannot list the store", e))
+    }
+
+    /// The object's bytes and version; `None` when there is no such object.
+    pub fn read(&self, key: &str) -> Result<Option<(Vec<u8>, UpdateVersion)>> {
+        let path = self.path(key);
+        let store = self.store.clone();
+        let got = self.runtime.block_on(async move {
+            let result = store.get(&path).await?;
+            let version = UpdateVersion {
+                e_tag: result.meta.e_tag.clone(),
+                version: result.meta.version.clone(),
+            };
+            Ok::<_, object_store::Error>((result.bytes().await?.to_vec(), version))
+        });
+        absent_as_none(got).map_err(|e| remote_error(&self.url_of(key), "cannot read", e))
+    }
+
+    pub fn head(&self, key: &str) -> Result<Option<RemoteObject>> {
+        let path = self.path(key);
+        let store = self.store.clone();
+        let got = self
+            .runtime
+            .block_on(async move { head_with_checksum(store.as_ref(), &path).await });
+        absent_as_none(got).map_err(|e| remote_error(&self.url_of(key), "cannot look up", e))
+    }
+
+    /// Writes the object only if there is none yet: `None` when one exists.
+    pub fn create(&self, key: &str, bytes: Vec<u8>) -> Result<Option<UpdateVersion>> {
+        self.put_mode(key, bytes, PutMode::Create)
+    }
+
+    /// Replaces the object only if it is still at `version`: `None` when it changed meanwhile.
+    pub fn replace(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        version: &UpdateVersion,
+    ) -> Result<Option<UpdateVersion>> {
+        self.put_mode(key, bytes, PutMode::Update(version.clone()))
+    }
+
+    fn put_mode(&self, key: &str, bytes: Vec<u8>, mode: PutMode) -> Result<Option<UpdateVersion>> {
+        let path = self.path(key);
+        let store = self.store.clone();
+        let options = PutOptions::from(mode);
+        let put = self.runtime.block_on(async move {
+            store
+                .put_opts(&path, PutPayload::from(bytes), options)
+                .await
+        });
+        match put {
+            Ok(r) => Ok(Some(UpdateVersion::from(r))),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(None),
+            Err(e) => Err(remote_error(&self.url_of(key), "cannot write", e)),
+        }
+    }
+
+    pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = self.path(key);
+        let store = self.store.clone();
+        self.runtime
+            .block_on(async move { store.put(&path, PutPayload::from(bytes)).await })
+            .map(|_| ())
+            .map_err(|e| remote_error(&self.url_of(key), "cannot write", e))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        let store = self.store.clone();
+        let deleted = self
+            .runtime
+            .block_on(async move { store.delete(&path).await });
+        absent_as_none(deleted.map(Some))
+            .map(|_| ())
+            .map_err(|e| remote_error(&self.url_of(key), "cannot delete", e))
+    }
+
+    /// Every object under `prefix` (relative to the store), as keys relative to the store,
+    /// sorted, with their sizes.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let path = self.path(prefix);
+        let store = self.store.clone();
+        let root_parts = self.root.parts().count();
+        let listed = self.runtime.block_on(async move {
+            store
+                .list(Some(&path))
+                .map_ok(|m| {
+                    let key: Vec<String> = m
+                        .location
+                        .parts()
+                        .skip(root_parts)
+                        .map(|p| p.as_ref().to_string())
+                        .collect();
+                    (key.join("/"), m.size)
+                })
+                .try_collect::<Vec<_>>()
+                .await
+        });
+        let mut keys = listed.map_err(|e| remote_error(&self.url_of(prefix), "cannot list", e))?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Uploads the files, [`CONCURRENT_TRANSFERS`] at a time, each object tagged with its
+    /// BLAKE3. An object already there with the same size and BLAKE3 is kept, so a rerun after
+    /// a kill uploads only what is missing.
+    pub fn upload(&self, files: Vec<Upload>) -> Result<Transferred> {
+        let jobs = files.into_iter().map(|f| {
+            let store = self.store.clone();
+            let path = self.path(&f.key);
+            let url = self.url_of(&f.key);
+            async move { upload_one(store, path, f).await.map_err(|e| (url, e)) }
+        });
+        let done = self.runtime.block_on(async move {
+            futures::stream::iter(jobs)
+                .buffer_unordered(CONCURRENT_TRANSFERS)
+                .try_collect::<Vec<_>>()
+                .await
+        });
+        let done = done.map_err(|(url, e)| match e {
+            Transfer::Local(path, e) => Error::io(path, "cannot read a file to upload", e),
+            Transfer::Remote(e) => remote_error(&url, "cannot upload", e),
+        })?;
+        Ok(done
+            .into_iter()
+            .fold(Transferred::default(), |mut t, (bytes, kept)| {
+                t.objects += 1;
+                t.bytes += bytes;
+                t.kept += kept as u64;
+                t
+            }))
+    }
+
+    /// Downloads the objects (keys relative to the store) into `dir`, under the same relative
+    /// paths, [`CONCURRENT_TRANSFERS`] at a time.
+    pub fn download(&self, keys: &[String], dir: &Path) -> Result<Transferred> {
+        let jobs = keys.iter().map(|key| {
+            let store = self.store.clone();
+            let path = self.path(key);
+            let url = self.url_of(key);
+            let local = dir.join(key);
+            async move { download_one(store, path, local).await.map_err(|e| (url, e)) }
+        });
+        let done = self.runtime.block_on(async move {
+            futures::stream::iter(jobs)
+                .buffer_unordered(CONCURRENT_TRANSFERS)
+                .try_collect::<Vec<u64>>()
+                .await
+        });
+        let sizes = done.map_err(|(url, e)| match e {
+            Transfer::Local(path, e) => Error::io(path, "cannot write a downloaded object", e),
+            Transfer::Remote(e) => remote_error(&url, "cannot download", e),
+        })?;
+        Ok(Transferred {
+            objects: sizes.len() as u64,
+            bytes: sizes.iter().sum(),
+            kept: 0,
+        })
+    }
+}
+
+/// The store for a URL, configured from the environment. Retries are bounded so that a server
+/// that went away ends the run with an error in seconds, not minutes
+/// (`SENSORIUM_INGEST_RETRY_SECONDS`, default 30).
+fn build_store(url: &url::Url) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let retry = RetryConfig {
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(retry_seconds()),
+        ..Default::default()
+    };
+    let store: Arc<dyn ObjectStore> = match url.scheme() {
+        "gs" => Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        "az" | "abfs" | "abfss" => Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        _ => {
+            // A plain-http endpoint (a local S3-compatible server) was asked for explicitly.
+            let http = std::env::var("AWS_ENDPOINT_URL")
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .is_ok_and(|e| e.starts_with("http://"));
+            Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url.as_str())
+                    .with_allow_http(http)
+                    .with_retry(retry)
+                    .build()?,
+            )
+        }
+    };
+    Ok(store)
+}
+
+fn retry_seconds() -> u64 {
+    std::env::var("SENSORIUM_INGEST_RETRY_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
+}
+
+enum Transfer {
+    Local(PathBuf, std::io::Error),
+    Remote(object_store::Error),
+}
+
+impl From<object_store::Error> for Transfer {
+    fn from(e: object_store::Error) -> Self {
+        Transfer::Remote(e)
+    }
+}
+
+async fn head_with_checksum(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+) -> object_store::Result<RemoteObject> {
+    let options = GetOptions {
+        head: true,
+        ..Default::default()
+    };
+    let result = store.get_opts(path, options).await?;
+    Ok(RemoteObject {
+        size: result.meta.size,
+        version: UpdateVersion {
+            e_tag: result.meta.e_tag.clone(),
+            version: result.meta.version.clone(),
+        },
+        blake3: result
+            .attributes
+            .get(&Attribute::Metadata(BLAKE3_KEY.into()))
+            .map(|v| v.to_string()),
+    })
+}
+
+/// `(bytes sent, kept)`.
+async fn upload_one(
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    file: Upload,
+) -> std::result::Result<(u64, bool), Transfer> {
+    let there = match head_with_checksum(store.as_ref(), &path).await {
+        Ok(o) => Some(o),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if there.is_some_and(|o| o.size == file.size && o.blake3.as_deref() == Some(&file.blake3)) {
+        return Ok((0, true));
+    }
+    let mut attributes = Attributes::new();
+    attributes.insert(
+        Attribute::Metadata(BLAKE3_KEY.into()),
+        file.blake3.clone().into(),
+    );
+    let local = File::open(&file.local).map_err(|e| Transfer::Local(file.local.clone(), e))?;
+    if file.size as usize <= PART_BYTES {
+        let bytes = read_piece(&local, &file.local, 0, file.size as usize)?;
+        let options = PutOptions {
+            attributes,
+            ..Default::default()
+        };
+        store.put_opts(&path, bytes.into(), options).await?;
+        return Ok((file.size, false));
+    }
+    let mut upload = store.put_multipart_opts(&path, attributes.into()).await?;
+    let mut offset = 0u64;
+    while offset < file.size {
+        let len = PART_BYTES.min((file.size - offset) as usize);
+        let piece = match read_piece(&local, &file.local, offset, len) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = upload.abort().await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = upload.put_part(piece.into()).await {
+            let _ = upload.abort().await;
+            return Err(e.into());
+        }
+        offset += len as u64;
+    }
+    upload.complete().await?;
+    Ok((file.size, false))
+}
+
+fn read_piece(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+) -> std::result::Result<Vec<u8>, Transfer> {
+    let mut buffer = vec![0u8; len];
+    file.read_exact_at(&mut buffer, offset)
+        .map_err(|e| Transfer::Local(path.to_path_buf(), e))?;
+    Ok(buffer)
+}
+
+async fn download_one(
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    local: PathBuf,
+) -> std::result::Result<u64, Transfer> {
+    let mut stream = store.get(&path).await?.into_stream();
+    if let Some(parent) = local.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Transfer::Local(parent.into(), e))?;
+    }
+    let mut file = File::create(&local).map_err(|e| Transfer::Local(local.clone(), e))?;
+    let mut size = 0u64;
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        std::io::Write::write_all(&mut file, &piece)
+            .map_err(|e| Transfer::Local(local.clone(), e))?;
+        size += piece.len() as u64;
+    }
+    Ok(size)
+}
+
+fn absent_as_none<T>(result: object_store::Result<T>) -> object_store::Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A failed request, with what it means and what to do.
+pub fn remote_error(url: &str, action: &str, e: object_store::Error) -> Error {
+    use object_store::Error as E;
+    let text = e.to_string();
+    let (problem, hint, denied) = match &e {
+        E::Unauthenticated { .. } | E::PermissionDenied { .. } => (
+            "the server refused the credentials",
+            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or your cloud's variables) and the permissions on the bucket",
+            true,
+        ),
+        _ if text.contains("NoSuchBucket") || text.contains("bucket does not exist") => (
+            "the bucket does not exist",
+            "create the bucket first, or check its name in the URL",
+            false,
+        ),
+        _ if text.contains("SignatureDoesNotMatch")
+            || text.contains("InvalidAccessKeyId")
+            || text.contains("403 Forbidden") =>
+        (
+            "the server refused the credentials",
+            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or your cloud's variables) and the permissions on the bucket",
+            true,
+        ),
+        _ if text.contains("error sending request") || text.contains("onnect") => (
+            "the server cannot be reached",
+            "check AWS_ENDPOINT_URL and the network, then run the same command again: it resumes (nothing was committed)",
+            false,
+        ),
+        _ => (
+            "the request failed",
+            "check the URL, the credentials and the server, then run the same command again: it resumes (nothing was committed)",
+            false,
+        ),
+    };
+    Error::Remote {
+        url: url.to_string(),
+        problem: format!("{action}: {problem} ({})", first_line(&text)),
+        hint: hint.to_string(),
+        denied,
+    }
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_locations() {
+        let local = |p: &str| StoreLocation::Local(PathBuf::from(p));
+        assert_eq!(StoreLocation::parse("store/").unwrap(), local("store/"));
+        assert_eq!(StoreLocation::parse("file:///data/s").unwrap(), local("/data/s"));
+        assert_eq!(
+            StoreLocation::parse("s3://bkt/a/b/").unwrap(),
+            StoreLocation::Bucket("s3://bkt/a/b".into())
+        );
+        assert_eq!(
+            StoreLocation::parse("gs://bkt").unwrap(),
+            StoreLocation::Bucket("gs://bkt".into())
+        );
+        for refused in ["ftp://h/s", "s3:///nobucket", "http://h/s", "hdfs://n/s"] {
+            assert!(
+                matches!(StoreLocation::parse(refused), Err(Error::Usage { .. })),
+                "{refused}"
+            );
+        }
+    }
+}
