@@ -33,7 +33,7 @@ FIXTURE = REPO / "fixtures" / "dynamic90001-1-1-Video-0123456789abcdef0123456789
 NAME = "dynamic90001-1-1"
 PNG_SIZE = (1000, 320)          # figsize (10, 3.2) at dpi 100, as the recipe saves it
 RECIPES = {"plot", "duckdb", "standardize", "windows", "windows-standardized", "torch",
-           "polars", "one-neuron"}
+           "polars", "one-neuron", "bucket"}
 MARK = re.compile(r"^<!-- recipe: (?P<name>[\w-]+)(?: after: (?P<after>[\w -]+?))?"
                   r"(?: requires: (?P<requires>\w+))? -->$")
 
@@ -515,3 +515,28 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write-image"]:
         sys.exit("usage: python tests/python/test_recipes.py --write-image")
     write_image()
+
+
+# ----------------------------------------------------------------------------- 7. bucket
+
+def test_recipe_bucket(src, tmp_path):
+    """Recipe 7 against a real S3-compatible server: the fixture converted into a bucket, then
+    read by the recipe as written, with only the standard AWS variables set."""
+    import s3server
+    server = s3server.start(tmp_path / "moto.log")
+    try:
+        server.make_bucket("recipes")
+        env = server.env(SENSORIUM_INGEST_WORK=str(tmp_path / "work"))
+        proc = subprocess.run([str(helpers.binary()), "-q", "convert", str(FIXTURE), "--out",
+                               "s3://recipes/store"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, helpers.describe_run(proc)
+        aws = {k: v for k, v in env.items() if k.startswith("AWS_")}
+        ns = run_recipe("bucket", Path("unused"),
+                        SENSORIUM_BUCKET_DATASET=f"s3://recipes/store/{NAME}", **aws)
+    finally:
+        server.stop()
+    assert_bits_equal(ns["responses"], helpers.to_le(src.stack("responses"))[0], "responses[0]")
+    assert ns["trials"].column("trial_id").to_pylist() == src.trial_ids
+    expected = src.expected_long("behavior")
+    for name, values in expected.items():
+        assert ns["behavior"][name].to_list() == list(values), f"behavior.{name}"
