@@ -594,19 +594,20 @@ fn print_shard_report(r: &ShardReport) {
 }
 
 fn run_finalize(args: FinalizeArgs, progress: ProgressMode) -> Result<(), Error> {
-    if let StoreLocation::Bucket(url) = StoreLocation::parse(&args.dataset.to_string_lossy())? {
-        return Err(convert::not_sharded_in_buckets(&url));
-    }
-    let finalized = convert::finalize(&FinalizeOptions {
-        dataset_dir: args.dataset,
-        source: args.source,
-        threads: args.threads,
-        max_memory: args.resources.max_memory,
-        direct_io: !args.resources.no_direct_io,
-        progress,
-        wait: args.writing.waiting(),
-        no_space_check: args.writing.no_space_check,
-    })?;
+    let dataset = args.dataset.to_string_lossy().into_owned();
+    let finalized = convert::finalize_at(
+        &FinalizeOptions {
+            dataset_dir: args.dataset,
+            source: args.source,
+            threads: args.threads,
+            max_memory: args.resources.max_memory,
+            direct_io: !args.resources.no_direct_io,
+            progress,
+            wait: args.writing.waiting(),
+            no_space_check: args.writing.no_space_check,
+        },
+        &dataset,
+    )?;
     match finalized {
         Finalized::AlreadyComplete(dir) => {
             out!("{} is complete; no sharded run to finalize", dir.display())

@@ -11,7 +11,9 @@ use crate::executor::parts::convert_shard;
 pub use crate::executor::parts::{
     finalize, plan_part, FinalizeOptions, Finalized, Shard, ShardArg, ShardReport,
 };
-use crate::executor::remote::{convert_to_bucket, work_folder};
+use crate::executor::remote::{
+    convert_to_bucket, finalize_in_bucket, shard_task_to_bucket, work_folder,
+};
 pub use crate::executor::{ConvertOptions, ConvertReport, RunPlan};
 use crate::pipeline::embedded::PipelineChoice;
 use crate::progress::ProgressMode;
@@ -88,16 +90,27 @@ pub fn plan(options: &ConvertOptions) -> Result<RunPlan> {
 
 /// One task of a sharded run: its part of the trials, into the run's shared folder.
 pub fn shard_task(options: &ConvertOptions, shard: Shard) -> Result<ShardReport> {
-    if let Some(url) = &options.bucket {
-        return Err(not_sharded_in_buckets(url));
+    match &options.bucket {
+        None => convert_shard(options, shard),
+        Some(url) => shard_task_to_bucket(options, &Bucket::open(url)?, shard),
     }
-    convert_shard(options, shard)
 }
 
-/// Sharded runs keep their parts in a shared folder; in a bucket they are not supported yet.
-pub fn not_sharded_in_buckets(url: &str) -> Error {
-    Error::usage(
-        format!("{url}: sharded runs (--shard, finalize) write to a shared file system, not to object storage yet"),
-        "convert each mouse whole into the bucket (one task per mouse), or run the sharded run into a shared folder and convert from it",
-    )
+/// `finalize STORE/NAME`, the store a folder or a bucket URL.
+pub fn finalize_at(options: &FinalizeOptions, dataset: &str) -> Result<Finalized> {
+    match StoreLocation::parse(dataset)? {
+        StoreLocation::Local(_) => finalize(options),
+        StoreLocation::Bucket(url) => {
+            let (store, name) = url
+                .rsplit_once('/')
+                .filter(|(s, _)| !s.ends_with('/'))
+                .ok_or_else(|| {
+                    Error::usage(
+                        format!("{url}: not a dataset URL"),
+                        "give the dataset as s3://bucket/prefix/NAME",
+                    )
+                })?;
+            finalize_in_bucket(options, store, name)
+        }
+    }
 }

@@ -34,7 +34,9 @@ pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
 pub const RECEIPT_FORMAT: &str = "sensorium-ingest-shard-receipt/1";
 const RECEIPTS: &str = "receipts";
 /// Markers of the tasks converting a part right now.
-const RUNNING: &str = "running";
+/// Markers of running tasks (`running/K-of-N.lock`): never copied between hosts.
+pub const RUNNING_FOLDER: &str = "running";
+const RUNNING: &str = RUNNING_FOLDER;
 
 /// Where the tasks of a sharded run of dataset `name` write.
 pub fn shards_dir(store: &Path, name: &str) -> PathBuf {
@@ -596,6 +598,7 @@ fn read_job(dir: &Path) -> Result<Job> {
 }
 
 /// What `finalize` was asked and did.
+#[derive(Clone)]
 pub struct FinalizeOptions {
     /// `STORE/NAME`.
     pub dataset_dir: PathBuf,

@@ -27,6 +27,10 @@ use super::keys::stage_keys;
 use super::lock::{self, Lock};
 use super::manifest::{self, Manifest};
 use super::name_lock::{stale_after, Holder, Waiting};
+use super::parts::{
+    convert_shard, finalize, FinalizeOptions, Finalized, Shard, ShardReport, JOB_FILE,
+    RUNNING_FOLDER,
+};
 use super::{open_source, ConvertOptions, ConvertReport};
 use crate::error::{Error, Result};
 use crate::pipeline::plan::plan;
@@ -76,15 +80,96 @@ pub fn convert_to_bucket(opts: &ConvertOptions, bucket: Arc<Bucket>) -> Result<C
     discard_other_version(opts, &pipeline, &name, &local)?;
     let mut report = super::convert(opts)?;
     held.check_held()?;
-    let sent = commit(&bucket, &opts.store, &name)?;
-    held.check_held()?;
-    upload_catalog_row(&bucket, &opts.store, &name)?;
-    remove_local(&local)?;
+    let sent = publish(&bucket, &opts.store, &name, &held)?;
     tracing::info!(dataset = %name, objects = sent.objects, bytes = sent.bytes, kept = sent.kept, "committed to {}", bucket.url());
     report.dataset_dir = PathBuf::from(bucket.url_of(&name));
     report.up_to_date = false;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Commits the finished dataset `work/name` with its catalog row, then removes the local copy.
+fn publish(bucket: &Bucket, work: &Path, name: &str, held: &BucketLock) -> Result<Transferred> {
+    held.check_held()?;
+    let sent = commit(bucket, work, name)?;
+    held.check_held()?;
+    upload_catalog_row(bucket, work, name)?;
+    remove_local(&work.join(name))?;
+    Ok(sent)
+}
+
+/// `convert --shard K/N` into a bucket: the task joins the run recorded in the bucket (its
+/// `job.json`, so a task of another run is refused as on a shared folder), converts its part in
+/// the local work folder, and uploads the part's files and receipt to `PREFIX/.<name>.shards/`.
+/// Tasks do not take the bucket's name lock (they run on many nodes at once); `finalize` does.
+pub fn shard_task_to_bucket(
+    opts: &ConvertOptions,
+    bucket: &Bucket,
+    shard: Shard,
+) -> Result<ShardReport> {
+    let (_, name) = open_source(opts)?;
+    let folder = format!(".{name}.shards");
+    let local = opts.store.join(&folder);
+    if let Some((job, _)) = bucket.read(&format!("{folder}/{JOB_FILE}"))? {
+        std::fs::create_dir_all(&local)
+            .map_err(|e| Error::io(&local, "cannot create the work folder", e))?;
+        let path = local.join(JOB_FILE);
+        std::fs::write(&path, job).map_err(|e| Error::io(&path, "cannot write", e))?;
+    }
+    let mut report = convert_shard(opts, shard)?;
+    if !report.up_to_date {
+        let parts = uploads(&local, &folder, |f| f.starts_with(RUNNING_FOLDER))?;
+        bucket.upload(parts)?;
+    }
+    report.shards_dir = PathBuf::from(bucket.url_of(&folder));
+    Ok(report)
+}
+
+/// `finalize PREFIX/NAME` of a sharded run in a bucket: its parts are downloaded into the work
+/// folder, finalized there as on a shared folder, and the dataset committed like a conversion's.
+pub fn finalize_in_bucket(
+    opts: &FinalizeOptions,
+    store_url: &str,
+    name: &str,
+) -> Result<Finalized> {
+    let bucket = Arc::new(Bucket::open(store_url)?);
+    let work = work_folder(store_url);
+    let held = BucketLock::acquire(bucket.clone(), name, "finalize", opts.wait)?;
+    let folder = format!(".{name}.shards");
+    let keys: Vec<String> = bucket.list(&folder)?.into_iter().map(|(k, _)| k).collect();
+    let dataset_url = bucket.url_of(name);
+    if keys.is_empty() {
+        if bucket
+            .head(&format!("{name}/{}", manifest::FILE_NAME))?
+            .is_some()
+        {
+            return Ok(Finalized::AlreadyComplete(PathBuf::from(dataset_url)));
+        }
+        return Err(Error::bad_input(
+            bucket.url_of(&folder),
+            format!("no sharded run of {name} to finalize"),
+            "run `sensorium-ingest convert SOURCE --out STORE --shard K/N` for every K first (the dataset name must match)",
+        ));
+    }
+    remove_local(&work.join(&folder))?;
+    remove_local(&work.join(name))?;
+    bucket.download(&keys, &work)?;
+    let local = FinalizeOptions {
+        dataset_dir: work.join(name),
+        source: opts.source.clone(),
+        ..*opts
+    };
+    let Finalized::Converted(mut report) = finalize(&local)? else {
+        return Err(Error::Internal(
+            "a downloaded sharded run finalized to nothing".into(),
+        ));
+    };
+    publish(&bucket, &work, name, &held)?;
+    for key in keys {
+        bucket.delete(&key)?;
+    }
+    report.dataset_dir = PathBuf::from(dataset_url);
+    Ok(Finalized::Converted(report))
 }
 
 /// The committed dataset's lock (checked against its own checksum), if the bucket has one.
@@ -175,7 +260,7 @@ pub(crate) fn commit(bucket: &Bucket, work: &Path, name: &str) -> Result<Transfe
         Some(_) => bucket.delete(&manifest_key)?,
         None => {}
     }
-    let files = uploads(&dir, name)?;
+    let files = uploads(&dir, name, |f| f == manifest::FILE_NAME)?;
     let sent = bucket.upload(files.clone())?;
     let wanted: std::collections::BTreeSet<&str> = files.iter().map(|f| f.key.as_str()).collect();
     for (key, _) in bucket.list(name)? {
@@ -194,18 +279,19 @@ pub(crate) fn commit(bucket: &Bucket, work: &Path, name: &str) -> Result<Transfe
     Ok(sent)
 }
 
-/// Every file of the finished dataset but its manifest, hashed as it is on disk now.
-fn uploads(dir: &Path, name: &str) -> Result<Vec<Upload>> {
+/// Every file under `dir` but those `skip` names, hashed as it is on disk now, to go under
+/// `prefix` in the bucket.
+fn uploads(dir: &Path, prefix: &str, skip: impl Fn(&str) -> bool + Sync) -> Result<Vec<Upload>> {
     use rayon::prelude::*;
     validate::list_files(dir)?
         .into_par_iter()
-        .filter(|f| f != manifest::FILE_NAME)
+        .filter(|f| !skip(f))
         .map(|file| {
             let local = dir.join(&file);
             let (size, blake3) = validate::hash_file(&local)?;
             Ok(Upload {
                 local,
-                key: format!("{name}/{file}"),
+                key: format!("{prefix}/{file}"),
                 size,
                 blake3,
             })

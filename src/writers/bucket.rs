@@ -559,7 +559,10 @@ mod tests {
     fn store_locations() {
         let local = |p: &str| StoreLocation::Local(PathBuf::from(p));
         assert_eq!(StoreLocation::parse("store/").unwrap(), local("store/"));
-        assert_eq!(StoreLocation::parse("file:///data/s").unwrap(), local("/data/s"));
+        assert_eq!(
+            StoreLocation::parse("file:///data/s").unwrap(),
+            local("/data/s")
+        );
         assert_eq!(
             StoreLocation::parse("s3://bkt/a/b/").unwrap(),
             StoreLocation::Bucket("s3://bkt/a/b".into())

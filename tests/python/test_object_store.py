@@ -276,10 +276,29 @@ def test_file_url_is_a_local_store(tmp_path):
     assert (tmp_path / "store" / NAME / "manifest.json").is_file()
 
 
-def test_sharded_runs_into_a_bucket_are_refused_clearly(s3, bucket, tmp_path):
-    proc = run(s3, "convert", FIXTURE, "--out", f"s3://{bucket}/store", "--shard", "0/2",
-               work=tmp_path)
-    assert proc.returncode == 2, helpers.describe_run(proc)
-    assert "not to object storage yet" in proc.stderr
-    proc = run(s3, "finalize", f"s3://{bucket}/store/{NAME}", work=tmp_path)
-    assert proc.returncode == 2, helpers.describe_run(proc)
+def test_sharded_run_into_a_bucket(s3, bucket, tmp_path, big_mouse):
+    """Three tasks on three "nodes" (work folders of their own), finalize on a fourth: the
+    bucket then holds, object for object, what a single local conversion writes."""
+    url = f"s3://{bucket}/store"
+    name = helpers.dataset_name(big_mouse.stem)
+    for k in range(3):
+        proc = run(s3, "convert", big_mouse, "--out", url, "--shard", f"{k}/3", "--threads", "1",
+                   work=tmp_path / f"node{k}")
+        assert proc.returncode == 0, helpers.describe_run(proc)
+        assert f"{url}/.{name}.shards" in proc.stdout, proc.stdout
+        if k == 0:
+            other = tmp_path / "other.yaml"
+            text = (helpers.REPO / "pipelines" / "sensorium2023.yaml").read_text()
+            other.write_text(text.replace("level: 3", "level: 9"))
+            refused = run(s3, "convert", big_mouse, "--out", url, "--shard", "1/3",
+                          "--pipeline", other, work=tmp_path / "stranger")
+            assert refused.returncode == 73, helpers.describe_run(refused)
+    assert s3.objects(bucket, f"store/{name}") == {}, "nothing is committed before finalize"
+    proc = run(s3, "finalize", f"{url}/{name}", work=tmp_path / "node9")
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    assert_objects_match_local(s3, bucket, f"store/{name}", local_dataset(tmp_path, big_mouse))
+    assert s3.objects(bucket, f"store/.{name}.shards") == {}
+    again = run(s3, "finalize", f"{url}/{name}", work=tmp_path / "node9")
+    assert again.returncode == 0 and "is complete" in again.stdout, helpers.describe_run(again)
+    v = run(s3, "verify", f"{url}/{name}", "--against", big_mouse, work=tmp_path / "v")
+    assert v.returncode == 0, helpers.describe_run(v)
