@@ -12,7 +12,7 @@ pub use crate::executor::parts::{
     finalize, plan_part, FinalizeOptions, Finalized, Shard, ShardArg, ShardReport,
 };
 use crate::executor::remote::{
-    convert_to_bucket, finalize_in_bucket, shard_task_to_bucket, work_folder,
+    committed_and_current, convert_to_bucket, finalize_in_bucket, shard_task_to_bucket, work_folder,
 };
 pub use crate::executor::{ConvertOptions, ConvertReport, RunPlan};
 use crate::pipeline::embedded::PipelineChoice;
@@ -79,13 +79,23 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
     }
 }
 
-/// What would run, and why, without writing anything. For a bucket store, the plan of the
-/// local work folder, after checking that the bucket can be reached.
+/// What would run, and why, without writing anything. For a bucket store: what the local work
+/// folder would run, unless the bucket already holds the dataset, committed and current.
 pub fn plan(options: &ConvertOptions) -> Result<RunPlan> {
+    let mut plan = crate::executor::plan_run(options)?;
     if let Some(url) = &options.bucket {
-        Bucket::open(url)?;
+        let bucket = Bucket::open(url)?;
+        plan.dataset_dir = PathBuf::from(bucket.url_of(&plan.dataset));
+        if committed_and_current(options, &bucket)? {
+            plan.up_to_date = true;
+            plan.threads = None;
+            for stage in &mut plan.stages {
+                stage.run = false;
+                stage.reason = "up to date in the bucket".into();
+            }
+        }
     }
-    crate::executor::plan_run(options)
+    Ok(plan)
 }
 
 /// One task of a sharded run: its part of the trials, into the run's shared folder.

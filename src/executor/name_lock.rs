@@ -370,13 +370,18 @@ pub fn read_holder(path: &Path) -> std::io::Result<Holder> {
 }
 
 fn is_stale(path: &Path, holder: &Holder) -> bool {
-    // An unknown host name cannot tell two hosts apart: such holders are judged by age alone.
-    let this_host = !holder.host.is_empty() && holder.host == super::hostname();
-    if this_host && holder.run.is_none() && !process_alive(holder) {
+    if dead_on_this_host(holder) {
         return true;
     }
     let refreshed = std::fs::metadata(path).and_then(|m| m.modified());
     refreshed.is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale_after()))
+}
+
+/// A holder on this host whose process is gone. An unknown host name cannot tell two hosts
+/// apart, and a sharded run's tasks come and go: such holders are judged by age alone.
+pub(crate) fn dead_on_this_host(holder: &Holder) -> bool {
+    let this_host = !holder.host.is_empty() && holder.host == super::hostname();
+    this_host && holder.run.is_none() && !process_alive(holder)
 }
 
 /// Whether the holder's process still runs, as far as this system tells: without `/proc`

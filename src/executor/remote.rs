@@ -26,9 +26,9 @@ use super::catalog;
 use super::keys::stage_keys;
 use super::lock::{self, Lock};
 use super::manifest::{self, Manifest};
-use super::name_lock::{stale_after, Holder, Waiting};
+use super::name_lock::{dead_on_this_host, stale_after, Holder, Waiting};
 use super::parts::{
-    convert_shard, finalize, FinalizeOptions, Finalized, Shard, ShardReport, JOB_FILE,
+    convert_shard, finalize, plan_part, FinalizeOptions, Finalized, Shard, ShardReport, JOB_FILE,
     RUNNING_FOLDER,
 };
 use super::{open_source, ConvertOptions, ConvertReport};
@@ -55,32 +55,18 @@ pub fn convert_to_bucket(opts: &ConvertOptions, bucket: Arc<Bucket>) -> Result<C
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
     let (source, name) = open_source(opts)?;
     let held = BucketLock::acquire(bucket.clone(), &name, opts.writer, opts.wait)?;
-    let (fingerprint, current) = match committed_lock(&bucket, &opts.store, &name)? {
-        Some(remote) => {
-            let (fingerprint, current) = compare(opts, &pipeline, &source, &name, &remote)?;
-            if !opts.force && remote.source.fingerprint != fingerprint {
-                return Err(Error::Exists {
-                    path: PathBuf::from(bucket.url_of(&name)),
-                    why:
-                        "it was converted from a different source (or the source has changed since)"
-                            .into(),
-                });
-            }
-            (fingerprint, current && !opts.force)
-        }
-        None => (String::new(), false),
-    };
+    let current = committed_state(opts, &bucket, &pipeline, &source, &name)?;
     let local = opts.store.join(&name);
     if current {
         remove_local(&local)?;
         ensure_catalog_row(opts, &bucket, &pipeline, source, &name)?;
-        return Ok(up_to_date_report(&bucket, &name, &fingerprint, started));
+        return Ok(up_to_date_report(&bucket, &name, started));
     }
     drop(source);
     discard_other_version(opts, &pipeline, &name, &local)?;
     let mut report = super::convert(opts)?;
     held.check_held()?;
-    let sent = publish(&bucket, &opts.store, &name, &held)?;
+    let sent = publish(&bucket, &opts.store, &name, &held, opts.force)?;
     tracing::info!(dataset = %name, objects = sent.objects, bytes = sent.bytes, kept = sent.kept, "committed to {}", bucket.url());
     report.dataset_dir = PathBuf::from(bucket.url_of(&name));
     report.up_to_date = false;
@@ -89,9 +75,14 @@ pub fn convert_to_bucket(opts: &ConvertOptions, bucket: Arc<Bucket>) -> Result<C
 }
 
 /// Commits the finished dataset `work/name` with its catalog row, then removes the local copy.
-fn publish(bucket: &Bucket, work: &Path, name: &str, held: &BucketLock) -> Result<Transferred> {
-    held.check_held()?;
-    let sent = commit(bucket, work, name)?;
+fn publish(
+    bucket: &Bucket,
+    work: &Path,
+    name: &str,
+    held: &BucketLock,
+    force: bool,
+) -> Result<Transferred> {
+    let sent = commit(bucket, work, name, held, force)?;
     held.check_held()?;
     upload_catalog_row(bucket, work, name)?;
     remove_local(&work.join(name))?;
@@ -107,26 +98,64 @@ pub fn shard_task_to_bucket(
     bucket: &Bucket,
     shard: Shard,
 ) -> Result<ShardReport> {
-    let (_, name) = open_source(opts)?;
+    let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
+    let (source, name) = open_source(opts)?;
     let folder = format!(".{name}.shards");
+    if committed_state(opts, bucket, &pipeline, &source, &name)? {
+        return Ok(ShardReport {
+            dataset: name.clone(),
+            shard,
+            trials: plan_part(opts, shard)?.0,
+            up_to_date: true,
+            already_done: false,
+            shards_dir: PathBuf::from(bucket.url_of(&folder)),
+            bytes: 0,
+            seconds: 0.0,
+        });
+    }
+    drop(source);
     let local = opts.store.join(&folder);
-    if let Some((job, _)) = bucket.read(&format!("{folder}/{JOB_FILE}"))? {
-        std::fs::create_dir_all(&local)
-            .map_err(|e| Error::io(&local, "cannot create the work folder", e))?;
-        let path = local.join(JOB_FILE);
-        std::fs::write(&path, job).map_err(|e| Error::io(&path, "cannot write", e))?;
-    }
+    join_bucket_job(bucket, &folder, &local)?;
     let mut report = convert_shard(opts, shard)?;
-    if !report.up_to_date {
-        let parts = uploads(&local, &folder, |f| f.starts_with(RUNNING_FOLDER))?;
-        bucket.upload(parts)?;
+    let job_key = format!("{folder}/{JOB_FILE}");
+    let job = std::fs::read(local.join(JOB_FILE))
+        .map_err(|e| Error::io(local.join(JOB_FILE), "cannot read the run's job record", e))?;
+    if bucket.create(&job_key, job.clone())?.is_none()
+        && bucket.read(&job_key)?.map(|(b, _)| b) != Some(job)
+    {
+        return Err(Error::ShardConflict {
+            path: PathBuf::from(bucket.url_of(&folder)),
+            why: "another run started in the bucket meanwhile".into(),
+        });
     }
+    let skip = |f: &str| f == JOB_FILE || f.starts_with(RUNNING_FOLDER) || f.ends_with(".tmp");
+    bucket.upload(uploads(&local, &folder, skip)?)?;
     report.shards_dir = PathBuf::from(bucket.url_of(&folder));
     Ok(report)
 }
 
+/// The local shards folder follows the bucket's: the run's `job.json` if the bucket has one
+/// (written aside and renamed, for tasks reading it on this node), else no folder at all, so a
+/// finished run's leftovers on this node cannot refuse a new run.
+fn join_bucket_job(bucket: &Bucket, folder: &str, local: &Path) -> Result<()> {
+    let Some((job, _)) = bucket.read(&format!("{folder}/{JOB_FILE}"))? else {
+        return remove_local(local);
+    };
+    std::fs::create_dir_all(local)
+        .map_err(|e| Error::io(local, "cannot create the work folder", e))?;
+    let path = local.join(JOB_FILE);
+    if std::fs::read(&path).is_ok_and(|there| there == job) {
+        return Ok(());
+    }
+    let aside = local.join(format!(".{JOB_FILE}.{}.tmp", std::process::id()));
+    std::fs::write(&aside, job).map_err(|e| Error::io(&aside, "cannot write", e))?;
+    std::fs::rename(&aside, &path).map_err(|e| Error::io(&path, "cannot write", e))
+}
+
 /// `finalize PREFIX/NAME` of a sharded run in a bucket: its parts are downloaded into the work
 /// folder, finalized there as on a shared folder, and the dataset committed like a conversion's.
+/// The parts are deleted after, `job.json` last, so an interrupted clean-up is finished by the
+/// next finalize.
 pub fn finalize_in_bucket(
     opts: &FinalizeOptions,
     store_url: &str,
@@ -136,13 +165,15 @@ pub fn finalize_in_bucket(
     let work = work_folder(store_url);
     let held = BucketLock::acquire(bucket.clone(), name, "finalize", opts.wait)?;
     let folder = format!(".{name}.shards");
+    let job_key = format!("{folder}/{JOB_FILE}");
     let keys: Vec<String> = bucket.list(&folder)?.into_iter().map(|(k, _)| k).collect();
     let dataset_url = bucket.url_of(name);
-    if keys.is_empty() {
-        if bucket
-            .head(&format!("{name}/{}", manifest::FILE_NAME))?
-            .is_some()
-        {
+    let committed = bucket
+        .head(&format!("{name}/{}", manifest::FILE_NAME))?
+        .is_some();
+    if !keys.contains(&job_key) {
+        if committed {
+            delete_parts(&bucket, keys, &job_key)?;
             return Ok(Finalized::AlreadyComplete(PathBuf::from(dataset_url)));
         }
         return Err(Error::bad_input(
@@ -164,25 +195,77 @@ pub fn finalize_in_bucket(
             "a downloaded sharded run finalized to nothing".into(),
         ));
     };
-    publish(&bucket, &work, name, &held)?;
-    for key in keys {
-        bucket.delete(&key)?;
-    }
+    publish(&bucket, &work, name, &held, false)?;
+    delete_parts(&bucket, keys, &job_key)?;
     report.dataset_dir = PathBuf::from(dataset_url);
     Ok(Finalized::Converted(report))
 }
 
+fn delete_parts(bucket: &Bucket, keys: Vec<String>, job_key: &str) -> Result<()> {
+    for key in keys.iter().filter(|k| *k != job_key) {
+        bucket.delete(key)?;
+    }
+    bucket.delete(job_key)
+}
+
+/// Whether the committed dataset of this name (if any) is current. Refuses one from another
+/// source, or one whose lock cannot be read, without `--force`, as for a local store.
+fn committed_state(
+    opts: &ConvertOptions,
+    bucket: &Bucket,
+    pipeline: &Pipeline,
+    source: &Source,
+    name: &str,
+) -> Result<bool> {
+    let exists = |why: &str| Error::Exists {
+        path: PathBuf::from(bucket.url_of(name)),
+        why: why.into(),
+    };
+    let remote = match committed_lock(bucket, &opts.store, name)? {
+        Committed::None => return Ok(false),
+        Committed::Unreadable if opts.force => return Ok(false),
+        Committed::Unreadable => {
+            return Err(exists(
+                "it has no readable lock file, so it cannot be updated in place",
+            ))
+        }
+        Committed::Lock(lock) => lock,
+    };
+    let (fingerprint, current) = compare(opts, pipeline, source, name, &remote)?;
+    if !opts.force && remote.source.fingerprint != fingerprint {
+        return Err(exists(
+            "it was converted from a different source (or the source has changed since)",
+        ));
+    }
+    Ok(current && !opts.force)
+}
+
+/// Whether the bucket holds this source's dataset, committed and current (for `plan`).
+pub fn committed_and_current(opts: &ConvertOptions, bucket: &Bucket) -> Result<bool> {
+    let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
+    let (source, name) = open_source(opts)?;
+    committed_state(opts, bucket, &pipeline, &source, &name)
+}
+
+/// What the bucket holds under a name.
+enum Committed {
+    None,
+    /// A manifest, but no lock that passes its own checksum.
+    Unreadable,
+    Lock(Box<Lock>),
+}
+
 /// The committed dataset's lock (checked against its own checksum), if the bucket has one.
-fn committed_lock(bucket: &Bucket, work: &Path, name: &str) -> Result<Option<Lock>> {
+fn committed_lock(bucket: &Bucket, work: &Path, name: &str) -> Result<Committed> {
     if bucket
         .head(&format!("{name}/{}", manifest::FILE_NAME))?
         .is_none()
     {
-        return Ok(None);
+        return Ok(Committed::None);
     }
     let key = format!("{name}/{}", lock::FILE_NAME);
     let Some((bytes, _)) = bucket.read(&key)? else {
-        return Ok(None);
+        return Ok(Committed::Unreadable);
     };
     let copy = work.join(format!(".{name}.committed-lock.json"));
     std::fs::create_dir_all(work)
@@ -190,7 +273,7 @@ fn committed_lock(bucket: &Bucket, work: &Path, name: &str) -> Result<Option<Loc
     std::fs::write(&copy, bytes).map_err(|e| Error::io(&copy, "cannot write", e))?;
     let read = Lock::read(&copy);
     let _ = std::fs::remove_file(&copy);
-    Ok(read.ok())
+    Ok(read.map_or(Committed::Unreadable, |l| Committed::Lock(Box::new(l))))
 }
 
 /// The source's fingerprint, and whether `lock` records exactly what this source and
@@ -244,7 +327,15 @@ fn remove_local(dir: &Path) -> Result<()> {
 }
 
 /// Uploads the finished dataset `work/name` and commits it (see the module's steps 2-4).
-pub(crate) fn commit(bucket: &Bucket, work: &Path, name: &str) -> Result<Transferred> {
+/// Before each step that changes what readers see, the lock is rewritten at its version: a
+/// writer that lost its name stops before touching the new holder's objects.
+pub(crate) fn commit(
+    bucket: &Bucket,
+    work: &Path,
+    name: &str,
+    held: &BucketLock,
+    force: bool,
+) -> Result<Transferred> {
     let dir = work.join(name);
     let manifest_key = format!("{name}/{}", manifest::FILE_NAME);
     let manifest_path = dir.join(manifest::FILE_NAME);
@@ -256,18 +347,25 @@ pub(crate) fn commit(bucket: &Bucket, work: &Path, name: &str) -> Result<Transfe
         )
     })?;
     match bucket.read(&manifest_key)? {
-        Some((there, _)) if there == manifest_text => return Ok(Transferred::default()),
-        Some(_) => bucket.delete(&manifest_key)?,
+        // Committed already (a rerun after a kill); `--force` checks every object again.
+        Some((there, _)) if there == manifest_text && !force => return Ok(Transferred::default()),
+        Some(_) => {
+            held.reassert()?;
+            bucket.delete(&manifest_key)?;
+        }
         None => {}
     }
     let files = uploads(&dir, name, |f| f == manifest::FILE_NAME)?;
+    held.reassert()?;
     let sent = bucket.upload(files.clone())?;
+    held.reassert()?;
     let wanted: std::collections::BTreeSet<&str> = files.iter().map(|f| f.key.as_str()).collect();
     for (key, _) in bucket.list(name)? {
         if !wanted.contains(key.as_str()) && key != manifest_key {
             bucket.delete(&key)?;
         }
     }
+    held.reassert()?;
     if bucket.create(&manifest_key, manifest_text)?.is_none() {
         return Err(Error::Busy {
             path: PathBuf::from(bucket.url_of(&manifest_key)),
@@ -344,12 +442,7 @@ fn ensure_catalog_row(
     upload_catalog_row(bucket, &opts.store, name)
 }
 
-fn up_to_date_report(
-    bucket: &Bucket,
-    name: &str,
-    _fingerprint: &str,
-    started: Instant,
-) -> ConvertReport {
+fn up_to_date_report(bucket: &Bucket, name: &str, started: Instant) -> ConvertReport {
     tracing::info!(dataset = %name, "up to date in {}", bucket.url());
     ConvertReport {
         dataset: name.to_string(),
@@ -389,6 +482,9 @@ struct LockState {
     key: String,
     holder: Holder,
     version: Mutex<UpdateVersion>,
+    /// When the lock was last rewritten: a holder that could not refresh it for half the
+    /// stale time stops, as another writer may be about to take it over.
+    refreshed: Mutex<Instant>,
     lost: AtomicBool,
     stop: AtomicBool,
 }
@@ -400,12 +496,12 @@ impl BucketLock {
         what: &str,
         waiting: Waiting,
     ) -> Result<BucketLock> {
+        check_conditional_writes(&bucket)?;
         let key = format!(".{name}.lock");
         let holder = Holder::this_process(what, None);
         let started = Instant::now();
         loop {
             if let Some(version) = try_take(&bucket, &key, &holder)? {
-                check_conditional_writes(&bucket, &key, &holder)?;
                 return Ok(BucketLock::start(bucket, key, holder, version));
             }
             let Some((record, _)) = read_record(&bucket, &key)? else {
@@ -420,7 +516,7 @@ impl BucketLock {
                     path: PathBuf::from(bucket.url_of(&key)),
                     what: format!("another writer holds dataset {name}"),
                     holder: record.holder.describe(),
-                    hint: "wait for it to finish, or pass --wait to wait for it; a holder that died is taken over once its lock is older than the stale time (docs/operations.md)".into(),
+                    hint: "wait for it to finish, or pass --wait to wait for it; a holder that died is taken over at once on its own host, from other hosts once its lock is older than the stale time (docs/operations.md)".into(),
                 });
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -433,6 +529,7 @@ impl BucketLock {
             key,
             holder,
             version: Mutex::new(version),
+            refreshed: Mutex::new(Instant::now()),
             lost: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -445,23 +542,52 @@ impl BucketLock {
     }
 
     pub fn check_held(&self) -> Result<()> {
-        if !self.state.lost.load(Ordering::SeqCst) {
+        let state = &self.state;
+        let silent = crate::per_thread::lock(&state.refreshed).elapsed() > stale_after() / 2;
+        if !state.lost.load(Ordering::SeqCst) && !silent {
             return Ok(());
         }
-        let now = read_record(&self.state.bucket, &self.state.key)
+        let now = read_record(&state.bucket, &state.key)
             .ok()
             .flatten()
             .map_or_else(|| "nobody".into(), |(r, _)| r.holder.describe());
         Err(Error::Busy {
-            path: PathBuf::from(self.state.bucket.url_of(&self.state.key)),
-            what: "this run lost its lock".into(),
+            path: PathBuf::from(state.bucket.url_of(&state.key)),
+            what: "this run lost its lock (or could not refresh it for half the stale time)".into(),
             holder: now,
-            hint: "another process took the name over (this run stalled for longer than the stale time?); run the command again".into(),
+            hint: "another process may have taken the name over; run the command again".into(),
         })
+    }
+
+    /// Rewrites the lock at the version this holder wrote last: fails (75) when someone else
+    /// took it over, so no step that changes what readers see runs after the name was lost.
+    pub fn reassert(&self) -> Result<()> {
+        self.check_held()?;
+        if !self.state.refresh()? {
+            self.state.lost.store(true, Ordering::SeqCst);
+            return self.check_held();
+        }
+        Ok(())
     }
 }
 
 impl LockState {
+    /// One conditional rewrite: `false` when the lock is no longer this holder's.
+    fn refresh(&self) -> Result<bool> {
+        let mut version = crate::per_thread::lock(&self.version);
+        match self
+            .bucket
+            .replace(&self.key, record_bytes(&self.holder, unix_now()), &version)?
+        {
+            Some(v) => {
+                *version = v;
+                *crate::per_thread::lock(&self.refreshed) = Instant::now();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     fn heartbeat(&self) {
         let every = (stale_after() / 4).min(Duration::from_secs(30));
         let mut last = Instant::now();
@@ -471,13 +597,9 @@ impl LockState {
                 continue;
             }
             last = Instant::now();
-            let version = crate::per_thread::lock(&self.version).clone();
-            match self
-                .bucket
-                .replace(&self.key, record_bytes(&self.holder), &version)
-            {
-                Ok(Some(v)) => *crate::per_thread::lock(&self.version) = v,
-                Ok(None) => {
+            match self.refresh() {
+                Ok(true) => {}
+                Ok(false) => {
                     self.lost.store(true, Ordering::SeqCst);
                     return;
                 }
@@ -487,24 +609,32 @@ impl LockState {
     }
 }
 
+/// Released by a conditional rewrite as a record refreshed at time 0, which the next writer
+/// takes over at once: a plain delete could remove a lock someone else took over meanwhile.
 impl Drop for BucketLock {
     fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::SeqCst);
+        let state = &self.state;
+        state.stop.store(true, Ordering::SeqCst);
         if let Some(beat) = self.beat.take() {
             let _ = beat.join();
         }
-        if !self.state.lost.load(Ordering::SeqCst) {
-            if let Err(e) = self.state.bucket.delete(&self.state.key) {
-                tracing::warn!(error = %e, "cannot remove the dataset's lock; it goes stale");
-            }
+        if state.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        let version = crate::per_thread::lock(&state.version).clone();
+        if let Err(e) = state
+            .bucket
+            .replace(&state.key, record_bytes(&state.holder, 0), &version)
+        {
+            tracing::warn!(error = %e, "cannot release the dataset's lock; it goes stale");
         }
     }
 }
 
-fn record_bytes(holder: &Holder) -> Vec<u8> {
+fn record_bytes(holder: &Holder, refreshed: u64) -> Vec<u8> {
     let record = LockRecord {
         holder: holder.clone(),
-        refreshed: unix_now(),
+        refreshed,
     };
     serde_json::to_vec_pretty(&record).unwrap_or_default()
 }
@@ -515,30 +645,52 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Creates the lock, or takes over a stale one; `None` while someone else holds it.
+/// Creates the lock, or takes over a released or stale one (or one whose holder died on this
+/// host); `None` while someone else holds it.
 fn try_take(bucket: &Bucket, key: &str, holder: &Holder) -> Result<Option<UpdateVersion>> {
-    if let Some(version) = bucket.create(key, record_bytes(holder))? {
+    if let Some(version) = bucket.create(key, record_bytes(holder, unix_now()))? {
         return Ok(Some(version));
     }
     let Some((record, version)) = read_record(bucket, key)? else {
         return Ok(None);
     };
     let age = unix_now().saturating_sub(record.refreshed);
-    if Duration::from_secs(age) < stale_after() {
+    if Duration::from_secs(age) < stale_after() && !dead_on_this_host(&record.holder) {
         return Ok(None);
     }
-    tracing::warn!(holder = %record.holder.describe(), "taking over a stale lock");
-    bucket.replace(key, record_bytes(holder), &version)
+    if record.refreshed != 0 {
+        tracing::warn!(holder = %record.holder.describe(), "taking over a stale lock");
+    }
+    bucket.replace(key, record_bytes(holder, unix_now()), &version)
 }
 
 /// A server that ignores conditional writes would let two writers both commit: refused loudly.
-fn check_conditional_writes(bucket: &Bucket, key: &str, holder: &Holder) -> Result<()> {
-    if bucket.create(key, record_bytes(holder))?.is_none() {
+/// Probed on a key of its own: a second create of it, and a replace at a version that never
+/// was, must both be refused.
+fn check_conditional_writes(bucket: &Bucket) -> Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let key = format!(".conditional-write-probe.{}.{nanos}", std::process::id());
+    let probe = b"probe".to_vec();
+    let honoured = bucket.create(&key, probe.clone())?.is_some()
+        && bucket.create(&key, probe.clone())?.is_none()
+        && bucket
+            .replace(
+                &key,
+                probe,
+                &UpdateVersion {
+                    e_tag: Some("\"no-such-version\"".into()),
+                    version: None,
+                },
+            )?
+            .is_none();
+    bucket.delete(&key)?;
+    if honoured {
         return Ok(());
     }
-    let _ = bucket.delete(key);
     Err(Error::usage(
-        format!("{}: the object store ignores conditional writes (If-None-Match)", bucket.url()),
+        format!("{}: the object store ignores conditional writes (If-None-Match, If-Match)", bucket.url()),
         "two writers of one dataset could both commit; use a store that supports conditional writes (AWS S3, recent MinIO, Ceph RGW, GCS, Azure)",
     ))
 }
