@@ -356,6 +356,7 @@ pub(crate) fn commit(
         None => {}
     }
     let files = uploads(&dir, name, |f| f == manifest::FILE_NAME)?;
+    check_against_manifest(&dir, name, &manifest_text, &files)?;
     held.reassert()?;
     let sent = bucket.upload(files.clone())?;
     held.reassert()?;
@@ -375,6 +376,39 @@ pub(crate) fn commit(
         });
     }
     Ok(sent)
+}
+
+/// The files about to be uploaded are exactly the manifest's outputs (plus the records the
+/// manifest does not list), each with the size and BLAKE3 it records: a local copy damaged
+/// since it was written is never committed under a manifest that vouches for it.
+fn check_against_manifest(dir: &Path, name: &str, text: &[u8], files: &[Upload]) -> Result<()> {
+    let manifest: Manifest = serde_json::from_slice(text)
+        .map_err(|e| Error::Internal(format!("our own manifest does not parse: {e}")))?;
+    let by_key: std::collections::BTreeMap<&str, &Upload> =
+        files.iter().map(|f| (f.key.as_str(), f)).collect();
+    let records = [lock::FILE_NAME, super::RUN_RECORD];
+    let extra = files.iter().find(|f| {
+        let file = f.key.trim_start_matches(&format!("{name}/")).to_string();
+        !records.contains(&file.as_str()) && !manifest.outputs.iter().any(|o| o.path == file)
+    });
+    let damaged = manifest.outputs.iter().find(|o| {
+        by_key
+            .get(format!("{name}/{}", o.path).as_str())
+            .is_none_or(|f| f.size != o.bytes || f.blake3 != o.blake3)
+    });
+    let bad = damaged
+        .map(|o| (o.path.clone(), "missing or changed since it was written"))
+        .or(extra.map(|f| (f.key.clone(), "not listed in the manifest")));
+    match bad {
+        None => Ok(()),
+        Some((file, problem)) => Err(Error::bad_input(
+            dir.join(file.trim_start_matches(&format!("{name}/")))
+                .display()
+                .to_string(),
+            format!("the finished local copy cannot be committed: {problem}"),
+            "run the same command with --force: the dataset is converted again",
+        )),
+    }
 }
 
 /// Every file under `dir` but those `skip` names, hashed as it is on disk now, to go under

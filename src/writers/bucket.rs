@@ -529,12 +529,12 @@ pub fn remote_error(url: &str, action: &str, e: object_store::Error) -> Error {
         ),
         _ if text.contains("error sending request") || text.contains("onnect") => (
             "the server cannot be reached",
-            "check AWS_ENDPOINT_URL and the network, then run the same command again: it resumes (nothing was committed)",
+            "check AWS_ENDPOINT_URL and the network, then run the same command again: it resumes where it stopped",
             false,
         ),
         _ => (
             "the request failed",
-            "check the URL, the credentials and the server, then run the same command again: it resumes (nothing was committed)",
+            "check the URL, the credentials and the server, then run the same command again: it resumes where it stopped",
             false,
         ),
     };

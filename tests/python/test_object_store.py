@@ -309,3 +309,28 @@ def test_sharded_run_into_a_bucket(s3, bucket, tmp_path, big_mouse):
     assert again.returncode == 0 and "is complete" in again.stdout, helpers.describe_run(again)
     v = run(s3, "verify", f"{url}/{name}", "--against", big_mouse, work=tmp_path / "v")
     assert v.returncode == 0, helpers.describe_run(v)
+
+
+def test_a_damaged_local_copy_is_never_committed(s3, bucket, tmp_path):
+    """A finished local copy (a run killed before its upload) damaged afterwards: the commit
+    compares every file with the manifest and refuses, naming the file."""
+    import blake3
+    url = f"s3://{bucket}/store"
+    work = tmp_path / "work"
+    folder = work / blake3.blake3(url.encode()).hexdigest()[:16]
+    proc = helpers.run("convert", FIXTURE, "--out", folder)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    chunk = next(p for p in sorted((folder / NAME / "data.zarr" / "videos").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    proc = run(s3, "convert", FIXTURE, "--out", url, work=work)
+    assert proc.returncode == 65, helpers.describe_run(proc)
+    assert "missing or changed since it was written" in proc.stderr
+    assert "--force" in proc.stderr
+    assert "manifest.json" not in s3.objects(bucket, f"store/{NAME}")
+    proc = run(s3, "convert", FIXTURE, "--out", url, "--force", work=work)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    v = run(s3, "verify", f"{url}/{NAME}", "--against", FIXTURE, work=work)
+    assert v.returncode == 0, helpers.describe_run(v)
