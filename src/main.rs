@@ -482,22 +482,20 @@ fn run_verify(path: &Path, against: Option<&Path>) -> Result<(), Error> {
             "name the dataset: STORE/NAME",
         ));
     }
-    let mut failures = Vec::new();
-    for dataset in datasets {
-        let report = verify::verify(&dataset, against)?;
-        print_verify_report(&report);
-        failures.extend(report.failures);
-    }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Verify { failures })
-    }
+    print_verify_reports(datasets.iter().map(|d| verify::verify(d, against)))
 }
 
 fn run_verify_bucket(url: &str, against: Option<&Path>) -> Result<(), Error> {
+    print_verify_reports(verify::verify_bucket(url, against)?.into_iter().map(Ok))
+}
+
+/// Each report printed as it comes; then the exit status says whether any failed.
+fn print_verify_reports(
+    reports: impl Iterator<Item = Result<VerifyReport, Error>>,
+) -> Result<(), Error> {
     let mut failures = Vec::new();
-    for report in verify::verify_bucket(url, against)? {
+    for report in reports {
+        let report = report?;
         print_verify_report(&report);
         failures.extend(report.failures);
     }
