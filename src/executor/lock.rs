@@ -97,14 +97,19 @@ impl Lock {
     pub fn read(path: &Path) -> Result<Lock> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(path, "cannot read the lock file", e))?;
+        Lock::parse(&text, &path.display().to_string())
+    }
+
+    /// A lock from its JSON, checked against its own checksum; `location` names it in errors.
+    pub fn parse(text: &str, location: &str) -> Result<Lock> {
         let damaged = |why: String| {
             Error::bad_input(
-                path.display().to_string(),
+                location,
                 format!("the lock file is damaged: {why}"),
                 "run `convert --force` to rebuild the dataset",
             )
         };
-        let lock: Lock = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
+        let lock: Lock = serde_json::from_str(text).map_err(|e| damaged(e.to_string()))?;
         let mut blank = lock.clone();
         blank.checksum = String::new();
         if self_checksum(&blank)? != lock.checksum {

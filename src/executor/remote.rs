@@ -221,7 +221,7 @@ fn committed_state(
         path: PathBuf::from(bucket.url_of(name)),
         why: why.into(),
     };
-    let remote = match committed_lock(bucket, &opts.store, name)? {
+    let remote = match committed_lock(bucket, name)? {
         Committed::None => return Ok(false),
         Committed::Unreadable if opts.force => return Ok(false),
         Committed::Unreadable => {
@@ -256,7 +256,7 @@ enum Committed {
 }
 
 /// The committed dataset's lock (checked against its own checksum), if the bucket has one.
-fn committed_lock(bucket: &Bucket, work: &Path, name: &str) -> Result<Committed> {
+fn committed_lock(bucket: &Bucket, name: &str) -> Result<Committed> {
     if bucket
         .head(&format!("{name}/{}", manifest::FILE_NAME))?
         .is_none()
@@ -267,12 +267,9 @@ fn committed_lock(bucket: &Bucket, work: &Path, name: &str) -> Result<Committed>
     let Some((bytes, _)) = bucket.read(&key)? else {
         return Ok(Committed::Unreadable);
     };
-    let copy = work.join(format!(".{name}.committed-lock.json"));
-    std::fs::create_dir_all(work)
-        .map_err(|e| Error::io(work, "cannot create the work folder", e))?;
-    std::fs::write(&copy, bytes).map_err(|e| Error::io(&copy, "cannot write", e))?;
-    let read = Lock::read(&copy);
-    let _ = std::fs::remove_file(&copy);
+    let read = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| Lock::parse(text, &bucket.url_of(&key)).ok());
     Ok(read.map_or(Committed::Unreadable, |l| Committed::Lock(Box::new(l))))
 }
 
