@@ -70,6 +70,15 @@ LAYOUTS = {
     "r512-s4-blosc-zstd1": ("[1, 512, full]", "[4, full, full]", None, None,
                             "{codec: blosc_zstd, level: 1}"),
     "r512-s4-none": ("[1, 512, full]", "[4, full, full]", None, None, "{codec: none}"),
+    "rtrialf32-s4-lz4": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None,
+                         "{codec: blosc_lz4, level: 5}"),
+    "rtrialf32-s4-lz4bit": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None,
+                            "{codec: blosc_lz4, level: 5, shuffle: bit}"),
+    "rtrialf64-s4-lz4": ("[1, full, 64]", "[4, full, full]", "[1, full, full, 64]", None,
+                         "{codec: blosc_lz4, level: 5}"),
+    "r512f32-s4-lz4": ("[1, 512, 32]", "[4, full, full]", "[1, full, full, 32]", None,
+                       "{codec: blosc_lz4, level: 5}"),
+    "rtrialf32-s4-z-1": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None, -1),
 }
 
 READERS = ("npy", "npy-mmap", "zarr", "zarrs", "tensorstore")
