@@ -129,8 +129,7 @@ impl Bucket {
                 "write it as s3://bucket/prefix",
             )
         })?;
-        let store =
-            build_store(&parsed).map_err(|e| remote_error(url, "cannot use the store", e))?;
+        let store = build_store(&parsed)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -335,43 +334,94 @@ impl Bucket {
     }
 }
 
-/// The store for a URL, configured from the environment. Retries are bounded so that a server
-/// that went away ends the run with an error in seconds, not minutes
-/// (`SENSORIUM_INGEST_RETRY_SECONDS`, default 30).
-fn build_store(url: &url::Url) -> object_store::Result<Arc<dyn ObjectStore>> {
+/// The store for a URL, configured from the environment (and for S3 an AWS profile). Retries
+/// are bounded so that a server that went away ends the run with an error in seconds, not
+/// minutes (`SENSORIUM_INGEST_RETRY_SECONDS`, default 30).
+fn build_store(url: &url::Url) -> Result<Arc<dyn ObjectStore>> {
     let retry = RetryConfig {
         max_retries: 5,
         retry_timeout: Duration::from_secs(retry_seconds()),
         ..Default::default()
     };
-    let store: Arc<dyn ObjectStore> = match url.scheme() {
-        "gs" => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(url.as_str())
-                .with_retry(retry)
-                .build()?,
-        ),
-        "az" | "abfs" | "abfss" => Arc::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(url.as_str())
-                .with_retry(retry)
-                .build()?,
-        ),
-        _ => {
-            // A plain-http endpoint (a local S3-compatible server) was asked for explicitly.
-            let http = std::env::var("AWS_ENDPOINT_URL")
-                .or_else(|_| std::env::var("AWS_ENDPOINT"))
-                .is_ok_and(|e| e.starts_with("http://"));
-            Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url.as_str())
-                    .with_allow_http(http)
-                    .with_retry(retry)
-                    .build()?,
-            )
-        }
+    let built: object_store::Result<Arc<dyn ObjectStore>> = match url.scheme() {
+        "gs" => object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_url(url.as_str())
+            .with_retry(retry)
+            .build()
+            .map(|s| Arc::new(s) as _),
+        "az" | "abfs" | "abfss" => object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_url(url.as_str())
+            .with_retry(retry)
+            .build()
+            .map(|s| Arc::new(s) as _),
+        _ => s3_builder(url, &|k| std::env::var(k).ok())?
+            .with_retry(retry)
+            .build()
+            .map(|s| Arc::new(s) as _),
     };
-    Ok(store)
+    built.map_err(|e| remote_error(url.as_str(), "cannot use the store", e))
+}
+
+/// S3 settings: the environment's `AWS_*` variables first, then the AWS profile's (as the AWS
+/// CLI orders them), for keys, region and endpoint.
+fn s3_builder(
+    url: &url::Url,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<object_store::aws::AmazonS3Builder> {
+    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
+    let profile = super::aws_profile::load(env)?;
+    let from_profile = |key: &str, vars: &[&str]| match vars.iter().any(|v| env(v).is_some()) {
+        true => None,
+        false => profile
+            .as_ref()
+            .and_then(|p| p.get(key))
+            .map(str::to_string),
+    };
+    if let Some(region) = from_profile("region", &["AWS_REGION", "AWS_DEFAULT_REGION"]) {
+        builder = builder.with_region(region);
+    }
+    let endpoint = match from_profile("endpoint_url", &["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]) {
+        Some(endpoint) => {
+            builder = builder.with_endpoint(&endpoint);
+            Some(endpoint)
+        }
+        None => env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT")),
+    };
+    // A plain-http endpoint (a local S3-compatible server) was asked for explicitly.
+    builder = builder.with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")));
+    match (&profile, env("AWS_ACCESS_KEY_ID")) {
+        (Some(p), None) => with_profile_keys(builder, p),
+        _ => Ok(builder),
+    }
+}
+
+fn with_profile_keys(
+    builder: object_store::aws::AmazonS3Builder,
+    profile: &super::aws_profile::Profile,
+) -> Result<object_store::aws::AmazonS3Builder> {
+    if let Some((id, secret, token)) = profile.static_keys() {
+        let builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+        return Ok(match token {
+            Some(token) => builder.with_token(token),
+            None => builder,
+        });
+    }
+    match profile.indirect_source() {
+        Some(key) => Err(Error::usage(
+            format!(
+                "AWS profile {}: its credentials come through `{key}`, which sensorium-ingest does not run",
+                profile.name
+            ),
+            format!(
+                "export them first: eval \"$(aws configure export-credentials --profile {} --format env)\"",
+                profile.name
+            ),
+        )),
+        // A profile with only a region: the keys come from elsewhere (instance metadata).
+        None => Ok(builder),
+    }
 }
 
 fn retry_seconds() -> u64 {

@@ -1,5 +1,6 @@
 //! Output writers: Zarr v3 arrays and groups, Parquet tables. They know nothing of Sensorium.
 
+pub mod aws_profile;
 pub mod bucket;
 pub mod codec;
 pub mod output_store;

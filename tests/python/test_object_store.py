@@ -244,6 +244,44 @@ def test_bad_credentials(s3, bucket, tmp_path):
     assert s3.objects(bucket, "store") == {}
 
 
+def profile_env(s3, tmp_path: Path, config: str, credentials: str, **extra) -> dict:
+    """The server's environment with keys, region and endpoint moved into AWS profile files
+    under a fresh HOME."""
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True, exist_ok=True)
+    (home / ".aws" / "config").write_text(config)
+    (home / ".aws" / "credentials").write_text(credentials)
+    env = s3.env(HOME=str(home), SENSORIUM_INGEST_WORK=str(tmp_path / "work"), **extra)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        env.pop(var)
+    return env
+
+
+def test_aws_profile(s3, bucket, tmp_path):
+    """Keys, region and endpoint from a named profile, as the AWS CLI reads them; a missing
+    profile and one that fetches its keys through a process are refused before any request."""
+    config = (f"[profile lab]\nregion = {s3server.REGION}\nendpoint_url = {s3.endpoint}\n\n"
+              "[profile sso]\ncredential_process = /usr/bin/false\n")
+    credentials = f"[lab]\naws_access_key_id = {s3.key}\naws_secret_access_key = {s3.secret}\n"
+    env = profile_env(s3, tmp_path, config, credentials, AWS_PROFILE="lab")
+    url = f"s3://{bucket}/store"
+    for command in (["convert", FIXTURE, "--out", url], ["verify", f"{url}/{NAME}"]):
+        proc = subprocess.run([str(helpers.binary()), *map(str, command)], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0, helpers.describe_run(proc)
+    assert f"{NAME}/manifest.json" in s3.objects(bucket, "store")
+
+    for profile, want in (("nope", "AWS_PROFILE=nope: no such profile"),
+                          ("sso", "export-credentials --profile sso")):
+        env = profile_env(s3, tmp_path, config, credentials, AWS_PROFILE=profile)
+        proc = subprocess.run([str(helpers.binary()), "convert", str(FIXTURE), "--out",
+                               f"s3://{bucket}/other"], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 2, helpers.describe_run(proc)
+        assert want in proc.stderr and "panicked" not in proc.stderr, proc.stderr
+    assert s3.objects(bucket, "other") == {}
+
+
 def test_missing_bucket(s3, tmp_path):
     proc = run(s3, "convert", FIXTURE, "--out", "s3://no-such-bucket/store", work=tmp_path)
     assert proc.returncode == 74, helpers.describe_run(proc)
