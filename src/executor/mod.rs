@@ -416,7 +416,7 @@ fn convert_claimed(
         complete::catalog_existing(opts, &prep)?;
         return Ok(report);
     }
-    check_space(opts, &prep)?;
+    check_space(opts, space_needed(&prep))?;
     staging::prepare_staging(&prep)?;
     let result = run_whole(opts, &prep, report, started, name_lock);
     // A failed run leaves nothing behind; an interrupted one keeps its staging folder, so the
@@ -433,8 +433,29 @@ fn convert_claimed(
 /// framing), plus the manifest and lock (a few hundred bytes an entry) and slack for metadata.
 /// Reused stages write nothing new: their files are hard-linked or already in place.
 pub(crate) fn space_needed(prep: &Prepared) -> u64 {
-    let running = |stage: usize| matches!(prep.decisions.get(stage), Some(Decision::Run { .. }));
-    let entries: u64 = prep
+    space_of_stages(prep, |_| true, 1.0)
+}
+
+/// What a task of a sharded run writes for `trials`: the share of the per-trial stages (those
+/// that run in parts) that its trials are. Trials of a variable are alike in size in this
+/// family, so the share by count is the share by bytes.
+pub(crate) fn space_needed_for_part(prep: &Prepared, trials: &std::ops::Range<usize>) -> u64 {
+    let share = trials.len() as f64 / prep.plan.n_trials().max(1) as f64;
+    let in_parts = |stage: usize| {
+        prep.plan
+            .stages
+            .get(stage)
+            .is_some_and(|p| p.runs_in_parts())
+    };
+    space_of_stages(prep, in_parts, share)
+}
+
+/// [`space_needed`] of the running stages that `include` picks, scaled by `share`.
+fn space_of_stages(prep: &Prepared, include: impl Fn(usize) -> bool, share: f64) -> u64 {
+    let running = |stage: usize| {
+        include(stage) && matches!(prep.decisions.get(stage), Some(Decision::Run { .. }))
+    };
+    let bytes: u64 = prep
         .source
         .entries
         .iter()
@@ -442,15 +463,16 @@ pub(crate) fn space_needed(prep: &Prepared) -> u64 {
         .filter(|(_, d)| matches!(d, Disposition::Stage(s) if running(*s)))
         .map(|(e, _)| e.size)
         .sum();
-    let records = prep.source.entries.len() as u64 * 1024;
-    let slack = prep.plan.stages.len() as u64 * (1 << 20);
-    entries + entries / 100 + records + slack
+    let scaled = |v: u64| (v as f64 * share).ceil() as u64;
+    let entries = scaled(bytes);
+    let records = scaled(prep.source.entries.len() as u64) * 1024;
+    let stages = (0..prep.plan.stages.len()).filter(|&s| include(s)).count() as u64;
+    entries + entries / 100 + records + stages * (1 << 20)
 }
 
 /// Refuses to start when the store's file system clearly lacks the space (`--no-space-check`
 /// skips this), and records the need for the message of a disk that fills up anyway.
-fn check_space(opts: &ConvertOptions, prep: &Prepared) -> Result<()> {
-    let needed = space_needed(prep);
+pub(crate) fn check_space(opts: &ConvertOptions, needed: u64) -> Result<()> {
     crate::disk::set_needed(needed);
     let free = crate::disk::free_bytes(&opts.store);
     match free {

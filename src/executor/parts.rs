@@ -385,6 +385,7 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
             .map_err(|e| Error::io(&receipt_file, "cannot remove an old receipt", e))?;
     }
 
+    runner::check_space(opts, runner::space_needed_for_part(&prep, &trials))?;
     let (locks, bytes) = run_part(opts, &prep, &dir, trials.clone())?;
     report.bytes = bytes;
     let mut receipt = Receipt {

@@ -133,6 +133,30 @@ def test_plan_shows_the_space_and_convert_refuses_a_disk_too_small(tmpfs, mouse)
     assert not any(store.glob(".*.partial")), "a refused run left a staging folder"
 
 
+def test_a_shard_task_refuses_a_disk_too_small_for_its_part(tmpfs, mouse):
+    """A task checks the space its own part needs before writing any of it; given the space,
+    the same command runs, and `finalize` publishes a dataset that verifies."""
+    mount, resize = tmpfs
+    source = mouse("full-disk-shard", trials=20, neurons=260, frames=200, seed=912)
+    store = mount / "store"
+    resize(256 * 1024)
+    task = ["convert", source, "--out", store, "--shard", "1/2"]
+    refused = helpers.run(*task)
+    assert refused.returncode == 74, helpers.describe_run(refused)
+    assert "not enough space: the run needs about" in refused.stderr, refused.stderr
+    written = [p for p in store.rglob("*") if p.is_file() and ".zarr" in str(p)]
+    assert written == [], f"a refused task wrote shard files: {written}"
+    assert not list(store.rglob("receipts/*.json"))
+    resize(64 * 1024 * 1024)
+    for k in (0, 1):
+        done = helpers.run("convert", source, "--out", store, "--shard", f"{k}/2")
+        assert done.returncode == 0, helpers.describe_run(done)
+    name = helpers.dataset_name(source.stem)
+    final = helpers.run("finalize", store / name)
+    assert final.returncode == 0, helpers.describe_run(final)
+    assert helpers.run("verify", store / name).returncode == 0
+
+
 def test_a_read_only_store_is_refused_clearly_and_nothing_changes(tmpfs, mouse):
     mount, _ = tmpfs
     store = mount / "store"
