@@ -131,7 +131,8 @@ def memory_cgroup() -> tuple[Path, str, str] | None:
 def test_the_cgroup_memory_limit_is_found_and_kept(mouse, tmp_path):
     """SLURM (ConstrainRAMSpace), Docker and Kubernetes limit memory with a cgroup: without any
     option the conversion finds the limit and fits in it. A conversion that needs more, with
-    the limit ignored, is killed by the kernel, which shows that the limit is real here."""
+    the limit ignored, is killed by the kernel, which shows that the limit is real here; it
+    publishes nothing, and run again within the limit it finishes."""
     made = memory_cgroup()
     if made is None:
         pytest.skip("cannot make a memory cgroup here (needs root and a writable cgroup tree)")
@@ -160,7 +161,15 @@ def test_the_cgroup_memory_limit_is_found_and_kept(mouse, tmp_path):
                                        "4", "--max-memory", "64G", "--pipeline",
                                        tmp_path / "gzip.yaml"], procs)
         assert ignored.returncode == -9, helpers.describe_run(ignored)
-        assert not (tmp_path / "b" / helpers.dataset_name(mouse.name[:-4])).exists()
+        name = helpers.dataset_name(mouse.name[:-4])
+        assert not (tmp_path / "b" / name).exists()
+        # Killed for memory: the same conversion, with the limit honoured, resumes and publishes.
+        rerun, peak = convert_measured(["convert", mouse, "--out", tmp_path / "b", "--threads",
+                                        "4", "--pipeline", tmp_path / "gzip.yaml"], procs)
+        assert rerun.returncode == 0, helpers.describe_run(rerun)
+        assert peak <= limit, peak
+        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted([name, "catalog"])
+        assert helpers.run("verify", tmp_path / "b" / name).returncode == 0
     finally:
         folder.rmdir()
 
