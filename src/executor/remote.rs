@@ -100,6 +100,7 @@ pub fn shard_task_to_bucket(
 ) -> Result<ShardReport> {
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
     let (source, name) = open_source(opts)?;
+    bucket.check_name(&name)?;
     let folder = format!(".{name}.shards");
     if committed_state(opts, bucket, &pipeline, &source, &name)? {
         return Ok(ShardReport {
@@ -527,6 +528,7 @@ impl BucketLock {
         what: &str,
         waiting: Waiting,
     ) -> Result<BucketLock> {
+        bucket.check_name(name)?;
         check_conditional_writes(&bucket)?;
         let key = format!(".{name}.lock");
         let holder = Holder::this_process(what, None);

@@ -129,6 +129,20 @@ impl Bucket {
                 "write it as s3://bucket/prefix",
             )
         })?;
+        // The URL holds the prefix percent-encoded (a space as %20); keys hold it as written.
+        let prefix = percent_encoding::percent_decode_str(parsed.path())
+            .decode_utf8()
+            .map_err(|_| {
+                Error::usage(
+                    format!("{url}: the prefix is not UTF-8 once decoded"),
+                    "write the prefix in plain characters",
+                )
+            })?
+            .trim_matches('/')
+            .to_string();
+        for segment in prefix.split('/').filter(|s| !s.is_empty()) {
+            check_key_segment(url, segment)?;
+        }
         let store = build_store(&parsed)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -137,12 +151,17 @@ impl Bucket {
             .map_err(|e| Error::io(PathBuf::from(url), "cannot start the network runtime", e))?;
         let bucket = Bucket {
             store,
-            root: ObjectPath::from(parsed.path().trim_matches('/')),
+            root: ObjectPath::from(prefix.as_str()),
             url: url.to_string(),
             runtime,
         };
         bucket.check_reachable()?;
         Ok(bucket)
+    }
+
+    /// Refuses a dataset name that object storage would not keep as written.
+    pub fn check_name(&self, name: &str) -> Result<()> {
+        check_key_segment(&self.url, name)
     }
 
     pub fn url(&self) -> &str {
@@ -332,6 +351,30 @@ impl Bucket {
             kept: 0,
         })
     }
+}
+
+/// A folder or dataset name in a key must reach the bucket as written: the characters AWS and
+/// GCS advise against in keys (`%`, `#`, `[`, `~`, ...) would be percent-encoded by the client,
+/// and other readers would find the dataset under another name. Whitespace is refused too: the
+/// client signs a listing of a prefix with a space differently from how it sends it, and S3
+/// refuses the request (apache/arrow-rs#2800).
+fn check_key_segment(url: &str, segment: &str) -> Result<()> {
+    let avoided: String = segment
+        .chars()
+        .filter(|c| c.is_whitespace() || key_encodes(*c))
+        .collect();
+    if avoided.is_empty() {
+        return Ok(());
+    }
+    Err(Error::usage(
+        format!("{url}: {segment:?} holds characters object storage keys avoid: {avoided:?}"),
+        "use letters, digits, `-`, `_` and `.` (for a dataset, choose the name with --name)",
+    ))
+}
+
+fn key_encodes(c: char) -> bool {
+    let text = c.to_string();
+    object_store::path::PathPart::from(text.as_str()).as_ref() != text
 }
 
 /// The store for a URL, configured from the environment (and for S3 an AWS profile). Retries

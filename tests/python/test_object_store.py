@@ -315,6 +315,19 @@ def test_unsupported_scheme_is_refused(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing may be written locally"
 
 
+def test_names_that_keys_would_change_are_refused(s3, bucket, tmp_path):
+    """A dataset name or prefix that the client would percent-encode (readers would then find
+    it under another name) or that holds a space is refused before anything is written."""
+    for out, name in ((f"s3://{bucket}/store", "mouse#1"), (f"s3://{bucket}/a%25b", None),
+                      (f"s3://{bucket}/lab%20store", None)):
+        extra = ["--name", name] if name else []
+        refused = run(s3, "convert", FIXTURE, "--out", out, *extra, work=tmp_path)
+        assert refused.returncode == 2, helpers.describe_run(refused)
+        assert "holds characters object storage keys avoid" in refused.stderr, refused.stderr
+        assert "--name" in refused.stderr and "panicked" not in refused.stderr
+    assert s3.client().list_objects_v2(Bucket=bucket).get("Contents", []) == []
+
+
 def test_file_url_is_a_local_store(tmp_path):
     proc = helpers.run("convert", FIXTURE, "--out", f"file://{tmp_path}/store")
     assert proc.returncode == 0, helpers.describe_run(proc)
