@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int32Array};
-use arrow::datatypes::{Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
+use arrow_array::{ArrayRef, Int32Array};
+use arrow_schema::{Field, Schema, SchemaRef};
 use rayon::prelude::*;
 
-use arrow::datatypes::DataType;
+use arrow_schema::DataType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -88,13 +88,13 @@ fn schema(plan: &TrialPlan<TrialTableConfig>) -> Result<SchemaRef> {
         .ok_or_else(|| Error::Internal(format!("dtype {} has no table form", plan.dtype)))?;
     let mut fields = vec![Field::new(
         &c.trial_column,
-        arrow::datatypes::DataType::Int32,
+        arrow_schema::DataType::Int32,
         false,
     )];
     fields.extend(
         c.frame_column
             .iter()
-            .map(|f| Field::new(f, arrow::datatypes::DataType::Int32, false)),
+            .map(|f| Field::new(f, arrow_schema::DataType::Int32, false)),
     );
     fields.extend(
         c.columns

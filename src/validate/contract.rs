@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use arrow::datatypes::DataType;
+use arrow_schema::DataType;
 use serde::Deserialize;
 
 use super::read_parquet_schema;

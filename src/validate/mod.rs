@@ -7,7 +7,7 @@ pub mod contract;
 use std::fs::File;
 use std::path::Path;
 
-use arrow::datatypes::DataType;
+use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};

@@ -143,6 +143,8 @@ impl Bucket {
         for segment in prefix.split('/').filter(|s| !s.is_empty()) {
             check_key_segment(url, segment)?;
         }
+        // TLS through ring (Cargo.toml); a second install in the process is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let store = build_store(&parsed)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

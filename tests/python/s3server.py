@@ -35,6 +35,8 @@ class S3Server:
     endpoint: str
     key: str
     secret: str
+    # The test CA of a TLS server (`start(tls=True)`), else None.
+    ca_file: Path | None = None
 
     def env(self, **changes) -> dict:
         """The environment a converter run gets: the standard AWS variables."""
@@ -42,13 +44,16 @@ class S3Server:
                    AWS_ACCESS_KEY_ID=self.key, AWS_SECRET_ACCESS_KEY=self.secret,
                    AWS_REGION=REGION, AWS_ENDPOINT_URL=self.endpoint,
                    SENSORIUM_INGEST_RETRY_SECONDS="3")
+        if self.ca_file:
+            env["SSL_CERT_FILE"] = str(self.ca_file)
         env.update(changes)
         return env
 
     def client(self):
         import boto3
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
-                            aws_secret_access_key=self.secret, region_name=REGION)
+                            aws_secret_access_key=self.secret, region_name=REGION,
+                            verify=str(self.ca_file) if self.ca_file else None)
 
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
@@ -88,17 +93,62 @@ class S3Server:
                 self.proc.wait()
 
 
-def start(log: Path) -> S3Server:
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate it signed for 127.0.0.1 and localhost: (CA
+    certificate, server certificate, server key), PEM files in `folder`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    days = datetime.timedelta(days=2)
+
+    def cert(subject, issuer, public_key, signer, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - days).not_valid_after(now + days)
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert(name("sensorium-ingest test CA"), name("sensorium-ingest test CA"),
+              ca_key.public_key(), ca_key, True)
+    server = cert(name("127.0.0.1"), ca.subject, key.public_key(), ca_key, False,
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server-key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(server.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def start(log: Path, tls: bool = False) -> S3Server:
     """Starts moto_server on a free port with credentials enforced after the first three
-    requests, which create the IAM user whose key the tests use."""
+    requests, which create the IAM user whose key the tests use. `tls`: HTTPS with a
+    certificate from a test CA, which clients trust through SSL_CERT_FILE (`S3Server.env`)."""
     import boto3
     port = free_port()
     moto = Path(sys.executable).with_name("moto_server")
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    command = [str(moto), "-H", "127.0.0.1", "-p", str(port)]
+    ca_file = None
+    if tls:
+        ca_file, cert, key = make_certificates(log.parent)
+        command += ["-c", str(cert), "-k", str(key)]
     with open(log, "ab") as out:
-        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -110,8 +160,9 @@ def start(log: Path) -> S3Server:
                 raise RuntimeError(f"moto_server did not start; see {log}")
             time.sleep(0.1)
     iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="bootstrap",
-                       aws_secret_access_key="bootstrap", region_name=REGION)
+                       aws_secret_access_key="bootstrap", region_name=REGION,
+                       verify=str(ca_file) if ca_file else None)
     iam.create_user(UserName="tests")
     iam.put_user_policy(UserName="tests", PolicyName="all", PolicyDocument=POLICY)
     key = iam.create_access_key(UserName="tests")["AccessKey"]
-    return S3Server(proc, endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    return S3Server(proc, endpoint, key["AccessKeyId"], key["SecretAccessKey"], ca_file)

@@ -282,6 +282,27 @@ def test_aws_profile(s3, bucket, tmp_path):
     assert s3.objects(bucket, "other") == {}
 
 
+def test_https_endpoint(tmp_path):
+    """Over TLS (what every real bucket uses): a server whose certificate a test CA signed.
+    Trusted through SSL_CERT_FILE, the mouse converts and verifies; not trusted, the run stops
+    with 74 naming the endpoint, and commits nothing."""
+    server = s3server.start(tmp_path / "moto.log", tls=True)
+    try:
+        server.make_bucket("tls")
+        url = "s3://tls/store"
+        for command in (["convert", FIXTURE, "--out", url], ["verify", f"{url}/{NAME}"]):
+            proc = run(server, *command, work=tmp_path / "w")
+            assert proc.returncode == 0, helpers.describe_run(proc)
+        untrusted = run(server, "convert", FIXTURE, "--out", "s3://tls/other", work=tmp_path / "u",
+                        SSL_CERT_FILE=str(tmp_path / "server.pem"))
+        assert untrusted.returncode == 74, helpers.describe_run(untrusted)
+        assert "s3://tls/other" in untrusted.stderr and "panicked" not in untrusted.stderr
+        assert server.objects("tls", "other") == {}
+        assert f"{NAME}/manifest.json" in server.objects("tls", "store")
+    finally:
+        server.stop()
+
+
 def test_missing_bucket(s3, tmp_path):
     proc = run(s3, "convert", FIXTURE, "--out", "s3://no-such-bucket/store", work=tmp_path)
     assert proc.returncode == 74, helpers.describe_run(proc)
