@@ -79,6 +79,10 @@ LAYOUTS = {
     "r512f32-s4-lz4": ("[1, 512, 32]", "[4, full, full]", "[1, full, full, 32]", None,
                        "{codec: blosc_lz4, level: 5}"),
     "rtrialf32-s4-z-1": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None, -1),
+    "rtrialf32-s4-none": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None,
+                          "{codec: none}"),
+    "r512f64-s4-none": ("[1, 512, 64]", "[4, full, full]", "[1, full, full, 64]", None,
+                        "{codec: none}"),
 }
 
 READERS = ("npy", "npy-mmap", "zarr", "zarrs", "tensorstore")

@@ -62,4 +62,7 @@ fi
 # ---------------------------------------------------------------- Python interop suite
 export SENSORIUM_INGEST_BIN="${SENSORIUM_INGEST_BIN:-$ROOT/target/release/sensorium-ingest}"
 log "pytest tests/python (binary: $SENSORIUM_INGEST_BIN)"
-"$VENV/bin/python" -m pytest tests/python -p no:cacheprovider "$@"
+# Modules run in parallel, each whole in one worker (`loadfile`): a module's servers (S3,
+# SLURM) and fixtures stay in one process, and tests that share a store stay in order.
+"$VENV/bin/python" -m pytest tests/python -p no:cacheprovider -n auto --maxprocesses 4 \
+    --dist loadfile "$@"
