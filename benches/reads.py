@@ -49,6 +49,7 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / "target" / "release" / "sensorium-ingest"
 DEFAULT = (REPO / "pipelines" / "sensorium2023.yaml").read_text()
+TRAINING = (REPO / "pipelines" / "sensorium2023-training.yaml").read_text()
 
 RESP_ANCHOR = "    chunk_shape: [1, 512, full]\n    shard_shape: [4, full, full]\n"
 VID_ANCHOR = "    chunk_shape: [1, full, full, full]\n    shard_shape: [16, full, full, full]\n"
@@ -70,6 +71,8 @@ LAYOUTS = {
     "r512-s4-blosc-zstd1": ("[1, 512, full]", "[4, full, full]", None, None,
                             "{codec: blosc_zstd, level: 1}"),
     "r512-s4-none": ("[1, 512, full]", "[4, full, full]", None, None, "{codec: none}"),
+    # The embedded sensorium2023-training pipeline, as it is.
+    "training": None,
     "rtrialf32-s4-lz4": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None,
                          "{codec: blosc_lz4, level: 5}"),
     "rtrialf32-s4-lz4bit": ("[1, full, 32]", "[4, full, full]", "[1, full, full, 32]", None,
@@ -371,7 +374,7 @@ def main() -> int:
     outs = {}
     for name in layouts:
         pipe = a.work / f"{name}.yaml"
-        pipe.write_text(pipeline_text(*LAYOUTS[name]))
+        pipe.write_text(TRAINING if name == "training" else pipeline_text(*LAYOUTS[name]))
         out = a.work / f"out-{name}"
         if out.exists():
             shutil.rmtree(out)

@@ -274,3 +274,37 @@ fn frame_rate_only_where_a_stage_has_a_frame_axis() {
     let (_, problem) = pipeline_error(&with_rate);
     assert!(problem.contains("no stage has a frame axis"), "{problem}");
 }
+
+/// The training pipeline is the default with other chunks and no compression for the two
+/// large arrays; everything else (stages, names, checks, contract) must not drift apart.
+#[test]
+fn training_pipeline_differs_from_the_default_only_in_layout() {
+    use yaml_serde::Value;
+    let embedded = |name: &str| {
+        let (_, text) = sensorium_ingest::pipeline::embedded::EMBEDDED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("embedded pipeline");
+        yaml_serde::from_str::<Value>(text).expect("YAML")
+    };
+    let mut training = embedded("sensorium2023-training");
+    let mut default = embedded("sensorium2023");
+    let mut changed = Vec::new();
+    for doc in [&mut training, &mut default] {
+        doc["pipeline"] = Value::Null;
+        let stages = doc["stages"].as_sequence_mut().expect("stages");
+        for stage in stages
+            .iter_mut()
+            .filter(|s| s["id"] == "videos" || s["id"] == "responses")
+        {
+            let map = stage.as_mapping_mut().expect("stage mapping");
+            changed.push((
+                map.remove("chunk_shape").expect("chunk_shape"),
+                map.remove("compression").expect("compression"),
+            ));
+        }
+    }
+    assert_eq!(training, default);
+    assert_eq!(changed.len(), 4);
+    assert!(changed[..2].iter().all(|(_, c)| c["codec"] == "none"));
+}

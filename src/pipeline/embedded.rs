@@ -9,8 +9,7 @@ use super::spec::Pipeline;
 use crate::error::{Error, Result};
 use crate::source::Source;
 
-/// `(name, text)` of every embedded pipeline, in the order `auto` tries them. The first is the
-/// one `default-pipeline` prints.
+/// `(name, text)` of every embedded pipeline. The first is the one `default-pipeline` prints.
 pub const EMBEDDED: &[(&str, &str)] = &[
     (
         "sensorium2023",
@@ -20,7 +19,15 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "sensorium2022",
         include_str!("../../pipelines/sensorium2022.yaml"),
     ),
+    (
+        "sensorium2023-training",
+        include_str!("../../pipelines/sensorium2023-training.yaml"),
+    ),
 ];
+
+/// The embedded pipelines `auto` tries, in order. A layout variant of another (the training
+/// layout of `sensorium2023`) fits the same sources, so it is only ever chosen by name.
+const PICKED_BY_CONTENT: [&str; 2] = ["sensorium2023", "sensorium2022"];
 
 /// Which pipeline a command runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,8 +125,8 @@ fn label(name: &str, picked: bool) -> String {
 /// only, so a damaged file in a mouse still gets that mouse's pipeline and its precise error.
 pub fn pick(source: &Source) -> Result<&'static str> {
     let mut misfits = Vec::new();
-    for (name, text) in EMBEDDED {
-        let pipeline = Pipeline::parse(text, &label(name, false))?;
+    for name in PICKED_BY_CONTENT {
+        let pipeline = Pipeline::parse(embedded_text(name), &label(name, false))?;
         match fits(&pipeline, source) {
             Ok(()) => return Ok(name),
             Err(why) => misfits.push(format!("{name}: {why}")),
@@ -164,6 +171,13 @@ mod tests {
         for (name, text) in EMBEDDED {
             let pipeline = Pipeline::parse(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(pipeline.pipeline, *name);
+        }
+    }
+
+    #[test]
+    fn auto_tries_embedded_pipelines_only() {
+        for name in PICKED_BY_CONTENT {
+            assert!(EMBEDDED.iter().any(|(n, _)| *n == name), "{name}");
         }
     }
 }

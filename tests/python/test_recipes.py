@@ -123,6 +123,18 @@ def dataset(ingest_bin, tmp_path_factory) -> Path:
     return store / NAME
 
 
+@pytest.fixture(scope="module", params=["sensorium2023", "sensorium2023-training"])
+def window_dataset(request, dataset, tmp_path_factory) -> Path:
+    """The store recipe 4 reads: the default one, or one converted with the pipeline recipe 4
+    recommends for training (64-frame chunks, uncompressed)."""
+    if request.param == "sensorium2023":
+        return dataset
+    store = tmp_path_factory.mktemp("recipes-training-store")
+    proc = helpers.run("convert", FIXTURE, "--out", store, "--pipeline", request.param)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    return store / NAME
+
+
 @pytest.fixture(scope="module")
 def src() -> Source:
     return Source(FIXTURE)
@@ -302,8 +314,8 @@ def _expected_window(src: Source, trial: int, start: int, frames: int) -> dict:
             "pupil_center": src.trial("pupil_center", tid)[:, w].T}
 
 
-def test_recipe_windows(dataset, src):
-    ns = run_recipe("windows", dataset)
+def test_recipe_windows(window_dataset, src):
+    ns = run_recipe("windows", window_dataset)
     Windows, train = ns["SensoriumWindows"], ns["train"]
     n, N, T = src.shape
     W = train.frames
@@ -332,6 +344,19 @@ def test_recipe_windows(dataset, src):
     # items stack into a batch the way a DataLoader's default collate stacks them
     batch = {k: np.stack([train[i][k] for i in range(4)]) for k in ("videos", "responses")}
     assert batch["videos"].shape == (4, W, 36, 64) and batch["responses"].shape == (4, W, N)
+
+
+def test_training_store_holds_every_value_of_the_source(window_dataset, src):
+    """Whatever the layout, zarr-python reads every value of the source, bit for bit, and the
+    store verifies."""
+    import zarr
+
+    g = zarr.open_group(window_dataset / "data.zarr", mode="r")
+    for var in ("videos", "responses"):
+        values = g[var][...]
+        for position, tid in enumerate(src.trial_ids):
+            assert_bits_equal(values[position], src.trial(var, tid), f"{var} trial {tid}")
+    assert helpers.run("verify", window_dataset).returncode == 0
 
 
 def test_windows_are_deterministic_per_seed_and_epoch(dataset):
@@ -400,15 +425,15 @@ def _items_equal(got: dict, want: dict, what: str) -> None:
             assert got[k] == w, f"{what} {k}"
 
 
-def test_windows_read_with_tensorstore_or_else_zarr_python(dataset, monkeypatch):
+def test_windows_read_with_tensorstore_or_else_zarr_python(window_dataset, monkeypatch):
     """open_array takes tensorstore when it is installed (tests/python/requirements.txt installs
     it) and falls back to zarr-python without it; both give the same items."""
     import zarr
 
-    fast = run_recipe("windows", dataset)["train"]
+    fast = run_recipe("windows", window_dataset)["train"]
     assert type(fast.videos).__name__ == type(fast.responses).__name__ == "TensorStore"
     monkeypatch.setitem(sys.modules, "tensorstore", None)  # `import tensorstore` now fails
-    plain = run_recipe("windows", dataset)["train"]
+    plain = run_recipe("windows", window_dataset)["train"]
     assert isinstance(plain.videos, zarr.Array) and isinstance(plain.responses, zarr.Array)
     assert len(plain) == len(fast)
     for i in range(len(fast)):
