@@ -85,6 +85,7 @@ pub fn plan(options: &ConvertOptions) -> Result<RunPlan> {
     let mut plan = crate::executor::plan_run(options)?;
     if let Some(url) = &options.bucket {
         let bucket = Bucket::open(url)?;
+        bucket.check_name(&plan.dataset)?;
         plan.dataset_dir = PathBuf::from(bucket.url_of(&plan.dataset));
         if committed_and_current(options, &bucket)? {
             plan.up_to_date = true;

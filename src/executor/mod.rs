@@ -433,12 +433,14 @@ fn convert_claimed(
 /// framing), plus the manifest and lock (a few hundred bytes an entry) and slack for metadata.
 /// Reused stages write nothing new: their files are hard-linked or already in place.
 pub(crate) fn space_needed(prep: &Prepared) -> u64 {
-    space_of_stages(prep, |_| true, 1.0)
+    let running = |stage: usize| matches!(prep.decisions.get(stage), Some(Decision::Run { .. }));
+    space_of_stages(prep, running, 1.0)
 }
 
 /// What a task of a sharded run writes for `trials`: the share of the per-trial stages (those
-/// that run in parts) that its trials are. Trials of a variable are alike in size in this
-/// family, so the share by count is the share by bytes.
+/// that run in parts) that its trials are. A task writes its part of every such stage, even one
+/// the whole run would reuse. Trials of a variable are alike in size in this family, so the
+/// share by count is the share by bytes.
 pub(crate) fn space_needed_for_part(prep: &Prepared, trials: &std::ops::Range<usize>) -> u64 {
     let share = trials.len() as f64 / prep.plan.n_trials().max(1) as f64;
     let in_parts = |stage: usize| {
@@ -450,23 +452,20 @@ pub(crate) fn space_needed_for_part(prep: &Prepared, trials: &std::ops::Range<us
     space_of_stages(prep, in_parts, share)
 }
 
-/// [`space_needed`] of the running stages that `include` picks, scaled by `share`.
-fn space_of_stages(prep: &Prepared, include: impl Fn(usize) -> bool, share: f64) -> u64 {
-    let running = |stage: usize| {
-        include(stage) && matches!(prep.decisions.get(stage), Some(Decision::Run { .. }))
-    };
+/// The space written by the stages `writes` picks, scaled by `share` (see [`space_needed`]).
+fn space_of_stages(prep: &Prepared, writes: impl Fn(usize) -> bool, share: f64) -> u64 {
     let bytes: u64 = prep
         .source
         .entries
         .iter()
         .zip(&prep.plan.dispositions)
-        .filter(|(_, d)| matches!(d, Disposition::Stage(s) if running(*s)))
+        .filter(|(_, d)| matches!(d, Disposition::Stage(s) if writes(*s)))
         .map(|(e, _)| e.size)
         .sum();
     let scaled = |v: u64| (v as f64 * share).ceil() as u64;
     let entries = scaled(bytes);
     let records = scaled(prep.source.entries.len() as u64) * 1024;
-    let stages = (0..prep.plan.stages.len()).filter(|&s| include(s)).count() as u64;
+    let stages = (0..prep.plan.stages.len()).filter(|&s| writes(s)).count() as u64;
     entries + entries / 100 + records + stages * (1 << 20)
 }
 

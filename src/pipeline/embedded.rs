@@ -175,9 +175,17 @@ mod tests {
     }
 
     #[test]
-    fn auto_tries_embedded_pipelines_only() {
+    fn auto_tries_every_embedded_pipeline_but_layout_variants() {
         for name in PICKED_BY_CONTENT {
             assert!(EMBEDDED.iter().any(|(n, _)| *n == name), "{name}");
+        }
+        // A pipeline left out of `auto` must be a variant (`BASE-...`) of one it tries.
+        for (name, _) in EMBEDDED {
+            let variant_of = |base: &str| name.starts_with(&format!("{base}-"));
+            assert!(
+                PICKED_BY_CONTENT.contains(name) || PICKED_BY_CONTENT.iter().any(|b| variant_of(b)),
+                "{name} is neither tried by auto nor a variant of a pipeline it tries"
+            );
         }
     }
 }

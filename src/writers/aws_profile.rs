@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Keys that make a profile fetch credentials instead of holding them.
-const INDIRECT_KEYS: [&str; 5] = [
-    "credential_process",
+/// Keys that make a profile take another identity (a role, SSO); the AWS CLI uses them before
+/// any static keys of the same profile.
+const ROLE_KEYS: [&str; 4] = [
+    "role_arn",
     "sso_session",
     "sso_start_url",
-    "role_arn",
     "web_identity_token_file",
 ];
 
@@ -42,18 +42,28 @@ impl Profile {
         ))
     }
 
-    /// The key through which the profile would fetch its credentials, if any.
-    pub fn indirect_source(&self) -> Option<&'static str> {
-        INDIRECT_KEYS.into_iter().find(|k| self.get(k).is_some())
+    /// The key through which the profile takes another identity, if any.
+    pub fn role_source(&self) -> Option<&'static str> {
+        ROLE_KEYS.into_iter().find(|k| self.get(k).is_some())
+    }
+
+    /// Whether the profile runs a program for its keys (used when it has no static keys).
+    pub fn has_credential_process(&self) -> bool {
+        self.get("credential_process").is_some()
     }
 }
 
-/// The profile named by `AWS_PROFILE` (or `default`), from the files the AWS CLI reads
-/// (`AWS_SHARED_CREDENTIALS_FILE`, `AWS_CONFIG_FILE`, else under `~/.aws`). `None` when the
-/// default profile is absent; a profile named explicitly must exist.
+/// The profile named by `AWS_DEFAULT_PROFILE` or `AWS_PROFILE` (botocore's order), else
+/// `default`, from the files the AWS CLI reads (`AWS_SHARED_CREDENTIALS_FILE`,
+/// `AWS_CONFIG_FILE`, else under `~/.aws`). `None` when the default profile is absent; a profile
+/// named explicitly must exist. `env` treats empty variables as unset.
 pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>> {
-    let named = env("AWS_PROFILE").or_else(|| env("AWS_DEFAULT_PROFILE"));
-    let name = named.clone().unwrap_or_else(|| "default".into());
+    let named = ["AWS_DEFAULT_PROFILE", "AWS_PROFILE"]
+        .into_iter()
+        .find_map(|var| env(var).map(|name| (var, name)));
+    let name = named
+        .as_ref()
+        .map_or_else(|| "default".to_string(), |(_, n)| n.clone());
     let home = env("HOME").map(PathBuf::from);
     let file = |var: &str, default: &str| {
         env(var)
@@ -65,22 +75,14 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>> {
 
     let mut values = BTreeMap::new();
     let mut found = false;
-    // The config file names a profile `[profile NAME]`, except `[default]`.
-    let config_section = match name.as_str() {
-        "default" => vec!["default".to_string(), "profile default".to_string()],
-        _ => vec![format!("profile {name}")],
-    };
-    for (path, sections) in [
-        (&config_file, config_section),
-        (&credentials_file, vec![name.clone()]),
-    ] {
+    // The credentials file is read last: its keys win over the config file's.
+    for (path, in_config) in [(&config_file, true), (&credentials_file, false)] {
         let Some(ini) = path.as_deref().map(read_ini).transpose()?.flatten() else {
             continue;
         };
-        for section in sections {
-            if let Some(props) = ini.section(Some(section)) {
+        for (section, props) in ini.iter() {
+            if section.is_some_and(|s| names_profile(s, &name, in_config)) {
                 found = true;
-                // Later files win: the credentials file is read last.
                 values.extend(props.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             }
         }
@@ -88,14 +90,26 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>> {
     match (found, named) {
         (true, _) => Ok(Some(Profile { name, values })),
         (false, None) => Ok(None),
-        (false, Some(_)) => Err(Error::usage(
+        (false, Some((var, _))) => Err(Error::usage(
             format!(
-                "AWS_PROFILE={name}: no such profile in {} or {}",
+                "{var}={name}: no such profile in {} or {}",
                 shown(&credentials_file),
                 shown(&config_file)
             ),
-            "check the profile name (`aws configure list-profiles`), or unset AWS_PROFILE and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            format!("check the profile name (`aws configure list-profiles`), or unset {var} and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
         )),
+    }
+}
+
+/// Whether a section header names profile `name`: `[name]` in the credentials file,
+/// `[profile name]` in the config file (and `[default]` there too), spaces as the CLI splits them.
+fn names_profile(section: &str, name: &str, in_config: bool) -> bool {
+    let words: Vec<&str> = section.split_whitespace().collect();
+    match (in_config, words.as_slice()) {
+        (false, [single]) => *single == name,
+        (true, ["profile", single]) => *single == name,
+        (true, ["default"]) => name == "default",
+        _ => false,
     }
 }
 
@@ -144,7 +158,7 @@ mod tests {
     #[test]
     fn named_profile_merges_both_files_credentials_first() {
         let home = files(
-            "[profile lab]\nregion = eu-west-1\naws_access_key_id = FROMCONFIG\n\
+            "[profile  lab]\nregion = eu-west-1\naws_access_key_id = FROMCONFIG\n\
              endpoint_url = http://localhost:9000\n",
             "[lab]\naws_access_key_id = AKID\naws_secret_access_key = se/cr+et\\x\n",
         );
@@ -156,7 +170,7 @@ mod tests {
         assert_eq!(p.static_keys(), Some(("AKID", "se/cr+et\\x", None)));
         assert_eq!(p.get("region"), Some("eu-west-1"));
         assert_eq!(p.get("endpoint_url"), Some("http://localhost:9000"));
-        assert_eq!(p.indirect_source(), None);
+        assert_eq!(p.role_source(), None);
     }
 
     #[test]
@@ -183,7 +197,34 @@ mod tests {
         ]);
         let p = load(&env).unwrap().unwrap();
         assert_eq!(p.static_keys(), None);
-        assert_eq!(p.indirect_source(), Some("credential_process"));
+        assert!(p.has_credential_process());
+        assert_eq!(p.role_source(), None);
+    }
+
+    #[test]
+    fn aws_default_profile_first_and_roles_seen() {
+        let home = files(
+            "[profile role]\nrole_arn = arn:aws:iam::1:role/x\nsource_profile = lab\n",
+            "[lab]\naws_access_key_id = A\naws_secret_access_key = B\n\n[role]\n\
+             aws_access_key_id = C\naws_secret_access_key = D\n",
+        );
+        let env = env_of(vec![
+            ("HOME", home.path().display().to_string()),
+            ("AWS_DEFAULT_PROFILE", "role".into()),
+            ("AWS_PROFILE", "lab".into()),
+        ]);
+        let p = load(&env).unwrap().unwrap();
+        assert_eq!(p.name, "role");
+        assert_eq!(p.role_source(), Some("role_arn"));
+        let missing = env_of(vec![
+            ("HOME", home.path().display().to_string()),
+            ("AWS_DEFAULT_PROFILE", "nope".into()),
+        ]);
+        let err = load(&missing).unwrap_err();
+        assert!(
+            err.to_string().contains("AWS_DEFAULT_PROFILE=nope"),
+            "{err}"
+        );
     }
 
     #[test]

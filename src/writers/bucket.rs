@@ -129,6 +129,12 @@ impl Bucket {
                 "write it as s3://bucket/prefix",
             )
         })?;
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(Error::usage(
+                format!("{url}: `?` and `#` cannot be part of a bucket prefix"),
+                "use letters, digits, `-`, `_` and `.` in the prefix",
+            ));
+        }
         // The URL holds the prefix percent-encoded (a space as %20); keys hold it as written.
         let prefix = percent_encoding::percent_decode_str(parsed.path())
             .decode_utf8()
@@ -361,15 +367,21 @@ impl Bucket {
 /// client signs a listing of a prefix with a space differently from how it sends it, and S3
 /// refuses the request (apache/arrow-rs#2800).
 fn check_key_segment(url: &str, segment: &str) -> Result<()> {
-    let avoided: String = segment
-        .chars()
-        .filter(|c| c.is_whitespace() || key_encodes(*c))
-        .collect();
-    if avoided.is_empty() {
+    let kept = object_store::path::PathPart::from(segment).as_ref() == segment;
+    if kept && !segment.chars().any(char::is_whitespace) {
         return Ok(());
     }
+    // `.` alone is encoded only as a whole segment (`.` or `..`), never inside a name.
+    let avoided: String = segment
+        .chars()
+        .filter(|c| c.is_whitespace() || (*c != '.' && key_encodes(*c)))
+        .collect();
+    let problem = match avoided.is_empty() {
+        true => format!("{segment:?} cannot be a folder name in object storage"),
+        false => format!("{segment:?} holds characters object storage keys avoid: {avoided:?}"),
+    };
     Err(Error::usage(
-        format!("{url}: {segment:?} holds characters object storage keys avoid: {avoided:?}"),
+        format!("{url}: {problem}"),
         "use letters, digits, `-`, `_` and `.` (for a dataset, choose the name with --name)",
     ))
 }
@@ -399,7 +411,7 @@ fn build_store(url: &url::Url) -> Result<Arc<dyn ObjectStore>> {
             .with_retry(retry)
             .build()
             .map(|s| Arc::new(s) as _),
-        _ => s3_builder(url, &|k| std::env::var(k).ok())?
+        _ => s3_builder(url)?
             .with_retry(retry)
             .build()
             .map(|s| Arc::new(s) as _),
@@ -408,13 +420,26 @@ fn build_store(url: &url::Url) -> Result<Arc<dyn ObjectStore>> {
 }
 
 /// S3 settings: the environment's `AWS_*` variables first, then the AWS profile's (as the AWS
-/// CLI orders them), for keys, region and endpoint.
-fn s3_builder(
-    url: &url::Url,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<object_store::aws::AmazonS3Builder> {
-    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
-    let profile = super::aws_profile::load(env)?;
+/// CLI orders them), for keys, region and endpoint. Empty variables count as unset.
+fn s3_builder(url: &url::Url) -> Result<object_store::aws::AmazonS3Builder> {
+    let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+    let profile = super::aws_profile::load(&env)?;
+    let profile_keys = match (&profile, env("AWS_ACCESS_KEY_ID")) {
+        (Some(p), None) => profile_keys(p)?,
+        _ => None,
+    };
+    let mut builder = object_store::aws::AmazonS3Builder::new();
+    for (key, value) in std::env::vars() {
+        // A session token belongs to the keys it came with: not to a profile's keys.
+        let token = matches!(key.as_str(), "AWS_SESSION_TOKEN" | "AWS_TOKEN");
+        if !key.starts_with("AWS_") || value.is_empty() || (token && profile_keys.is_some()) {
+            continue;
+        }
+        if let Ok(config_key) = key.to_ascii_lowercase().parse() {
+            builder = builder.with_config(config_key, value);
+        }
+    }
+    builder = builder.with_url(url.as_str());
     let from_profile = |key: &str, vars: &[&str]| match vars.iter().any(|v| env(v).is_some()) {
         true => None,
         false => profile
@@ -425,47 +450,56 @@ fn s3_builder(
     if let Some(region) = from_profile("region", &["AWS_REGION", "AWS_DEFAULT_REGION"]) {
         builder = builder.with_region(region);
     }
-    let endpoint = match from_profile("endpoint_url", &["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]) {
+    const ENDPOINT_VARS: [&str; 3] = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"];
+    let endpoint = match from_profile("endpoint_url", &ENDPOINT_VARS) {
         Some(endpoint) => {
             builder = builder.with_endpoint(&endpoint);
             Some(endpoint)
         }
-        None => env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT")),
+        None => ENDPOINT_VARS.into_iter().find_map(env),
     };
     // A plain-http endpoint (a local S3-compatible server) was asked for explicitly.
     builder = builder.with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")));
-    match (&profile, env("AWS_ACCESS_KEY_ID")) {
-        (Some(p), None) => with_profile_keys(builder, p),
-        _ => Ok(builder),
-    }
-}
-
-fn with_profile_keys(
-    builder: object_store::aws::AmazonS3Builder,
-    profile: &super::aws_profile::Profile,
-) -> Result<object_store::aws::AmazonS3Builder> {
-    if let Some((id, secret, token)) = profile.static_keys() {
-        let builder = builder
+    if let Some((id, secret, token)) = profile_keys {
+        builder = builder
             .with_access_key_id(id)
             .with_secret_access_key(secret);
-        return Ok(match token {
-            Some(token) => builder.with_token(token),
-            None => builder,
-        });
+        if let Some(token) = token {
+            builder = builder.with_token(token);
+        }
     }
-    match profile.indirect_source() {
-        Some(key) => Err(Error::usage(
+    Ok(builder)
+}
+
+/// The profile's static keys `(id, secret, token)`. A profile that takes a role or SSO, or
+/// runs a program for its keys, is refused with the command that exports them; one with only
+/// settings (a region) leaves the keys to the environment's other sources (instance metadata).
+fn profile_keys(
+    profile: &super::aws_profile::Profile,
+) -> Result<Option<(String, String, Option<String>)>> {
+    let refuse = |how: &str| {
+        Error::usage(
             format!(
-                "AWS profile {}: its credentials come through `{key}`, which sensorium-ingest does not run",
+                "AWS profile {}: its credentials come through `{how}`, which sensorium-ingest does not run",
                 profile.name
             ),
             format!(
                 "export them first: eval \"$(aws configure export-credentials --profile {} --format env)\"",
                 profile.name
             ),
-        )),
-        // A profile with only a region: the keys come from elsewhere (instance metadata).
-        None => Ok(builder),
+        )
+    };
+    if let Some(key) = profile.role_source() {
+        return Err(refuse(key));
+    }
+    match profile.static_keys() {
+        Some((id, secret, token)) => Ok(Some((
+            id.to_string(),
+            secret.to_string(),
+            token.map(str::to_string),
+        ))),
+        None if profile.has_credential_process() => Err(refuse("credential_process")),
+        None => Ok(None),
     }
 }
 
@@ -649,6 +683,26 @@ fn first_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_segments_kept_as_written_pass_others_are_named() {
+        for fine in ["v1.2", "a+b=c", "x.zarr", "dynamic29156-11-10", "m_1"] {
+            assert!(check_key_segment("s3://b/p", fine).is_ok(), "{fine}");
+        }
+        for (bad, named) in [("mouse#1", "\"#\""), ("lab store", "\" \""), ("é", "\"é\"")] {
+            let err = check_key_segment("s3://b/p", bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("keys avoid: {named}")),
+                "{bad}: {err}"
+            );
+        }
+        for whole in [".", ".."] {
+            let err = check_key_segment("s3://b/p", whole)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cannot be a folder name"), "{whole}: {err}");
+        }
+    }
 
     #[test]
     fn store_locations() {

@@ -40,9 +40,12 @@ class S3Server:
 
     def env(self, **changes) -> dict:
         """The environment a converter run gets: the standard AWS variables."""
-        env = dict(os.environ,
-                   AWS_ACCESS_KEY_ID=self.key, AWS_SECRET_ACCESS_KEY=self.secret,
+        # Only this server's settings: none of the caller's own AWS_* variables.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ACCESS_KEY_ID=self.key, AWS_SECRET_ACCESS_KEY=self.secret,
                    AWS_REGION=REGION, AWS_ENDPOINT_URL=self.endpoint,
+                   # and none of the caller's AWS profiles
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
                    SENSORIUM_INGEST_RETRY_SECONDS="3")
         if self.ca_file:
             env["SSL_CERT_FILE"] = str(self.ca_file)

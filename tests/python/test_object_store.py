@@ -252,7 +252,8 @@ def profile_env(s3, tmp_path: Path, config: str, credentials: str, **extra) -> d
     (home / ".aws" / "config").write_text(config)
     (home / ".aws" / "credentials").write_text(credentials)
     env = s3.env(HOME=str(home), SENSORIUM_INGEST_WORK=str(tmp_path / "work"), **extra)
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
+                "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         env.pop(var)
     return env
 
@@ -261,8 +262,10 @@ def test_aws_profile(s3, bucket, tmp_path):
     """Keys, region and endpoint from a named profile, as the AWS CLI reads them; a missing
     profile and one that fetches its keys through a process are refused before any request."""
     config = (f"[profile lab]\nregion = {s3server.REGION}\nendpoint_url = {s3.endpoint}\n\n"
-              "[profile sso]\ncredential_process = /usr/bin/false\n")
-    credentials = f"[lab]\naws_access_key_id = {s3.key}\naws_secret_access_key = {s3.secret}\n"
+              "[profile sso]\ncredential_process = /usr/bin/false\n\n"
+              "[profile role]\nrole_arn = arn:aws:iam::123456789012:role/x\n")
+    keys = f"aws_access_key_id = {s3.key}\naws_secret_access_key = {s3.secret}\n"
+    credentials = f"[lab]\n{keys}\n[role]\n{keys}"
     env = profile_env(s3, tmp_path, config, credentials, AWS_PROFILE="lab")
     url = f"s3://{bucket}/store"
     for command in (["convert", FIXTURE, "--out", url], ["verify", f"{url}/{NAME}"]):
@@ -271,8 +274,16 @@ def test_aws_profile(s3, bucket, tmp_path):
         assert proc.returncode == 0, helpers.describe_run(proc)
     assert f"{NAME}/manifest.json" in s3.objects(bucket, "store")
 
+    # A session token in the environment belongs to other keys: not attached to the profile's.
+    env = profile_env(s3, tmp_path, config, credentials, AWS_PROFILE="lab",
+                      AWS_SESSION_TOKEN="left-over-token")
+    proc = subprocess.run([str(helpers.binary()), "verify", f"{url}/{NAME}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, helpers.describe_run(proc)
+
     for profile, want in (("nope", "AWS_PROFILE=nope: no such profile"),
-                          ("sso", "export-credentials --profile sso")):
+                          ("sso", "export-credentials --profile sso"),
+                          ("role", "through `role_arn`")):
         env = profile_env(s3, tmp_path, config, credentials, AWS_PROFILE=profile)
         proc = subprocess.run([str(helpers.binary()), "convert", str(FIXTURE), "--out",
                                f"s3://{bucket}/other"], capture_output=True, text=True,

@@ -126,7 +126,7 @@ def dataset(ingest_bin, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=["sensorium2023", "sensorium2023-training"])
 def window_dataset(request, dataset, tmp_path_factory) -> Path:
     """The store recipe 4 reads: the default one, or one converted with the pipeline recipe 4
-    recommends for training (64-frame chunks, uncompressed)."""
+    recommends for training (32-frame chunks, uncompressed)."""
     if request.param == "sensorium2023":
         return dataset
     store = tmp_path_factory.mktemp("recipes-training-store")
