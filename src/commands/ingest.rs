@@ -260,9 +260,7 @@ fn convert_options(
 fn bucket_fingerprints(url: &str, work: &Path) -> Result<Vec<(String, String)>> {
     let bucket = crate::writers::bucket::Bucket::open(url)?;
     let copy = work.join(".bucket-catalog");
-    if copy.exists() {
-        std::fs::remove_dir_all(&copy).map_err(|e| Error::io(&copy, "cannot clean", e))?;
-    }
+    crate::executor::remote::remove_local(&copy)?;
     let keys: Vec<String> = bucket
         .list(catalog::FOLDER)?
         .into_iter()

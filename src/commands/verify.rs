@@ -381,9 +381,7 @@ pub fn verify_bucket(url: &str, against: Option<&Path>) -> Result<Vec<VerifyRepo
     for name in names {
         let keys: Vec<String> = bucket.list(&name)?.into_iter().map(|(k, _)| k).collect();
         let copy = work.join(&name);
-        if copy.exists() {
-            std::fs::remove_dir_all(&copy).map_err(|e| Error::io(&copy, "cannot clean", e))?;
-        }
+        crate::executor::remote::remove_local(&copy)?;
         bucket.download(&keys, &work)?;
         let mut report = verify(&copy, against)?;
         let local = copy.display().to_string();
@@ -407,7 +405,7 @@ fn bucket_datasets(url: &str) -> Result<(String, Vec<String>)> {
         if parent.contains("://") && !parent.ends_with(':') && !parent.ends_with('/') {
             let bucket = Bucket::open(parent)?;
             if bucket
-                .head(&format!("{name}/{}", manifest::FILE_NAME))?
+                .head(&crate::executor::remote::manifest_key(name))?
                 .is_some()
             {
                 return Ok((parent.to_string(), vec![name.to_string()]));

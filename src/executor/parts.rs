@@ -33,14 +33,18 @@ pub const JOB_FILE: &str = "job.json";
 pub const JOB_FORMAT: &str = "sensorium-ingest-shard-job/1";
 pub const RECEIPT_FORMAT: &str = "sensorium-ingest-shard-receipt/1";
 const RECEIPTS: &str = "receipts";
-/// Markers of the tasks converting a part right now.
-/// Markers of running tasks (`running/K-of-N.lock`): never copied between hosts.
-pub const RUNNING_FOLDER: &str = "running";
-const RUNNING: &str = RUNNING_FOLDER;
+/// Markers of the tasks converting a part right now (`running/K-of-N.lock`): never copied
+/// between hosts.
+pub const RUNNING: &str = "running";
 
 /// Where the tasks of a sharded run of dataset `name` write.
 pub fn shards_dir(store: &Path, name: &str) -> PathBuf {
-    store.join(format!(".{name}.shards"))
+    store.join(shards_folder(name))
+}
+
+/// The name of that folder in its store (or of the prefix, in a bucket).
+pub fn shards_folder(name: &str) -> String {
+    format!(".{name}.shards")
 }
 
 /// `--shard` as given on the command line.

@@ -28,8 +28,8 @@ use super::lock::{self, Lock};
 use super::manifest::{self, Manifest};
 use super::name_lock::{dead_on_this_host, stale_after, Holder, Waiting};
 use super::parts::{
-    convert_shard, finalize, plan_part, FinalizeOptions, Finalized, Shard, ShardReport, JOB_FILE,
-    RUNNING_FOLDER,
+    convert_shard, finalize, plan_part, shards_folder, FinalizeOptions, Finalized, Shard,
+    ShardReport, JOB_FILE, RUNNING,
 };
 use super::{open_source, ConvertOptions, ConvertReport};
 use crate::error::{Error, Result};
@@ -101,7 +101,7 @@ pub fn shard_task_to_bucket(
     let pipeline = Pipeline::parse(&opts.pipeline_text, &opts.pipeline_file)?;
     let (source, name) = open_source(opts)?;
     bucket.check_name(&name)?;
-    let folder = format!(".{name}.shards");
+    let folder = shards_folder(&name);
     if committed_state(opts, bucket, &pipeline, &source, &name)? {
         return Ok(ShardReport {
             dataset: name.clone(),
@@ -129,7 +129,7 @@ pub fn shard_task_to_bucket(
             why: "another run started in the bucket meanwhile".into(),
         });
     }
-    let skip = |f: &str| f == JOB_FILE || f.starts_with(RUNNING_FOLDER) || f.ends_with(".tmp");
+    let skip = |f: &str| f == JOB_FILE || f.starts_with(RUNNING) || f.ends_with(".tmp");
     bucket.upload(uploads(&local, &folder, skip)?)?;
     report.shards_dir = PathBuf::from(bucket.url_of(&folder));
     Ok(report)
@@ -165,13 +165,11 @@ pub fn finalize_in_bucket(
     let bucket = Arc::new(Bucket::open(store_url)?);
     let work = work_folder(store_url);
     let held = BucketLock::acquire(bucket.clone(), name, "finalize", opts.wait)?;
-    let folder = format!(".{name}.shards");
+    let folder = shards_folder(name);
     let job_key = format!("{folder}/{JOB_FILE}");
     let keys: Vec<String> = bucket.list(&folder)?.into_iter().map(|(k, _)| k).collect();
     let dataset_url = bucket.url_of(name);
-    let committed = bucket
-        .head(&format!("{name}/{}", manifest::FILE_NAME))?
-        .is_some();
+    let committed = bucket.head(&manifest_key(name))?.is_some();
     if !keys.contains(&job_key) {
         if committed {
             delete_parts(&bucket, keys, &job_key)?;
@@ -258,10 +256,7 @@ enum Committed {
 
 /// The committed dataset's lock (checked against its own checksum), if the bucket has one.
 fn committed_lock(bucket: &Bucket, name: &str) -> Result<Committed> {
-    if bucket
-        .head(&format!("{name}/{}", manifest::FILE_NAME))?
-        .is_none()
-    {
+    if bucket.head(&manifest_key(name))?.is_none() {
         return Ok(Committed::None);
     }
     let key = format!("{name}/{}", lock::FILE_NAME);
@@ -316,7 +311,18 @@ fn discard_other_version(
     remove_local(local)
 }
 
-fn remove_local(dir: &Path) -> Result<()> {
+/// The key of dataset `name`'s manifest: its presence commits the dataset.
+pub fn manifest_key(name: &str) -> String {
+    format!("{name}/{}", manifest::FILE_NAME)
+}
+
+/// The key of dataset `name`'s row in the store's catalog.
+fn catalog_key(name: &str) -> String {
+    format!("{}/{name}.parquet", catalog::FOLDER)
+}
+
+/// Removes a folder of the local work folder, if it is there.
+pub fn remove_local(dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .map_err(|e| Error::io(dir, "cannot clean the work folder", e))?;
@@ -335,7 +341,7 @@ pub(crate) fn commit(
     force: bool,
 ) -> Result<Transferred> {
     let dir = work.join(name);
-    let manifest_key = format!("{name}/{}", manifest::FILE_NAME);
+    let manifest_key = manifest_key(name);
     let manifest_path = dir.join(manifest::FILE_NAME);
     let manifest_text = std::fs::read(&manifest_path).map_err(|e| {
         Error::io(
@@ -432,7 +438,7 @@ fn uploads(dir: &Path, prefix: &str, skip: impl Fn(&str) -> bool + Sync) -> Resu
 fn upload_catalog_row(bucket: &Bucket, work: &Path, name: &str) -> Result<()> {
     let path = catalog::fragment_path(work, name);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, "cannot read", e))?;
-    bucket.put(&format!("{}/{name}.parquet", catalog::FOLDER), bytes)?;
+    bucket.put(&catalog_key(name), bytes)?;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
@@ -446,10 +452,10 @@ fn ensure_catalog_row(
     source: Source,
     name: &str,
 ) -> Result<()> {
-    let key = format!("{}/{name}.parquet", catalog::FOLDER);
+    let key = catalog_key(name);
     let path = catalog::fragment_path(&opts.store, name);
     let manifest: Manifest = bucket
-        .read(&format!("{name}/{}", manifest::FILE_NAME))?
+        .read(&manifest_key(name))?
         .and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok())
         .ok_or_else(|| Error::Internal("a committed dataset has no readable manifest".into()))?;
     let prep = super::prepare(opts, pipeline, source, name.to_string())?;

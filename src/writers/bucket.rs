@@ -313,13 +313,7 @@ impl Bucket {
             let url = self.url_of(&f.key);
             async move { upload_one(store, path, f).await.map_err(|e| (url, e)) }
         });
-        let done = self.runtime.block_on(async move {
-            futures::stream::iter(jobs)
-                .buffer_unordered(CONCURRENT_TRANSFERS)
-                .try_collect::<Vec<_>>()
-                .await
-        });
-        let done = done.map_err(|(url, e)| match e {
+        let done = self.run_all(jobs).map_err(|(url, e)| match e {
             Transfer::Local(path, e) => Error::io(path, "cannot read a file to upload", e),
             Transfer::Remote(e) => remote_error(&url, "cannot upload", e),
         })?;
@@ -333,6 +327,22 @@ impl Bucket {
             }))
     }
 
+    /// Runs transfer jobs, [`CONCURRENT_TRANSFERS`] at a time, until the first fails (with the
+    /// URL it was moving).
+    fn run_all<T, F>(
+        &self,
+        jobs: impl Iterator<Item = F>,
+    ) -> std::result::Result<Vec<T>, (String, Transfer)>
+    where
+        F: std::future::Future<Output = std::result::Result<T, (String, Transfer)>>,
+    {
+        self.runtime.block_on(
+            futures::stream::iter(jobs)
+                .buffer_unordered(CONCURRENT_TRANSFERS)
+                .try_collect(),
+        )
+    }
+
     /// Downloads the objects (keys relative to the store) into `dir`, under the same relative
     /// paths, [`CONCURRENT_TRANSFERS`] at a time.
     pub fn download(&self, keys: &[String], dir: &Path) -> Result<Transferred> {
@@ -343,13 +353,7 @@ impl Bucket {
             let local = dir.join(key);
             async move { download_one(store, path, local).await.map_err(|e| (url, e)) }
         });
-        let done = self.runtime.block_on(async move {
-            futures::stream::iter(jobs)
-                .buffer_unordered(CONCURRENT_TRANSFERS)
-                .try_collect::<Vec<u64>>()
-                .await
-        });
-        let sizes = done.map_err(|(url, e)| match e {
+        let sizes = self.run_all(jobs).map_err(|(url, e)| match e {
             Transfer::Local(path, e) => Error::io(path, "cannot write a downloaded object", e),
             Transfer::Remote(e) => remote_error(&url, "cannot download", e),
         })?;
