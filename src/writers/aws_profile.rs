@@ -80,11 +80,15 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>> {
         let Some(ini) = path.as_deref().map(read_ini).transpose()?.flatten() else {
             continue;
         };
-        for (section, props) in ini.iter() {
-            if section.is_some_and(|s| names_profile(s, &name, in_config)) {
-                found = true;
-                values.extend(props.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            }
+        // Within a file, the last section naming the profile wins whole, as in botocore: of a
+        // config file's `[default]` and `[profile default]`, the later one, never a blend.
+        let last = ini
+            .iter()
+            .filter(|(section, _)| section.is_some_and(|s| names_profile(s, &name, in_config)))
+            .last();
+        if let Some((_, props)) = last {
+            found = true;
+            values.extend(props.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         }
     }
     match (found, named) {
@@ -225,6 +229,19 @@ mod tests {
             err.to_string().contains("AWS_DEFAULT_PROFILE=nope"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_later_of_default_and_profile_default_wins_whole() {
+        let home = files(
+            "[default]\nregion = eu-west-1\nendpoint_url = http://old:9000\n\n\
+             [profile default]\nregion = us-east-2\n",
+            "",
+        );
+        let env = env_of(vec![("HOME", home.path().display().to_string())]);
+        let p = load(&env).unwrap().unwrap();
+        assert_eq!(p.get("region"), Some("us-east-2"));
+        assert_eq!(p.get("endpoint_url"), None);
     }
 
     #[test]
