@@ -142,6 +142,20 @@ def refused_by(proc: subprocess.CompletedProcess, what: str, node: str) -> bool:
         re.search(rf"{what} \(pid 1 on {node}, since [^)]+\)", proc.stderr) is not None
 
 
+def start_holder(node: str, source: Path, store: Path, throttle: str) -> subprocess.Popen:
+    """A throttled conversion on `node`, once it has begun to stage."""
+    name = helpers.dataset_name(source.name.removesuffix(".zip"))
+    holder = on_node(node, "convert", source, "--out", store, "--threads", "1",
+                     cgroup_procs=throttle)
+    wait_for("its staging", lambda: any(store.glob(f".{name}.partial/*")), holder)
+    return holder
+
+
+def assert_took_over(proc: subprocess.CompletedProcess, from_node: str) -> None:
+    assert proc.returncode == 0, helpers.describe_run(proc)
+    assert re.search(rf"took over a stale lock.*pid 1 on {from_node}", proc.stderr), proc.stderr
+
+
 def assert_one_verified_dataset(store: Path, name: str) -> None:
     checked = helpers.run("verify", store / name)
     assert checked.returncode == 0, helpers.describe_run(checked)
@@ -156,9 +170,7 @@ def test_a_writer_on_another_node_keeps_the_name_while_alive_and_loses_it_once_s
     store = tmp_path / "store"
     name = helpers.dataset_name(slow_mouse.name.removesuffix(".zip"))
     lock = store / f".{name}.lock"
-    holder = on_node("node-b", "convert", slow_mouse, "--out", store, "--threads", "1",
-                     cgroup_procs=throttle)
-    wait_for("its staging", lambda: any(store.glob(f".{name}.partial/*")), holder)
+    holder = start_holder("node-b", slow_mouse, store, throttle)
     # Past the stale time since it took the lock: still the holder, because it refreshes it.
     wait_for("the stale time to pass",
              lambda: time.time() - holder_since(lock) > STALE_SECONDS + 1, holder)
@@ -173,9 +185,7 @@ def test_a_writer_on_another_node_keeps_the_name_while_alive_and_loses_it_once_s
     assert not (store / name).exists()
 
     wait_until_stale(lock)
-    taken = run_on_node("node-a", "convert", slow_mouse, "--out", store)
-    assert taken.returncode == 0, helpers.describe_run(taken)
-    assert re.search(r"took over a stale lock.*pid 1 on node-b", taken.stderr), taken.stderr
+    assert_took_over(run_on_node("node-a", "convert", slow_mouse, "--out", store), "node-b")
     assert_one_verified_dataset(store, name)
 
 
@@ -185,13 +195,8 @@ def test_a_rerun_on_the_same_node_takes_over_at_once_though_the_pid_is_taken(
     process start time tells them apart, so it does not wait for the stale time."""
     store = tmp_path / "store"
     name = helpers.dataset_name(slow_mouse.name.removesuffix(".zip"))
-    holder = on_node("node-b", "convert", slow_mouse, "--out", store, "--threads", "1",
-                     cgroup_procs=throttle)
-    wait_for("its staging", lambda: any(store.glob(f".{name}.partial/*")), holder)
-    kill_node(holder)
-    rerun = run_on_node("node-b", "convert", slow_mouse, "--out", store)
-    assert rerun.returncode == 0, helpers.describe_run(rerun)
-    assert re.search(r"took over a stale lock.*pid 1 on node-b", rerun.stderr), rerun.stderr
+    kill_node(start_holder("node-b", slow_mouse, store, throttle))
+    assert_took_over(run_on_node("node-b", "convert", slow_mouse, "--out", store), "node-b")
     assert_one_verified_dataset(store, name)
 
 
