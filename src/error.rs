@@ -101,7 +101,7 @@ pub enum Error {
 /// What to do about a failed file-system operation, by its kind.
 fn io_hint(path: &std::path::Path, e: &std::io::Error) -> String {
     use std::io::ErrorKind as K;
-    if matches!(e.kind(), K::StorageFull | K::QuotaExceeded) || says_disk_full(e) {
+    if disk_full(e) {
         return full_disk_hint(path);
     }
     let hint = match e.kind() {
@@ -117,6 +117,11 @@ fn io_hint(path: &std::path::Path, e: &std::io::Error) -> String {
         _ => "check the path, the disk and its permissions, then run again",
     };
     hint.to_string()
+}
+
+fn disk_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(e.kind(), K::StorageFull | K::QuotaExceeded) || says_disk_full(e)
 }
 
 /// Errors of the writers' libraries (zarrs, parquet) reach here as text inside an
@@ -140,7 +145,7 @@ fn full_disk_hint(path: &std::path::Path) -> String {
     let need = needed().map_or_else(String::new, |n| {
         format!("; the run needs about {} in all", human(n))
     });
-    format!("the disk is full ({free} free on the file system of {}{need}): free some space or choose an --out folder on a larger disk, then run the same command again: it resumes where it stopped (nothing was published)", path.display())
+    format!("the disk is full ({free} free on the file system of {}{need}): free some space or choose an --out folder on a larger disk, then run the same command again: it resumes where it stopped, from the staging folder it kept (nothing was published)", path.display())
 }
 
 impl Error {
@@ -185,6 +190,11 @@ impl Error {
     }
 
     /// Exit codes follow BSD `sysexits.h`, so shell scripts and schedulers can tell classes apart.
+    /// A write failed because the file system is full (or the user's quota is used up).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if disk_full(source))
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::BadInput { .. } => 65,                              // EX_DATAERR

@@ -647,6 +647,9 @@ fn run_ingest(args: IngestArgs, progress: ProgressMode) -> Result<(), Error> {
         progress,
     })?;
     print_ingest_report(&report);
+    if let Some(stopped) = report.stopped {
+        return Err(stopped);
+    }
     if report.failed.is_empty() {
         return Ok(());
     }

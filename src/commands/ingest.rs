@@ -42,6 +42,10 @@ pub struct IngestReport {
     pub added: Vec<(PathBuf, String)>,
     pub skipped: Vec<(PathBuf, String)>,
     pub failed: Vec<(PathBuf, String)>,
+    /// Why the ingest stopped before trying every source (the store's disk is full): the
+    /// command exits with this error once the report is printed.
+    #[serde(skip)]
+    pub stopped: Option<Error>,
 }
 
 /// The store's ingest lock: one ingest at a time, by the rules of every lock in a store
@@ -185,7 +189,8 @@ fn first_look(path: PathBuf, min_age: Duration, report: &mut IngestReport) -> Op
 }
 
 /// Converts each source whose fingerprint the store does not hold yet. A failure is recorded
-/// and the next source tried; only an interrupt stops the run.
+/// and the next source tried; an interrupt stops the run, and so does a full disk (every
+/// following source would fail the same way): the sources not tried are reported as skipped.
 fn convert_new_sources(
     opts: &IngestOptions,
     sources: Vec<PathBuf>,
@@ -195,7 +200,8 @@ fn convert_new_sources(
         None => catalog::fingerprints(&opts.store),
         Some(url) => bucket_fingerprints(url, &opts.store)?,
     };
-    for path in sources {
+    let mut sources = sources.into_iter();
+    while let Some(path) = sources.next() {
         let (fingerprint, pipeline) = match Source::open(&path)
             .and_then(|source| Ok((source.fingerprint(), opts.pipeline.resolve(&source)?)))
         {
@@ -225,6 +231,14 @@ fn convert_new_sources(
             Err(e @ Error::Busy { .. }) => report
                 .skipped
                 .push((path, format!("busy: {}", first_line(&e)))),
+            Err(e) if e.is_disk_full() || matches!(e, Error::NoSpace { .. }) => {
+                report.failed.push((path, first_line(&e)));
+                let why = "not tried: the store's disk is full";
+                report
+                    .skipped
+                    .extend(sources.by_ref().map(|p| (p, why.into())));
+                report.stopped = Some(e);
+            }
             Err(e) => report.failed.push((path, first_line(&e))),
         }
     }

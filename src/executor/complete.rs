@@ -67,12 +67,12 @@ pub(crate) fn complete(
     write_synced(&staging.join(lock::FILE_NAME), lock.to_json()?.as_bytes())?;
     // The manifest is written last: its presence is what marks the dataset complete.
     write_synced(&staging.join(manifest::FILE_NAME), manifest_text.as_bytes())?;
+    // The catalog row is written before publishing and put in place after: a full disk or a
+    // failure there publishes nothing, and leaves the stages to resume.
+    let row = catalog::write_aside(&opts.store, &catalog_row(prep, &manifest.source.checksum)?)?;
     let progress_file = staging.join(lock::PROGRESS_FILE);
     std::fs::remove_file(&progress_file)
         .map_err(|e| Error::io(&progress_file, "cannot remove", e))?;
-    // The catalog row is written before publishing and put in place after: a full disk or a
-    // failure there publishes nothing.
-    let row = catalog::write_aside(&opts.store, &catalog_row(prep, &manifest.source.checksum)?)?;
     finished.name_lock.check_held()?;
     publish(staging, &prep.dataset_dir, &prep.name)?;
     row.put_in_place()
@@ -90,10 +90,17 @@ pub(crate) fn catalog_existing(opts: &ConvertOptions, prep: &Prepared) -> Result
     if current {
         return Ok(());
     }
-    let manifest: Manifest = std::fs::read(prep.dataset_dir.join(manifest::FILE_NAME))
+    let manifest_path = prep.dataset_dir.join(manifest::FILE_NAME);
+    let manifest: Manifest = std::fs::read(&manifest_path)
         .ok()
         .and_then(|t| serde_json::from_slice(&t).ok())
-        .ok_or_else(|| Error::Internal("an up-to-date dataset has no readable manifest".into()))?;
+        .ok_or_else(|| {
+            Error::bad_input(
+                manifest_path.display().to_string(),
+                "the dataset's manifest cannot be read, though its lock says it is current",
+                "run `sensorium-ingest verify` on it, then convert again with --force",
+            )
+        })?;
     catalog::write(&opts.store, &catalog_row(prep, &manifest.source.checksum)?)
 }
 

@@ -367,18 +367,23 @@ fn convert_with(opts: &ConvertOptions, assembly: Option<&Assembly>) -> Result<Co
         // Checked with the name held: no task of the run can start after this.
         (assembly.no_task_runs)()?;
     }
-    let report = convert_claimed(opts, &pipeline, source, name, assembly, started, &name_lock)?;
-    if let Some(assembly) = assembly {
-        // Removed while the name is still held, so no new run can start in a folder going away.
-        std::fs::remove_dir_all(assembly.dir).map_err(|e| {
-            Error::io(
-                assembly.dir,
-                "the dataset is published, but its shards folder cannot be removed",
-                e,
-            )
-        })?;
-    }
+    let report = convert_claimed(
+        opts,
+        &pipeline,
+        source,
+        name.clone(),
+        assembly,
+        started,
+        &name_lock,
+    )?;
+    // Published: the name is not given back to a sharded run, whatever happens next.
     name_lock.finish();
+    if let Some(assembly) = assembly {
+        // Moved away in one rename while the name is still held: a task resubmitted later
+        // starts a new folder, and never rewrites files the published dataset links to.
+        let failed = "the dataset is published, but its shards folder cannot be moved away";
+        staging::discard(&opts.store, &name, assembly.dir, failed)?;
+    }
     Ok(report)
 }
 
@@ -419,9 +424,11 @@ fn convert_claimed(
     check_space(opts, space_needed(&prep))?;
     staging::prepare_staging(&prep)?;
     let result = run_whole(opts, &prep, report, started, name_lock);
-    // A failed run leaves nothing behind; an interrupted one keeps its staging folder, so the
-    // same command resumes it. A run that lost its name leaves the folder to the new holder.
-    let failed = matches!(result, Err(ref e) if !matches!(e, Error::Interrupted));
+    // A failed run leaves nothing behind; an interrupted one, or one that filled the disk,
+    // keeps its staging folder, so the same command resumes it (once there is room). A run
+    // that lost its name leaves the folder to the new holder.
+    let failed =
+        matches!(result, Err(ref e) if !matches!(e, Error::Interrupted) && !e.is_disk_full());
     if failed && name_lock.still_held() {
         let _ = std::fs::remove_dir_all(&prep.staging_dir);
     }

@@ -45,6 +45,15 @@ pub struct Holder {
     /// Set for shard tasks: the sharded run they belong to; its tasks share the lock.
     #[serde(default)]
     pub run: Option<String>,
+    /// The boot and PID namespace the pid belongs to (`BOOT_ID/pid:[INODE]`): containers that
+    /// share a host name (host networking) do not share pids, so a pid is only checked where
+    /// it means the same process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_space: Option<String>,
+    /// The holder's stale time in seconds: a taker waits for the longer of its own and this,
+    /// so hosts configured differently never take over a lock refreshed on a slower beat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_seconds: Option<f64>,
 }
 
 impl Holder {
@@ -58,11 +67,28 @@ impl Holder {
             since: unix_now(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
             run,
+            pid_space: pid_space(),
+            stale_seconds: Some(stale_after().as_secs_f64()),
         }
+    }
+
+    /// How long this holder's lock may go unrefreshed before it is taken for abandoned.
+    pub fn stale_after(&self) -> Duration {
+        let recorded = self
+            .stale_seconds
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok());
+        recorded.map_or(stale_after(), |r| r.max(stale_after()))
     }
 
     /// `convert (pid 123 on node7, since 2026-12-03 08:00:00 UTC): sensorium-ingest convert ...`
     pub fn describe(&self) -> String {
+        if self.pid == 0 && self.host.is_empty() {
+            return format!(
+                "{} (the lock file is not a lock record: it is taken over once older than the stale time)",
+                self.what
+            );
+        }
         format!(
             "{} (pid {} on {}, since {}): {}",
             self.what,
@@ -125,7 +151,7 @@ impl NameLock {
         let mut announced = false;
         loop {
             match try_acquire(&request)? {
-                Attempt::Held(lock) => return Ok(lock),
+                Attempt::Held(lock) => return Ok(*lock),
                 Attempt::Again => std::thread::sleep(poll_interval()),
                 Attempt::Busy(holder) => {
                     let waits = matches!(request.waiting, Waiting::Up(_))
@@ -203,8 +229,8 @@ impl Drop for NameLock {
 }
 
 enum Attempt {
-    Held(NameLock),
-    Busy(Holder),
+    Held(Box<NameLock>),
+    Busy(Box<Holder>),
     /// The lock changed under this look: look again.
     Again,
 }
@@ -219,7 +245,7 @@ fn try_acquire(request: &Request) -> Result<Attempt> {
             settled => return Ok(settled),
         }
     }
-    Ok(read_holder(request.path).map_or(Attempt::Again, Attempt::Busy))
+    Ok(read_holder(request.path).map_or(Attempt::Again, |h| Attempt::Busy(Box::new(h))))
 }
 
 fn look(request: &Request) -> Result<Attempt> {
@@ -228,7 +254,7 @@ fn look(request: &Request) -> Result<Attempt> {
     let owner = request.holder.run.is_none();
     if create(request.path, &request.holder)? {
         let lock = start(request.path, &request.holder, owner, None)?;
-        return Ok(Attempt::Held(lock));
+        return Ok(Attempt::Held(Box::new(lock)));
     }
     let current = match read_holder(request.path) {
         Ok(current) => current,
@@ -237,26 +263,26 @@ fn look(request: &Request) -> Result<Attempt> {
         // Not a lock record (written by hand, or damaged): judged by its age alone.
         Err(_) => {
             if is_stale(request.path, &unknown_holder()) {
-                let _ = std::fs::remove_file(request.path);
+                take_over_stale(request.path, None)?;
                 return Ok(Attempt::Again);
             }
-            return Ok(Attempt::Busy(unknown_holder()));
+            return Ok(Attempt::Busy(Box::new(unknown_holder())));
         }
     };
     if is_stale(request.path, &current) {
-        take_over_stale(request.path, &current)?;
+        take_over_stale(request.path, Some(&current))?;
         return Ok(Attempt::Again);
     }
     let own_run = current.run.is_some() && current.run == request.holder.run;
     if own_run && request.take_over_run.is_none() {
         // Another task of the same sharded run holds it: share it.
         let lock = start(request.path, &request.holder, false, None)?;
-        return Ok(Attempt::Held(lock));
+        return Ok(Attempt::Held(Box::new(lock)));
     }
     if current.run.is_some() && current.run.as_deref() == request.take_over_run {
         return take_over_run(request, &current);
     }
-    Ok(Attempt::Busy(current))
+    Ok(Attempt::Busy(Box::new(current)))
 }
 
 /// `finalize` takes its run's lock over, exclusively: the run's record is renamed aside (one
@@ -280,7 +306,7 @@ fn take_over_run(request: &Request, run: &Holder) -> Result<Attempt> {
         return Ok(Attempt::Again);
     }
     let lock = start(request.path, &request.holder, true, Some(run.clone()))?;
-    Ok(Attempt::Held(lock))
+    Ok(Attempt::Held(Box::new(lock)))
 }
 
 fn busy(request: &Request, holder: &Holder) -> Error {
@@ -301,17 +327,31 @@ fn unknown_holder() -> Holder {
         since: unix_now(),
         command: String::new(),
         run: None,
+        pid_space: None,
+        stale_seconds: None,
     }
 }
 
 /// Creates the lock file with `holder`'s record, atomically: false when it exists.
 fn create(path: &Path, holder: &Holder) -> Result<bool> {
     let aside = aside_path(path, "new");
-    write_record(&aside, holder)?;
+    if let Err(e) = write_record(&aside, holder) {
+        let _ = std::fs::remove_file(&aside);
+        return Err(e);
+    }
     let linked = std::fs::hard_link(&aside, path);
+    // NFSv3 may retransmit a `link` that succeeded and report the retry's EEXIST: the aside
+    // file's link count tells whether the lock is this one.
+    let ours = match &linked {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::metadata(&aside).is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 2)
+        }
+        _ => false,
+    };
     let _ = std::fs::remove_file(&aside);
     match linked {
         Ok(()) => Ok(true),
+        Err(_) if ours => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(Error::io(path, "cannot create the lock file", e)),
     }
@@ -335,10 +375,16 @@ fn aside_path(path: &Path, what: &str) -> PathBuf {
     let name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    // Host name and pid alone can repeat (containers sharing a host name are all pid 1).
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     path.with_file_name(format!(
-        "{name}.{what}.{}.{}",
+        "{name}.{what}.{}.{}.{nanos:09}.{}",
         super::hostname(),
-        std::process::id()
+        std::process::id(),
+        COUNT.fetch_add(1, Ordering::Relaxed)
     ))
 }
 
@@ -361,6 +407,8 @@ pub fn read_holder(path: &Path) -> std::io::Result<Holder> {
             since: since.and_then(|s| s.parse().ok()).unwrap_or(0),
             command: String::new(),
             run: None,
+            pid_space: None,
+            stale_seconds: None,
         }),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -374,26 +422,46 @@ fn is_stale(path: &Path, holder: &Holder) -> bool {
         return true;
     }
     let refreshed = std::fs::metadata(path).and_then(|m| m.modified());
-    refreshed.is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale_after()))
+    refreshed.is_ok_and(|t| t.elapsed().is_ok_and(|age| age > holder.stale_after()))
 }
 
-/// A holder on this host whose process is gone. An unknown host name cannot tell two hosts
-/// apart, and a sharded run's tasks come and go: such holders are judged by age alone.
+/// A holder on this host, in this PID namespace, whose process is gone. An unknown host name
+/// cannot tell two hosts apart, another PID namespace (a container sharing the host name) gives
+/// its pids other meanings, and a sharded run's tasks come and go: such holders are judged by
+/// age alone.
 pub(crate) fn dead_on_this_host(holder: &Holder) -> bool {
     let this_host = !holder.host.is_empty() && holder.host == super::hostname();
-    this_host && holder.run.is_none() && !process_alive(holder)
+    let same_pids = holder.pid_space.is_none() || holder.pid_space == pid_space();
+    this_host && same_pids && holder.run.is_none() && !process_alive(holder)
 }
 
-/// Whether the holder's process still runs, as far as this system tells: without `/proc`
-/// (not Linux) it cannot be told, and the holder counts as alive (its lock goes stale by age).
+/// Whether the holder's process still runs, as far as this system tells. Only "no such
+/// process" counts as gone: a process this user may not signal or see (another user's, under
+/// `hidepid`) is alive, and a pid now used by a process that started at another time is gone.
 fn process_alive(holder: &Holder) -> bool {
-    if !Path::new("/proc/self/stat").exists() {
-        return true;
+    let pid = match libc::pid_t::try_from(holder.pid) {
+        Ok(pid) if pid > 0 => pid,
+        _ => return true,
+    };
+    // SAFETY: signal 0 checks that the process exists and may be signalled; nothing is sent.
+    let gone = unsafe { libc::kill(pid, 0) } != 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    if gone {
+        return false;
     }
-    match process_start_time(holder.pid) {
-        None => false,
-        Some(start) => holder.start_time.is_none_or(|recorded| recorded == start),
+    match (process_stat(holder.pid), holder.start_time) {
+        // A zombie has exited; its parent has not collected it yet.
+        (Some(('Z', _)), _) => false,
+        (Some((_, now)), Some(recorded)) => now == recorded,
+        _ => true,
     }
+}
+
+/// This process's boot and PID namespace, where Linux tells them.
+fn pid_space() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), namespace.display()))
 }
 
 /// The holder of the lock at `path` if it is held and not stale: what `finalize` asks of the
@@ -403,18 +471,24 @@ pub fn live_holder(path: &Path) -> Option<Holder> {
     (!is_stale(path, &holder)).then_some(holder)
 }
 
-/// Renames a stale lock aside and removes it, if it is still the one judged stale; one of
-/// several processes taking over wins the rename, the others find a fresh lock.
-fn take_over_stale(path: &Path, judged: &Holder) -> Result<()> {
+/// Renames a stale lock aside and removes it, if it is still the one judged stale (`None`: a
+/// file that is not a lock record); one of several processes taking over wins the rename, the
+/// others find a fresh lock.
+fn take_over_stale(path: &Path, judged: Option<&Holder>) -> Result<()> {
     let aside = aside_path(path, "stale");
     match std::fs::rename(path, &aside) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(path, "cannot take over a stale lock", e)),
     }
-    let moved = read_holder(&aside).ok();
-    if moved.as_ref() == Some(judged) {
-        tracing::warn!(lock = %path.display(), holder = %judged.describe(), "took over a stale lock");
+    let moved = read_holder(&aside);
+    let same = match judged {
+        Some(judged) => moved.as_ref().ok() == Some(judged),
+        None => moved.is_err(),
+    };
+    if same {
+        let old = judged.map_or_else(|| "a damaged lock file".into(), Holder::describe);
+        tracing::warn!(lock = %path.display(), holder = %old, "took over a stale lock");
     } else {
         // Someone took it over between the look and the rename: give theirs back.
         let _ = std::fs::hard_link(&aside, path);
@@ -456,6 +530,7 @@ fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop:
     let interval = (stale_after() / 4).max(Duration::from_millis(200));
     let step = Duration::from_millis(100);
     let mut waited = Duration::ZERO;
+    let mut missing = 0;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(step);
         waited += step;
@@ -463,13 +538,20 @@ fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop:
             continue;
         }
         waited = Duration::ZERO;
-        let ours = read_holder(path).is_ok_and(|h| match owner {
-            true => h == *holder,
-            false => h.run == holder.run,
-        });
-        if !ours {
-            lost.store(true, Ordering::Relaxed);
-            return;
+        // Lost when another holder's record is there, or none for two beats in a row (a
+        // losing stale-taker puts a live lock back at once); a failed read (a network file
+        // system's hiccup) is tried again on the next beat.
+        match read_holder(path) {
+            Ok(h) if is_ours(&h, holder, owner) => missing = 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && missing == 0 => {
+                missing = 1;
+                continue;
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => continue,
+            _ => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
         }
         let _ = std::fs::File::options()
             .write(true)
@@ -478,7 +560,15 @@ fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop:
     }
 }
 
-/// How long a lock may go unrefreshed before it is taken for abandoned.
+fn is_ours(found: &Holder, holder: &Holder, owner: bool) -> bool {
+    match owner {
+        true => found == holder,
+        false => found.run == holder.run,
+    }
+}
+
+/// How long a lock may go unrefreshed before it is taken for abandoned, as this process is
+/// configured (`Holder::stale_after` also heeds the holder's own setting).
 pub fn stale_after() -> Duration {
     let seconds = std::env::var("SENSORIUM_INGEST_LOCK_STALE_SECONDS")
         .ok()
@@ -492,13 +582,18 @@ fn poll_interval() -> Duration {
     (stale_after() / 20).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
-/// A process's start time in clock ticks after boot (`/proc/<pid>/stat`, field 22); `None`
-/// where there is no such process or no /proc.
-fn process_start_time(pid: u32) -> Option<u64> {
+/// A process's state letter and start time in clock ticks after boot (`/proc/<pid>/stat`,
+/// fields 3 and 22); `None` where there is no such process, or no /proc.
+fn process_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from the last `)`.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.nth(18)?.parse().ok()?))
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    process_stat(pid).map(|(_, start)| start)
 }
 
 fn unix_now() -> u64 {

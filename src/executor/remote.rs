@@ -694,7 +694,8 @@ fn try_take(bucket: &Bucket, key: &str, holder: &Holder) -> Result<Option<Update
         return Ok(None);
     };
     let age = unix_now().saturating_sub(record.refreshed);
-    if Duration::from_secs(age) < stale_after() && !dead_on_this_host(&record.holder) {
+    if Duration::from_secs(age) < record.holder.stale_after() && !dead_on_this_host(&record.holder)
+    {
         return Ok(None);
     }
     if record.refreshed != 0 {
@@ -749,6 +750,8 @@ fn read_record(bucket: &Bucket, key: &str) -> Result<Option<(LockRecord, UpdateV
             since: 0,
             command: String::new(),
             run: None,
+            pid_space: None,
+            stale_seconds: None,
         },
         refreshed: 0,
     });

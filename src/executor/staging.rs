@@ -13,29 +13,69 @@ use super::{manifest, Prepared, RUN_RECORD};
 use crate::error::{Error, Result};
 use crate::validate;
 
-/// A publish interrupted between its two renames leaves the old dataset aside: put it back.
+/// A publish interrupted between its two renames leaves the old dataset aside, whole: put it
+/// back. Folders left to remove (a replaced dataset an NFS client still kept files of, a
+/// finalized run's shards) are removed now if they will go.
 pub(crate) fn recover_interrupted_publish(
     store: &Path,
     name: &str,
     dataset_dir: &Path,
 ) -> Result<()> {
     let aside = store.join(format!(".{name}.replaced"));
-    if aside.exists() {
-        if dataset_dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&aside) {
-                tracing::warn!(folder = %aside.display(), error = %e, "cannot remove a replaced dataset yet");
-            }
-        } else {
-            std::fs::rename(&aside, dataset_dir).map_err(|e| {
-                Error::io(
+    let whole = aside.join(manifest::FILE_NAME).is_file();
+    if whole && !dataset_dir.exists() {
+        match std::fs::rename(&aside, dataset_dir) {
+            // The shard tasks of one run share the name: another one restored it first.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(
                     &aside,
                     "cannot restore the dataset moved aside by an interrupted run",
                     e,
-                )
-            })?;
+                ))
+            }
+            _ => {}
+        }
+    }
+    let garbage = format!(".{name}.{GARBAGE}");
+    for entry in std::fs::read_dir(store).into_iter().flatten().flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        if file_name.starts_with(&garbage) || entry.path() == aside {
+            remove_folder(&entry.path());
         }
     }
     Ok(())
+}
+
+/// How the folders that only wait to be removed begin, after `.<name>.`.
+const GARBAGE: &str = "removed-";
+
+/// Moves `dir` (in the store, for dataset `name`) out of the way in one rename, then removes
+/// it: nothing can find or write its files any more once this returns, even if removing them
+/// fails (they are removed by a later run of the name).
+pub(crate) fn discard(store: &Path, name: &str, dir: &Path, failed: &'static str) -> Result<()> {
+    let gone = store.join(format!(".{name}.{GARBAGE}{}", unique_suffix()));
+    std::fs::rename(dir, &gone).map_err(|e| Error::io(dir, failed, e))?;
+    remove_folder(&gone);
+    Ok(())
+}
+
+/// Removes a folder that is not a dataset any more: its manifest first, so a folder half
+/// removed is never taken for a dataset. A failure is only logged (see `discard`).
+fn remove_folder(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(manifest::FILE_NAME));
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(folder = %dir.display(), error = %e, "cannot remove this folder yet; a later run of the name will");
+        }
+    }
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
 }
 
 /// Files the runner keeps for itself, not outputs.
@@ -142,6 +182,10 @@ pub(crate) fn link_outputs(from: &Path, to: &Path, lock: &StageLock) -> Result<(
 pub(crate) fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<()> {
     let parent = dataset_dir.parent().unwrap_or(Path::new("."));
     let aside = parent.join(format!(".{name}.replaced"));
+    if aside.exists() {
+        // A replaced dataset that would not go yet: the name is needed for this publish.
+        discard(parent, name, &aside, "cannot move a replaced dataset away")?;
+    }
     let had_old = dataset_dir.exists();
     let swapped = had_old
         && exchange(staging, dataset_dir)
@@ -171,9 +215,12 @@ pub(crate) fn publish(staging: &Path, dataset_dir: &Path, name: &str) -> Result<
     // The new dataset is published: an old copy that will not go (an NFS client keeping a
     // reader's files as .nfsXXXX) is left for the next run to remove, not an error.
     if had_old && aside.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&aside) {
-            tracing::warn!(folder = %aside.display(), error = %e, "cannot remove the replaced dataset yet");
-        }
+        let _ = discard(
+            parent,
+            name,
+            &aside,
+            "cannot move the replaced dataset away",
+        );
     }
     if let Ok(dir) = std::fs::File::open(parent) {
         let _ = dir.sync_all();

@@ -84,8 +84,8 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>> {
         // config file's `[default]` and `[profile default]`, the later one, never a blend.
         let last = ini
             .iter()
-            .filter(|(section, _)| section.is_some_and(|s| names_profile(s, &name, in_config)))
-            .last();
+            .rev()
+            .find(|(section, _)| section.is_some_and(|s| names_profile(s, &name, in_config)));
         if let Some((_, props)) = last {
             found = true;
             values.extend(props.iter().map(|(k, v)| (k.to_string(), v.to_string())));

@@ -2,7 +2,8 @@
 the store stays one that `verify` accepts, with one catalog row per dataset.
 
 Each round starts four processes at once on the same dataset name, mixing `convert`, `ingest`
-and the `finalize` of a sharded run whose tasks are done. Each must end cleanly: published,
+and, every other round, the `finalize` of a sharded run whose tasks are done (the other rounds
+have a `convert --wait` instead, and no run holding the name). Each must end cleanly: published,
 found up to date, or refused with exit 75 naming who holds the name (host, pid, since,
 command). Then the store must verify, and the catalog hold exactly one row per dataset."""
 
@@ -63,14 +64,18 @@ def test_writers_of_one_name_meet_cleanly_round_after_round(tmp_path):
     shutil.copy(FIXTURE, inbox / FIXTURE.name)
     for round_ in range(ROUNDS):
         store = tmp_path / f"store-{round_}"
-        # A sharded run whose tasks are done, so that its finalize can race the others.
-        for k in range(2):
-            task = helpers.run("convert", FIXTURE, "--out", store, "--shard", f"{k}/2")
-            assert task.returncode == 0, helpers.describe_run(task)
         racers = [("convert", FIXTURE, "--out", store),
                   ("ingest", inbox, "--out", store, "--min-age", "0", "--settle", "0"),
-                  ("finalize", store / NAME),
                   ("convert", FIXTURE, "--out", store, "--threads", "1")]
+        if round_ % 2:
+            # A sharded run whose tasks are done holds the name: its finalize races the others.
+            for k in range(2):
+                task = helpers.run("convert", FIXTURE, "--out", store, "--shard", f"{k}/2")
+                assert task.returncode == 0, helpers.describe_run(task)
+            racers.append(("finalize", store / NAME))
+        else:
+            # Nobody holds the name: the conversions race for it, one of them waiting.
+            racers.append(("convert", FIXTURE, "--out", store, "--wait=120s"))
         # Rotate who starts first.
         racers = racers[round_ % 4:] + racers[:round_ % 4]
         procs = [finish(p) for p in [start(*r) for r in racers]]
@@ -138,6 +143,9 @@ def test_a_lock_left_on_another_host_is_taken_over_once_stale(tmp_path):
     lock.write_text(json.dumps({"what": "convert", "host": "node-that-died", "pid": 1,
                                 "since": 0, "command": "sensorium-ingest convert x"}))
     env = {**os.environ, "SENSORIUM_INGEST_LOCK_STALE_SECONDS": "2"}
+    # Refreshed "later" than now, however long the first run takes to look.
+    ahead = time.time() + 3600
+    os.utime(lock, (ahead, ahead))
     fresh = finish(start("convert", FIXTURE, "--out", store, env=env))
     assert fresh.returncode == 75 and "node-that-died" in fresh.stderr, helpers.describe_run(fresh)
     old = time.time() - 10
@@ -145,6 +153,57 @@ def test_a_lock_left_on_another_host_is_taken_over_once_stale(tmp_path):
     taken = finish(start("convert", FIXTURE, "--out", store, env=env))
     assert taken.returncode == 0, helpers.describe_run(taken)
     assert "took over a stale lock" in taken.stderr
+
+
+def test_a_lock_is_judged_by_its_holders_stale_time_when_longer(tmp_path):
+    """A host configured with a short stale time never takes over a lock whose holder
+    refreshes it on a slower beat (its own, longer, stale time)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    lock = store / f".{NAME}.lock"
+    record = {"what": "convert", "host": "slow-beat-node", "pid": 1, "since": 0,
+              "command": "sensorium-ingest convert x", "stale_seconds": 3600}
+    lock.write_text(json.dumps(record))
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    env = {**os.environ, "SENSORIUM_INGEST_LOCK_STALE_SECONDS": "2"}
+    kept = finish(start("convert", FIXTURE, "--out", store, env=env))
+    assert kept.returncode == 75 and "slow-beat-node" in kept.stderr, helpers.describe_run(kept)
+    lock.write_text(json.dumps({**record, "stale_seconds": 30}))
+    os.utime(lock, (old, old))
+    taken = finish(start("convert", FIXTURE, "--out", store, env=env))
+    assert taken.returncode == 0, helpers.describe_run(taken)
+    assert "took over a stale lock" in taken.stderr
+
+
+def test_a_part_written_again_never_changes_the_published_files(tmp_path):
+    """A finalize killed while removing its shards folder could leave part files that are hard
+    links to the published dataset's. A task resubmitted into such a folder writes new files:
+    the published ones keep their bytes, inode and modification time."""
+    store = tmp_path / "store"
+    for k in range(2):
+        task = helpers.run("convert", FIXTURE, "--out", store, "--shard", f"{k}/2")
+        assert task.returncode == 0, helpers.describe_run(task)
+    shards = store / f".{NAME}.shards"
+    kept = tmp_path / "kept"
+    subprocess.run(["cp", "-al", str(shards), str(kept)], check=True)
+    final = helpers.run("finalize", store / NAME)
+    assert final.returncode == 0, helpers.describe_run(final)
+    assert not shards.exists()
+    # The folder as a killed removal would leave it, sharing the published files' inodes.
+    subprocess.run(["cp", "-al", str(kept), str(shards)], check=True)
+    published = {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+                 for p in sorted((store / NAME).rglob("*")) if p.is_file()}
+    linked = [p for p in published if p.stat().st_nlink > 1]
+    assert linked, "the finalized dataset shares no file with its parts"
+    for receipt in (shards / "receipts").iterdir():
+        receipt.unlink()
+    again = helpers.run("convert", FIXTURE, "--out", store, "--shard", "1/2")
+    assert again.returncode == 0, helpers.describe_run(again)
+    changed = [str(p) for p, was in published.items()
+               if (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) != was]
+    assert not changed, changed
+    assert helpers.run("verify", store / NAME).returncode == 0
 
 
 def test_one_shard_task_listed_twice_runs_once(tmp_path):

@@ -87,6 +87,7 @@ def test_a_disk_that_fills_up_anywhere_publishes_nothing_and_the_rerun_resumes(
     taken = int(subprocess.run(["df", "-B1", "--output=used", str(mount)], capture_output=True,
                                text=True, check=True).stdout.split()[-1])
     failed_in = []
+    reused_stages = 0
     done_so_far = 0
     for stage, stage_bytes in usage:
         if stage_bytes == 0:
@@ -102,10 +103,16 @@ def test_a_disk_that_fills_up_anywhere_publishes_nothing_and_the_rerun_resumes(
         assert not (store / name / "manifest.json").exists(), f"{stage}: published on a full disk"
         assert tree_hashes(store / "dynamic90001-1-1") == before, f"{stage}: touched another dataset"
         failed_in.append((stage, full.stderr.splitlines()[0]))
-        # Freed space: the same command resumes.
+        # Freed space: the same command resumes, reusing the stages finished before the disk
+        # filled up from the staging folder the failed run kept.
         resize(64 << 20)
         again = helpers.run("convert", source, "--out", store)
         assert again.returncode == 0, f"{stage}: " + helpers.describe_run(again)
+        finished = re.findall(r"stage finished stage=(\S+) action=ran", full.stderr)
+        resumed = re.findall(r"^  (\S+) +\S+ +reused \(partial\)", again.stdout, re.M)
+        assert set(finished) <= set(resumed), \
+            f"{stage}: finished {finished}, reused {resumed}\n{again.stdout}\n{full.stderr}"
+        reused_stages += len(resumed)
         assert helpers.run("verify", store).returncode == 0
         helpers.assert_same_outputs(store / name, reference / name)
         shutil.rmtree(store / name)
@@ -113,6 +120,7 @@ def test_a_disk_that_fills_up_anywhere_publishes_nothing_and_the_rerun_resumes(
             catalog_row.unlink()
     stages = [s for s, _ in failed_in]
     assert len(stages) >= 5, failed_in
+    assert reused_stages >= len(stages), f"too few stages resumed: {reused_stages}"
     # The failures name files of the stage that was running.
     assert any("videos" in line for s, line in failed_in if s == "videos"), failed_in
 
@@ -131,6 +139,31 @@ def test_plan_shows_the_space_and_convert_refuses_a_disk_too_small(tmpfs, mouse)
     assert "not enough space: the run needs about" in refused.stderr, refused.stderr
     assert "--no-space-check" in refused.stderr
     assert not any(store.glob(".*.partial")), "a refused run left a staging folder"
+
+
+def test_an_ingest_stops_at_a_full_disk_and_the_next_one_takes_the_rest(tmpfs, mouse, tmp_path):
+    mount, resize = tmpfs
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for seed in (921, 922):
+        source = mouse(f"full-inbox-{seed}", trials=20, neurons=260, frames=200, seed=seed,
+                       animal=seed)
+        shutil.copy(source, inbox / source.name)
+    store = mount / "store"
+    resize(256 * 1024)
+    args = ("ingest", inbox, "--out", store, "--min-age", "0", "--settle", "0")
+    full = helpers.run(*args)
+    assert full.returncode == 74, helpers.describe_run(full)
+    assert "not enough space" in full.stderr, full.stderr
+    assert re.search(r"^failed +\S+: .*not enough space", full.stdout, re.M), full.stdout
+    assert re.search(r"^skipped +\S+: not tried: the store's disk is full", full.stdout, re.M), \
+        full.stdout
+    # Room for both by the space check's upper bound (each run needs about 55 MiB by it).
+    resize(160 << 20)
+    again = helpers.run(*args)
+    assert again.returncode == 0, helpers.describe_run(again)
+    assert "2 added, 0 skipped, 0 failed" in again.stdout, again.stdout
+    assert helpers.run("verify", store).returncode == 0
 
 
 def test_a_shard_task_refuses_a_disk_too_small_for_its_part(tmpfs, mouse):

@@ -733,4 +733,8 @@ def test_disk_full_mid_write(tmp_path, template_store, tmpfs):
                        timeout=300)
     refused(proc, "io", "No space left")
     assert "the disk is full" in proc.stderr and "the run needs about" in proc.stderr, proc.stderr
+    # The staging folder is kept for the rerun to resume from; nothing else changed.
+    staging = store / f".{NAME}.partial"
+    assert staging.is_dir() and not (staging / "manifest.json").exists()
+    shutil.rmtree(staging)
     store_unharmed(store, before)
