@@ -189,12 +189,12 @@ impl Error {
         }
     }
 
-    /// Exit codes follow BSD `sysexits.h`, so shell scripts and schedulers can tell classes apart.
     /// A write failed because the file system is full (or the user's quota is used up).
     pub fn is_disk_full(&self) -> bool {
         matches!(self, Error::Io { source, .. } if disk_full(source))
     }
 
+    /// Exit codes follow BSD `sysexits.h`, so shell scripts and schedulers can tell classes apart.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::BadInput { .. } => 65,                              // EX_DATAERR

@@ -291,6 +291,9 @@ struct IngestArgs {
     /// Seconds between two looks at the inbox; what changed in between is left for later.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     settle: f64,
+    /// Start each conversion even when the store's file system seems to lack the space it needs.
+    #[arg(long)]
+    no_space_check: bool,
 }
 
 /// Like `println!`, but a closed stdout (`... | head`) is not a panic: output is best effort.
@@ -644,6 +647,7 @@ fn run_ingest(args: IngestArgs, progress: ProgressMode) -> Result<(), Error> {
         direct_io: !args.resources.no_direct_io,
         min_age: std::time::Duration::from_secs(args.min_age),
         settle: std::time::Duration::from_secs_f64(args.settle.max(0.0)),
+        no_space_check: args.no_space_check,
         progress,
     })?;
     print_ingest_report(&report);

@@ -34,6 +34,8 @@ pub struct IngestOptions {
     pub min_age: Duration,
     /// Time between the two looks at each source; a source that changed between them is skipped.
     pub settle: Duration,
+    /// Start each conversion even when the store's file system seems to lack its space.
+    pub no_space_check: bool,
     pub progress: ProgressMode,
 }
 
@@ -231,7 +233,9 @@ fn convert_new_sources(
             Err(e @ Error::Busy { .. }) => report
                 .skipped
                 .push((path, format!("busy: {}", first_line(&e)))),
-            Err(e) if e.is_disk_full() || matches!(e, Error::NoSpace { .. }) => {
+            // A source the space check refuses is one failure (a smaller one may still fit); a
+            // write that finds the disk full ends the ingest.
+            Err(e) if e.is_disk_full() => {
                 report.failed.push((path, first_line(&e)));
                 let why = "not tried: the store's disk is full";
                 report
@@ -266,7 +270,7 @@ fn convert_options(
         progress: opts.progress,
         wait: Waiting::No,
         writer: "ingest",
-        no_space_check: false,
+        no_space_check: opts.no_space_check,
     }
 }
 

@@ -162,7 +162,9 @@ pub fn write_replacing(path: &Path, bytes: &[u8], action: &'static str) -> Resul
 /// Writes a file and flushes it to disk before returning.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, "cannot create", e))?;
+    let mut file = crate::writers::unlink_existing(path)
+        .and_then(|()| std::fs::File::create(path))
+        .map_err(|e| Error::io(path, "cannot create", e))?;
     file.write_all(bytes)
         .map_err(|e| Error::io(path, "cannot write", e))?;
     file.sync_all()

@@ -421,7 +421,8 @@ fn convert_claimed(
         complete::catalog_existing(opts, &prep)?;
         return Ok(report);
     }
-    check_space(opts, space_needed(&prep))?;
+    let needed = space_needed(&prep).saturating_sub(staging::reclaimable_bytes(&prep));
+    check_space(opts, needed)?;
     staging::prepare_staging(&prep)?;
     let result = run_whole(opts, &prep, report, started, name_lock);
     // A failed run leaves nothing behind; an interrupted one, or one that filled the disk,

@@ -50,10 +50,13 @@ pub struct Holder {
     /// it means the same process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_space: Option<String>,
-    /// The holder's stale time in seconds: a taker waits for the longer of its own and this,
-    /// so hosts configured differently never take over a lock refreshed on a slower beat.
+    /// The holder's stale time in milliseconds: a taker waits for the longer of its own and
+    /// this, so hosts configured differently never take over a lock refreshed on a slower beat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stale_seconds: Option<f64>,
+    pub stale_millis: Option<u64>,
+    /// Unique to one taking of a lock: a record equal to this holder's is this very taking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Holder {
@@ -68,17 +71,33 @@ impl Holder {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             run,
             pid_space: pid_space(),
-            stale_seconds: Some(stale_after().as_secs_f64()),
+            stale_millis: Some(u64::try_from(stale_after().as_millis()).unwrap_or(u64::MAX)),
+            token: Some(unique_token()),
         }
     }
 
     /// How long this holder's lock may go unrefreshed before it is taken for abandoned.
     pub fn stale_after(&self) -> Duration {
-        let recorded = self
-            .stale_seconds
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .and_then(|s| Duration::try_from_secs_f64(s).ok());
-        recorded.map_or(stale_after(), |r| r.max(stale_after()))
+        self.recorded_stale()
+            .map_or(stale_after(), |r| r.max(stale_after()))
+    }
+
+    fn recorded_stale(&self) -> Option<Duration> {
+        self.stale_millis
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis)
+    }
+
+    /// Whether a pid recorded by this holder means the same process here: the same host name,
+    /// boot and PID namespace. Records of older versions name no namespace: the host decides.
+    fn pids_comparable(&self) -> bool {
+        let this_host = !self.host.is_empty() && self.host == super::hostname();
+        let same_space = match (&self.pid_space, self.stale_millis) {
+            (None, None) => true,
+            (None, Some(_)) => false,
+            (Some(space), _) => Some(space) == pid_space().as_ref(),
+        };
+        this_host && same_space
     }
 
     /// `convert (pid 123 on node7, since 2026-12-03 08:00:00 UTC): sensorium-ingest convert ...`
@@ -257,6 +276,12 @@ fn look(request: &Request) -> Result<Attempt> {
         return Ok(Attempt::Held(Box::new(lock)));
     }
     let current = match read_holder(request.path) {
+        // This very record: a `link` that NFS retried and reported as "exists" (and whose
+        // link count the client had not seen yet) did create it.
+        Ok(current) if current == request.holder => {
+            let lock = start(request.path, &request.holder, owner, None)?;
+            return Ok(Attempt::Held(Box::new(lock)));
+        }
         Ok(current) => current,
         // Gone since the link failed: look again.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Attempt::Again),
@@ -328,7 +353,8 @@ fn unknown_holder() -> Holder {
         command: String::new(),
         run: None,
         pid_space: None,
-        stale_seconds: None,
+        stale_millis: None,
+        token: None,
     }
 }
 
@@ -375,17 +401,22 @@ fn aside_path(path: &Path, what: &str) -> PathBuf {
     let name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
-    // Host name and pid alone can repeat (containers sharing a host name are all pid 1).
+    path.with_file_name(format!("{name}.{what}.{}", unique_token()))
+}
+
+/// `HOST.PID.NANOS.COUNT`: host name and pid alone can repeat (containers sharing a host name
+/// are all pid 1), the clock and a counter tell their files and takings apart.
+fn unique_token() -> String {
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    path.with_file_name(format!(
-        "{name}.{what}.{}.{}.{nanos:09}.{}",
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}.{}.{nanos}.{}",
         super::hostname(),
         std::process::id(),
         COUNT.fetch_add(1, Ordering::Relaxed)
-    ))
+    )
 }
 
 /// The holder recorded in a lock file. Locks of older versions (`pid host since`) are read
@@ -408,7 +439,8 @@ pub fn read_holder(path: &Path) -> std::io::Result<Holder> {
             command: String::new(),
             run: None,
             pid_space: None,
-            stale_seconds: None,
+            stale_millis: None,
+            token: None,
         }),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -430,9 +462,7 @@ fn is_stale(path: &Path, holder: &Holder) -> bool {
 /// its pids other meanings, and a sharded run's tasks come and go: such holders are judged by
 /// age alone.
 pub(crate) fn dead_on_this_host(holder: &Holder) -> bool {
-    let this_host = !holder.host.is_empty() && holder.host == super::hostname();
-    let same_pids = holder.pid_space.is_none() || holder.pid_space == pid_space();
-    this_host && same_pids && holder.run.is_none() && !process_alive(holder)
+    holder.pids_comparable() && holder.run.is_none() && !process_alive(holder)
 }
 
 /// Whether the holder's process still runs, as far as this system tells. Only "no such
@@ -482,9 +512,10 @@ fn take_over_stale(path: &Path, judged: Option<&Holder>) -> Result<()> {
         Err(e) => return Err(Error::io(path, "cannot take over a stale lock", e)),
     }
     let moved = read_holder(&aside);
-    let same = match judged {
-        Some(judged) => moved.as_ref().ok() == Some(judged),
-        None => moved.is_err(),
+    let same = match (judged, &moved) {
+        (Some(judged), Ok(moved)) => moved == judged,
+        (None, Err(e)) => e.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
     };
     if same {
         let old = judged.map_or_else(|| "a damaged lock file".into(), Holder::describe);
@@ -527,7 +558,15 @@ fn start(
 }
 
 fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop: &AtomicBool) {
-    let interval = (stale_after() / 4).max(Duration::from_millis(200));
+    let beat = |record: Option<&Holder>| {
+        // A task sharing its run's lock beats at least as often as the record it refreshes
+        // promises (the stale time of the task that created it).
+        let promised = record
+            .and_then(Holder::recorded_stale)
+            .unwrap_or(stale_after());
+        (stale_after().min(promised) / 4).max(Duration::from_millis(200))
+    };
+    let mut interval = beat(None);
     let step = Duration::from_millis(100);
     let mut waited = Duration::ZERO;
     let mut missing = 0;
@@ -542,7 +581,10 @@ fn heartbeat(path: &Path, holder: &Holder, owner: bool, lost: &AtomicBool, stop:
         // losing stale-taker puts a live lock back at once); a failed read (a network file
         // system's hiccup) is tried again on the next beat.
         match read_holder(path) {
-            Ok(h) if is_ours(&h, holder, owner) => missing = 0,
+            Ok(h) if is_ours(&h, holder, owner) => {
+                missing = 0;
+                interval = beat(Some(&h));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && missing == 0 => {
                 missing = 1;
                 continue;
@@ -570,12 +612,12 @@ fn is_ours(found: &Holder, holder: &Holder, owner: bool) -> bool {
 /// How long a lock may go unrefreshed before it is taken for abandoned, as this process is
 /// configured (`Holder::stale_after` also heeds the holder's own setting).
 pub fn stale_after() -> Duration {
-    let seconds = std::env::var("SENSORIUM_INGEST_LOCK_STALE_SECONDS")
+    std::env::var("SENSORIUM_INGEST_LOCK_STALE_SECONDS")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(600.0);
-    Duration::from_secs_f64(seconds)
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(Duration::from_secs(600))
 }
 
 fn poll_interval() -> Duration {
@@ -705,6 +747,47 @@ mod tests {
         let lock = NameLock::acquire(request(&path, holder("ingest", None))).unwrap();
         assert_eq!(read_holder(&path).unwrap().pid, std::process::id());
         drop(lock);
+    }
+
+    #[test]
+    fn pids_count_only_in_their_own_namespace() {
+        let here = holder("convert", None);
+        assert!(here.pids_comparable());
+        let container = Holder {
+            pid_space: Some("another-boot/pid:[1]".into()),
+            ..here.clone()
+        };
+        assert!(!container.pids_comparable());
+        // A holder of this version that could not read its namespace: judged by age.
+        let unknown = Holder {
+            pid_space: None,
+            ..here.clone()
+        };
+        assert!(!unknown.pids_comparable());
+        // A record of an older version names none: its host decides.
+        let older = Holder {
+            pid_space: None,
+            stale_millis: None,
+            ..here
+        };
+        assert!(older.pids_comparable());
+    }
+
+    #[test]
+    fn a_holders_longer_stale_time_wins() {
+        let slow = Holder {
+            stale_millis: Some(3_600_000),
+            ..holder("convert", None)
+        };
+        assert_eq!(
+            slow.stale_after(),
+            Duration::from_secs(3600).max(stale_after())
+        );
+        let quick = Holder {
+            stale_millis: Some(1),
+            ..holder("convert", None)
+        };
+        assert_eq!(quick.stale_after(), stale_after());
     }
 
     #[test]

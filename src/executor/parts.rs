@@ -367,8 +367,11 @@ pub fn convert_shard(opts: &ConvertOptions, shard: Shard) -> Result<ShardReport>
     let run = Holder::this_process("shard task", Some(job.identity_hash()));
     if dir.join(JOB_FILE).is_file() {
         // A task of another run is refused before it takes the name: a run's lock is left in
-        // place by its tasks, so one taken here would keep the other run's finalize out.
-        join_job(&dir, &job)?;
+        // place by its tasks, so one taken here would keep the other run's finalize out. (Any
+        // other trouble, such as a finalize removing the folder meanwhile, is met below.)
+        if let Err(conflict @ Error::ShardConflict { .. }) = join_job(&dir, &job) {
+            return Err(conflict);
+        }
     }
     let name_lock = match runner::claim_name(opts, &prep.name, run, None) {
         Err(busy @ Error::Busy { .. }) => return Err(another_run_or(&dir, &job, busy)),

@@ -751,7 +751,8 @@ fn read_record(bucket: &Bucket, key: &str) -> Result<Option<(LockRecord, UpdateV
             command: String::new(),
             run: None,
             pid_space: None,
-            stale_seconds: None,
+            stale_millis: None,
+            token: None,
         },
         refreshed: 0,
     });

@@ -36,15 +36,31 @@ pub(crate) fn recover_interrupted_publish(
             _ => {}
         }
     }
-    let garbage = format!(".{name}.{GARBAGE}");
     for entry in std::fs::read_dir(store).into_iter().flatten().flatten() {
         let file_name = entry.file_name();
-        let file_name = file_name.to_string_lossy();
-        if file_name.starts_with(&garbage) || entry.path() == aside {
+        if is_garbage_of(&file_name.to_string_lossy(), name) || entry.path() == aside {
             remove_folder(&entry.path());
         }
     }
     Ok(())
+}
+
+/// Whether `file_name` is one of `discard`'s folders for dataset `name`, exactly: a dataset
+/// named `a.removed-x` has folders that begin like those of `a`.
+fn is_garbage_of(file_name: &str, name: &str) -> bool {
+    let Some(suffix) = file_name
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_prefix(GARBAGE))
+    else {
+        return false;
+    };
+    let parts: Vec<&str> = suffix.split('-').collect();
+    parts.len() == 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// How the folders that only wait to be removed begin, after `.<name>.`.
@@ -94,18 +110,7 @@ pub(crate) fn is_bookkeeping(path: &str) -> bool {
 /// stages it finished are kept, everything else in it is removed.
 pub(crate) fn prepare_staging(prep: &Prepared) -> Result<()> {
     let staging = &prep.staging_dir;
-    let keep: BTreeSet<&str> = prep
-        .decisions
-        .iter()
-        .filter_map(|d| match d {
-            Decision::Reuse {
-                origin: Origin::Partial,
-                lock,
-            } => Some(lock),
-            _ => None,
-        })
-        .flat_map(|l| l.outputs.keys().map(String::as_str))
-        .collect();
+    let keep = kept_outputs(prep);
     if !staging.exists() || keep.is_empty() {
         if staging.exists() {
             std::fs::remove_dir_all(staging)
@@ -122,6 +127,40 @@ pub(crate) fn prepare_staging(prep: &Prepared) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The staging folder's files that the run resumes with: the outputs of the stages an earlier
+/// run finished there.
+fn kept_outputs<'a>(prep: &'a Prepared) -> BTreeSet<&'a str> {
+    prep.decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Reuse {
+                origin: Origin::Partial,
+                lock,
+            } => Some(lock),
+            _ => None,
+        })
+        .flat_map(|l| l.outputs.keys().map(String::as_str))
+        .collect()
+}
+
+/// The bytes `prepare_staging` will free: the files of a kept staging folder (after a full
+/// disk, say) that the run does not resume with. The space check counts them as free.
+pub(crate) fn reclaimable_bytes(prep: &Prepared) -> u64 {
+    let staging = &prep.staging_dir;
+    let Ok(files) = validate::list_files(staging) else {
+        return 0;
+    };
+    let keep = kept_outputs(prep);
+    files
+        .iter()
+        .filter(|f| !keep.contains(f.as_str()))
+        .filter_map(|f| std::fs::metadata(staging.join(f)).ok())
+        // A file shared with a published dataset frees nothing when unlinked.
+        .filter(|m| std::os::unix::fs::MetadataExt::nlink(m) == 1)
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The first output of a stage whose content no longer matches the lock, if any.
@@ -259,4 +298,20 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
 #[cfg(not(target_os = "linux"))]
 fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_garbage_of;
+
+    #[test]
+    fn garbage_is_matched_exactly() {
+        assert!(is_garbage_of(".a.removed-12-345", "a"));
+        assert!(!is_garbage_of(".a.removed-12-345.partial", "a"));
+        assert!(!is_garbage_of(".a.removed-x.partial", "a"));
+        assert!(!is_garbage_of(".a.removed-1-2-3", "a"));
+        assert!(!is_garbage_of(".ab.removed-1-2", "a"));
+        assert!(!is_garbage_of("a.removed-1-2", "a"));
+        assert!(is_garbage_of(".a.removed-x.removed-1-2", "a.removed-x"));
+    }
 }

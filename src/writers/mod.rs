@@ -9,6 +9,17 @@ pub mod shard;
 pub mod write_behind;
 pub mod zarr;
 
+/// Removes the file at `path` if there is one, before a new file is written there. Outputs are
+/// new files, never old ones rewritten: a file at that path may be a hard link that a published
+/// dataset shares (a reused stage's, a finalized part's), and rewriting it would change that
+/// dataset under its readers.
+pub fn unlink_existing(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Where an output lands, and its provenance, shared by all writers.
 #[derive(Debug, Clone)]
 pub struct Provenance {

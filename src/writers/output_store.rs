@@ -137,12 +137,7 @@ impl OutputStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        // A new file, never the old one rewritten: an existing file may be a hard link that a
-        // published dataset shares (a reused stage's, a finalized part's).
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
+        super::unlink_existing(&path)?;
         let direct =
             value.len() >= DIRECT_IO_MIN_BYTES && self.log.direct_io.load(Ordering::Relaxed);
         let written_direct = direct

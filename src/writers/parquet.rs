@@ -34,7 +34,9 @@ impl TableWriter {
         compression: &Compression,
         provenance: &Provenance,
     ) -> Result<TableWriter> {
-        let file = File::create(path).map_err(|e| Error::io(path, "cannot create the table", e))?;
+        let file = super::unlink_existing(path)
+            .and_then(|()| File::create(path))
+            .map_err(|e| Error::io(path, "cannot create the table", e))?;
         let codec = match compression.codec {
             Codec::Zstd => parquet::basic::Compression::ZSTD(
                 ZstdLevel::try_new(compression.level.unwrap_or(3))

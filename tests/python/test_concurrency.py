@@ -162,14 +162,14 @@ def test_a_lock_is_judged_by_its_holders_stale_time_when_longer(tmp_path):
     store.mkdir()
     lock = store / f".{NAME}.lock"
     record = {"what": "convert", "host": "slow-beat-node", "pid": 1, "since": 0,
-              "command": "sensorium-ingest convert x", "stale_seconds": 3600}
+              "command": "sensorium-ingest convert x", "stale_millis": 3_600_000}
     lock.write_text(json.dumps(record))
     old = time.time() - 60
     os.utime(lock, (old, old))
     env = {**os.environ, "SENSORIUM_INGEST_LOCK_STALE_SECONDS": "2"}
     kept = finish(start("convert", FIXTURE, "--out", store, env=env))
     assert kept.returncode == 75 and "slow-beat-node" in kept.stderr, helpers.describe_run(kept)
-    lock.write_text(json.dumps({**record, "stale_seconds": 30}))
+    lock.write_text(json.dumps({**record, "stale_millis": 30_000}))
     os.utime(lock, (old, old))
     taken = finish(start("convert", FIXTURE, "--out", store, env=env))
     assert taken.returncode == 0, helpers.describe_run(taken)

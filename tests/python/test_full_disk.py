@@ -141,28 +141,52 @@ def test_plan_shows_the_space_and_convert_refuses_a_disk_too_small(tmpfs, mouse)
     assert not any(store.glob(".*.partial")), "a refused run left a staging folder"
 
 
-def test_an_ingest_stops_at_a_full_disk_and_the_next_one_takes_the_rest(tmpfs, mouse, tmp_path):
-    mount, resize = tmpfs
+def inbox_of(tmp_path: Path, mouse, sizes: dict[int, int]) -> Path:
+    """An inbox of generated mice: animal id -> trials (sorted by animal id, as ingest goes)."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    for seed in (921, 922):
-        source = mouse(f"full-inbox-{seed}", trials=20, neurons=260, frames=200, seed=seed,
-                       animal=seed)
+    for animal, trials in sizes.items():
+        source = mouse(f"full-inbox-{animal}-{trials}", trials=trials, neurons=260, frames=200,
+                       seed=animal, animal=animal)
         shutil.copy(source, inbox / source.name)
+    return inbox
+
+
+def test_an_ingest_stops_at_a_full_disk_and_the_next_one_resumes(tmpfs, mouse, tmp_path):
+    mount, resize = tmpfs
+    inbox = inbox_of(tmp_path, mouse, {921: 20, 922: 20})
     store = mount / "store"
-    resize(256 * 1024)
+    resize(2 << 20)
     args = ("ingest", inbox, "--out", store, "--min-age", "0", "--settle", "0")
-    full = helpers.run(*args)
+    full = helpers.run(*args, "--no-space-check")
     assert full.returncode == 74, helpers.describe_run(full)
-    assert "not enough space" in full.stderr, full.stderr
-    assert re.search(r"^failed +\S+: .*not enough space", full.stdout, re.M), full.stdout
-    assert re.search(r"^skipped +\S+: not tried: the store's disk is full", full.stdout, re.M), \
+    assert "the disk is full" in full.stderr, full.stderr
+    assert re.search(r"^failed +\S*dynamic921\S*: .*No space left", full.stdout, re.M), \
         full.stdout
+    assert re.search(r"^skipped +\S*dynamic922\S*: not tried: the store's disk is full",
+                     full.stdout, re.M), full.stdout
+    assert (store / ".dynamic921-1-1.partial").is_dir(), "the staging folder was not kept"
+    assert not (store / "dynamic921-1-1").exists()
     # Room for both by the space check's upper bound (each run needs about 55 MiB by it).
     resize(160 << 20)
     again = helpers.run(*args)
     assert again.returncode == 0, helpers.describe_run(again)
     assert "2 added, 0 skipped, 0 failed" in again.stdout, again.stdout
+    assert helpers.run("verify", store).returncode == 0
+
+
+def test_an_ingest_goes_on_past_a_source_too_big_for_the_disk(tmpfs, mouse, tmp_path):
+    """The space check refusing one source is that source's failure: a smaller one may fit."""
+    mount, resize = tmpfs
+    inbox = inbox_of(tmp_path, mouse, {923: 20, 924: 3})
+    store = mount / "store"
+    resize(24 << 20)
+    done = helpers.run("ingest", inbox, "--out", store, "--min-age", "0", "--settle", "0")
+    assert done.returncode == 1, helpers.describe_run(done)
+    assert re.search(r"^failed +\S*dynamic923\S*: .*not enough space", done.stdout, re.M), \
+        done.stdout
+    assert re.search(r"^added +\S*dynamic924\S* -> dynamic924-1-1", done.stdout, re.M), \
+        done.stdout
     assert helpers.run("verify", store).returncode == 0
 
 
