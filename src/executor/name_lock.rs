@@ -404,19 +404,77 @@ fn aside_path(path: &Path, what: &str) -> PathBuf {
     path.with_file_name(format!("{name}.{what}.{}", unique_token()))
 }
 
-/// `HOST.PID.NANOS.COUNT`: host name and pid alone can repeat (containers sharing a host name
-/// are all pid 1), the clock and a counter tell their files and takings apart.
+/// `HOST.NAMESPACE.PID.NANOS.COUNT`: host name and pid alone can repeat (containers sharing a
+/// host name are all pid 1), the clock and a counter tell their files and takings apart.
 fn unique_token() -> String {
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!(
-        "{}.{}.{nanos}.{}",
+        "{}.{}.{}.{nanos}.{}",
         super::hostname(),
+        namespace_number(),
         std::process::id(),
         COUNT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The number of this process's PID namespace (`0` where Linux does not tell it).
+fn namespace_number() -> u64 {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|link| {
+            let text = link.to_string_lossy().into_owned();
+            text.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Removes the files that processes killed while taking or handing over the lock at `path`
+/// left beside it (`NAME.new.TOKEN`, ...): those of processes gone from this host and PID
+/// namespace at once, any other once older than the stale time. Run by a new holder.
+fn sweep_asides(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let token = file_name
+            .to_str()
+            .and_then(|f| f.strip_prefix(name)?.strip_prefix('.'))
+            .and_then(|rest| rest.split_once('.'))
+            .filter(|(what, _)| matches!(*what, "new" | "stale" | "run"))
+            .map(|(_, token)| token);
+        if token.is_some_and(|t| abandoned(t, &entry.path())) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn abandoned(token: &str, file: &Path) -> bool {
+    let old = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale_after()));
+    let mut fields = token.rsplitn(5, '.');
+    let (_count, _nanos) = (fields.next(), fields.next());
+    let pid = fields.next().and_then(|p| p.parse::<libc::pid_t>().ok());
+    let namespace = fields.next().and_then(|n| n.parse::<u64>().ok());
+    let here = fields.next() == Some(super::hostname().as_str())
+        && namespace.is_some_and(|n| n != 0 && n == namespace_number());
+    old || (here && pid.is_some_and(process_gone))
+}
+
+/// Whether no process has this pid (here): only "no such process" says so, not a process
+/// this user may not signal.
+fn process_gone(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 checks that the process exists and may be signalled; nothing is sent.
+    pid > 0
+        && unsafe { libc::kill(pid, 0) } != 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// The holder recorded in a lock file. Locks of older versions (`pid host since`) are read
@@ -473,10 +531,7 @@ fn process_alive(holder: &Holder) -> bool {
         Ok(pid) if pid > 0 => pid,
         _ => return true,
     };
-    // SAFETY: signal 0 checks that the process exists and may be signalled; nothing is sent.
-    let gone = unsafe { libc::kill(pid, 0) } != 0
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-    if gone {
+    if process_gone(pid) {
         return false;
     }
     match (process_stat(holder.pid), holder.start_time) {
@@ -535,6 +590,7 @@ fn start(
     owner: bool,
     taken_from: Option<Holder>,
 ) -> Result<NameLock> {
+    sweep_asides(path);
     let lost = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut lock = NameLock {
@@ -788,6 +844,28 @@ mod tests {
             ..holder("convert", None)
         };
         assert_eq!(quick.stale_after(), stale_after());
+    }
+
+    #[test]
+    fn files_left_by_killed_takers_are_swept_by_the_next_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".d.lock");
+        let host = super::super::hostname();
+        let space = namespace_number();
+        // A pid that cannot exist (above the kernel's pid_max), and this living process.
+        let dead = dir.path().join(format!(".d.lock.new.{host}.{space}.99999999.1.0"));
+        let alive = dir.path().join(format!(
+            ".d.lock.new.{host}.{space}.{}.1.0",
+            std::process::id()
+        ));
+        let elsewhere = dir.path().join(".d.lock.stale.other-node.7.99999999.1.0");
+        for f in [&dead, &alive, &elsewhere] {
+            std::fs::write(f, "{}").unwrap();
+        }
+        let lock = NameLock::acquire(request(&path, holder("convert", None))).unwrap();
+        assert!(!dead.exists());
+        assert!(alive.exists() && elsewhere.exists());
+        drop(lock);
     }
 
     #[test]
