@@ -291,7 +291,7 @@ pub fn plan_run(opts: &ConvertOptions) -> Result<RunPlan> {
     };
     Ok(RunPlan {
         threads,
-        space_needed: space_needed(&prep),
+        space_needed: space_wanted(&prep),
         space_free: crate::disk::free_bytes(&opts.store),
         pipeline: pipeline.pipeline.clone(),
         pipeline_file: opts.pipeline_file.clone(),
@@ -421,8 +421,7 @@ fn convert_claimed(
         complete::catalog_existing(opts, &prep)?;
         return Ok(report);
     }
-    let needed = space_needed(&prep).saturating_sub(staging::reclaimable_bytes(&prep));
-    check_space(opts, needed)?;
+    check_space(opts, space_wanted(&prep))?;
     staging::prepare_staging(&prep)?;
     let result = run_whole(opts, &prep, report, started, name_lock);
     // A failed run leaves nothing behind; an interrupted one, or one that filled the disk,
@@ -434,6 +433,12 @@ fn convert_claimed(
         let _ = std::fs::remove_dir_all(&prep.staging_dir);
     }
     result
+}
+
+/// The free space a run needs: what it writes, less what a staging folder kept from a run that
+/// filled the disk holds that this run removes before it starts.
+pub(crate) fn space_wanted(prep: &Prepared) -> u64 {
+    space_needed(prep).saturating_sub(staging::reclaimable_bytes(prep))
 }
 
 /// An upper bound of the bytes a run writes: every entry a stage runs on, as stored in the

@@ -853,7 +853,9 @@ mod tests {
         let host = super::super::hostname();
         let space = namespace_number();
         // A pid that cannot exist (above the kernel's pid_max), and this living process.
-        let dead = dir.path().join(format!(".d.lock.new.{host}.{space}.99999999.1.0"));
+        let dead = dir
+            .path()
+            .join(format!(".d.lock.new.{host}.{space}.99999999.1.0"));
         let alive = dir.path().join(format!(
             ".d.lock.new.{host}.{space}.{}.1.0",
             std::process::id()

@@ -190,6 +190,31 @@ def test_an_ingest_goes_on_past_a_source_too_big_for_the_disk(tmpfs, mouse, tmp_
     assert helpers.run("verify", store).returncode == 0
 
 
+def test_the_space_check_counts_a_kept_staging_folder_as_free(tmpfs, mouse):
+    """After a full disk the staging folder stays; the rerun removes what it will not reuse
+    before it writes, so the space check counts those files as free."""
+    mount, resize = tmpfs
+    source = mouse("full-disk", trials=20, neurons=260, frames=200, seed=911)
+    store = mount / "store"
+    plan = helpers.run("plan", source, "--out", store)
+    shown = re.search(r"disk: needs ~([\d.]+) (\w+) of", plan.stdout)
+    assert shown, helpers.describe_run(plan)
+    whole = float(shown[1]) * {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[shown[2]]
+    resize(4 << 20)
+    full = helpers.run("convert", source, "--out", store, "--no-space-check")
+    assert full.returncode == 74 and "the disk is full" in full.stderr, helpers.describe_run(full)
+    staging = next(store.glob(".*.partial"))
+    kept = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+    assert kept > 1 << 20, kept
+    # Free: less than the whole run needs, more than it needs once the kept files are gone.
+    used = int(subprocess.run(["df", "-B1", "--output=used", str(mount)], capture_output=True,
+                              text=True, check=True).stdout.split()[-1])
+    resize(pages(used + int(whole) - kept // 2))
+    again = helpers.run("convert", source, "--out", store)
+    assert again.returncode == 0, helpers.describe_run(again)
+    assert helpers.run("verify", store).returncode == 0
+
+
 def test_a_shard_task_refuses_a_disk_too_small_for_its_part(tmpfs, mouse):
     """A task checks the space its own part needs, not the whole run's, before writing any of
     it; given the space, the same command runs, and `finalize` publishes a dataset that
