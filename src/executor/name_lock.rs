@@ -287,11 +287,11 @@ fn look(request: &Request) -> Result<Attempt> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Attempt::Again),
         // Not a lock record (written by hand, or damaged): judged by its age alone.
         Err(_) => {
-            if is_stale(request.path, &unknown_holder()) {
+            if is_stale(request.path, &unknown_holder("another process")) {
                 take_over_stale(request.path, None)?;
                 return Ok(Attempt::Again);
             }
-            return Ok(Attempt::Busy(Box::new(unknown_holder())));
+            return Ok(Attempt::Busy(Box::new(unknown_holder("another process"))));
         }
     };
     if is_stale(request.path, &current) {
@@ -343,13 +343,14 @@ fn busy(request: &Request, holder: &Holder) -> Error {
     }
 }
 
-fn unknown_holder() -> Holder {
+/// A holder whose record names nobody (a damaged or foreign lock file): judged by age alone.
+pub(crate) fn unknown_holder(what: &str) -> Holder {
     Holder {
-        what: "another process".into(),
+        what: what.into(),
         host: String::new(),
         pid: 0,
         start_time: None,
-        since: unix_now(),
+        since: 0,
         command: String::new(),
         run: None,
         pid_space: None,
@@ -489,16 +490,10 @@ pub fn read_holder(path: &Path) -> std::io::Result<Holder> {
     let pid = pid.and_then(|p| p.parse().ok());
     match (pid, host) {
         (Some(pid), Some(host)) => Ok(Holder {
-            what: "ingest".into(),
             host: host.into(),
             pid,
-            start_time: None,
             since: since.and_then(|s| s.parse().ok()).unwrap_or(0),
-            command: String::new(),
-            run: None,
-            pid_space: None,
-            stale_millis: None,
-            token: None,
+            ..unknown_holder("ingest")
         }),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,

@@ -26,7 +26,7 @@ use super::catalog;
 use super::keys::stage_keys;
 use super::lock::{self, Lock};
 use super::manifest::{self, Manifest};
-use super::name_lock::{dead_on_this_host, stale_after, Holder, Waiting};
+use super::name_lock::{dead_on_this_host, stale_after, unknown_holder, Holder, Waiting};
 use super::parts::{
     convert_shard, finalize, plan_part, shards_folder, FinalizeOptions, Finalized, Shard,
     ShardReport, JOB_FILE, RUNNING,
@@ -742,18 +742,7 @@ fn read_record(bucket: &Bucket, key: &str) -> Result<Option<(LockRecord, UpdateV
         return Ok(None);
     };
     let record = serde_json::from_slice(&bytes).unwrap_or_else(|_| LockRecord {
-        holder: Holder {
-            what: "an unknown writer".into(),
-            host: String::new(),
-            pid: 0,
-            start_time: None,
-            since: 0,
-            command: String::new(),
-            run: None,
-            pid_space: None,
-            stale_millis: None,
-            token: None,
-        },
+        holder: unknown_holder("an unknown writer"),
         refreshed: 0,
     });
     Ok(Some((record, version)))
